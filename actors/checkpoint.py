@@ -1,0 +1,99 @@
+"""One checkpoint directory holds every part of a model set, plus a manifest.
+
+    CKPT/
+      manifest.json          preset, Q, K, image size, special token ids, weight dtype
+      tokenizer/             PreTrainedTokenizerFast (BPE + specials + K visual tokens)
+      mllm/                  transformers LlamaForCausalLM (save_pretrained)
+      visual_tokenizer/      config.json + model.safetensors
+      detokenizer/           unet/, vae/, scheduler/ (diffusers) and adapter/ (config + safetensors)
+
+Each pool loads only its own part; everything loads from the path alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.config import Preset, from_dict, save_json
+from actors.tokenizer.text import TokenLayout
+
+FORMAT_VERSION = 1
+PARTS = ("tokenizer", "mllm", "visual_tokenizer", "detokenizer")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    preset: Preset
+    tokens: TokenLayout
+    dtype: str  # dtype the weights are stored in
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_queries(self) -> int:
+        return self.preset.num_queries
+
+    @property
+    def codebook_size(self) -> int:
+        return self.preset.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        return self.preset.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        # Q, K and the image size are repeated at top level for people and tools reading the file.
+        return {"format_version": self.format_version, "preset_name": self.preset.name,
+                "num_queries": self.num_queries, "codebook_size": self.codebook_size,
+                "image_size": self.image_size, "dtype": self.dtype, "tokens": asdict(self.tokens),
+                "preset": self.preset.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {d.get('format_version')} is not {FORMAT_VERSION}")
+        return cls(preset=Preset.from_dict(d["preset"]), tokens=from_dict(TokenLayout, d["tokens"]),
+                   dtype=d["dtype"])
+
+
+def write_manifest(ckpt: str | Path, manifest: Manifest) -> None:
+    save_json(manifest.to_dict(), Path(ckpt) / "manifest.json")
+
+
+def read_manifest(ckpt: str | Path) -> Manifest:
+    path = Path(ckpt) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a seedstory checkpoint (no manifest.json)")
+    return Manifest.from_dict(json.loads(path.read_text()))
+
+
+def part_dir(ckpt: str | Path, part: str) -> Path:
+    if part not in PARTS:
+        raise ValueError(f"unknown checkpoint part {part!r}")
+    return Path(ckpt) / part
+
+
+def save_module(module, config, directory: str | Path, dtype: str) -> None:
+    """A torch module as ``config.json`` (its typed config) + ``model.safetensors``."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_json(config, directory / "config.json")
+    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+
+
+def load_module(module_cls, config_cls, directory: str | Path, dtype: str = "float32"):
+    import torch
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = from_dict(config_cls, json.loads((directory / "config.json").read_text()))
+    module = module_cls(config)
+    state = load_file(str(directory / "model.safetensors"))
+    module.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()})
+    return module.to(getattr(torch, dtype)).eval()

@@ -1,0 +1,90 @@
+"""The visual tokenizer: encoder -> resampler (Q learnable queries) -> VQ codebook (K x D).
+
+Images are float tensors (B, 3, H, W) in [-1, 1]. ``encode`` gives Q discrete codes per
+image; ``embed`` maps codes to their codebook vectors, which the de-tokenizer conditions
+on. A small decoder reconstructs pixels from the quantised tokens: it is what the
+reconstruction objective trains through (training/), and it is never used when serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.checkpoint import load_module, save_module
+from actors.config import VisualTokenizerConfig
+
+
+def _encoder_stack(width: int, heads: int, depth: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+def _cross_stack(width: int, heads: int, depth: int) -> nn.TransformerDecoder:
+    layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerDecoder(layer, depth)
+
+
+class VisualTokenizer(nn.Module):
+    def __init__(self, config: VisualTokenizerConfig):
+        super().__init__()
+        c = self.config = config
+        p, w = c.patch_size, c.width
+        # 1. Encoder: a small ViT over patches.
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=p, stride=p)
+        self.pos_embed = nn.Parameter(torch.randn(1, c.num_patches, w) * 0.02)
+        self.encoder = _encoder_stack(w, c.heads, c.depth)
+        # 2. Resampler: Q learnable queries cross-attend to the patches.
+        self.queries = nn.Parameter(torch.randn(1, c.num_queries, w) * 0.02)
+        self.resampler = _cross_stack(w, c.heads, c.resampler_depth)
+        self.to_code = nn.Linear(w, c.code_dim)
+        # 3. Codebook, compared by cosine similarity (normalised vectors keep codes alive).
+        self.codebook = nn.Embedding(c.codebook_size, c.code_dim)
+        # 4. Pixel decoder for the reconstruction objective.
+        self.from_code = nn.Linear(c.code_dim, w)
+        self.patch_queries = nn.Parameter(torch.randn(1, c.num_patches, w) * 0.02)
+        self.decoder = _cross_stack(w, c.heads, c.decoder_depth)
+        self.to_pixels = nn.Linear(w, 3 * p * p)
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous resampler outputs, normalised: (B, Q, D)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, w)
+        x = self.encoder(x)
+        q = self.resampler(self.queries.expand(len(images), -1, -1), x)  # (B, Q, w)
+        return F.normalize(self.to_code(q), dim=-1)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codebook entry per token: (codes (B, Q), straight-through vectors (B, Q, D))."""
+        book = F.normalize(self.codebook.weight, dim=-1)
+        codes = (z @ book.T).argmax(-1)
+        zq = book[codes]
+        return codes, z + (zq - z).detach()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> LongTensor codes (B, Q)."""
+        return self.quantize(self.latents(images))[0]
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, Q) -> codebook vectors (B, Q, D)."""
+        return F.normalize(self.codebook(codes), dim=-1)
+
+    def decode(self, zq: torch.Tensor) -> torch.Tensor:
+        """Quantised tokens (B, Q, D) -> reconstructed images (B, 3, H, W)."""
+        c, b = self.config, len(zq)
+        g, p = c.image_size // c.patch_size, c.patch_size
+        x = self.decoder(self.patch_queries.expand(b, -1, -1), self.from_code(zq))  # (B, N, w)
+        x = self.to_pixels(x).view(b, g, g, 3, p, p)  # (B, gh, gw, 3, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * p, g * p)
+
+    def save_pretrained(self, directory: str | Path, dtype: str = "float32") -> None:
+        save_module(self, self.config, directory, dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: str = "float32") -> "VisualTokenizer":
+        return load_module(cls, VisualTokenizerConfig, directory, dtype)

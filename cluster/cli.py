@@ -1,0 +1,91 @@
+"""``seedstory``: the command line. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _data_convert(a: argparse.Namespace) -> None:
+    from training.storystream import convert
+
+    summary = convert(a.jsonl, a.images, a.out, window=a.window, image_size=a.image_size, subset=a.subset)
+    print("\n".join(summary.lines()))
+
+
+def _data_storyworld(a: argparse.Namespace) -> None:
+    from training.storyworld import write_storyworld
+
+    t0 = time.time()
+    path = write_storyworld(a.out, a.stories, a.segments, a.seed, a.size)
+    print(f"wrote {a.stories} stories to {path} in {time.time() - t0:.1f}s")
+
+
+def _init(a: argparse.Namespace) -> None:
+    from actors.config import get_preset
+    from training.init_checkpoint import init_checkpoint
+
+    t0 = time.time()
+    m = init_checkpoint(get_preset(a.preset), a.out, seed=a.seed, dtype=a.dtype)
+    size = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file())
+    print(f"{a.preset} checkpoint at {a.out}: Q={m.num_queries} K={m.codebook_size} vocab={m.tokens.vocab_size} "
+          f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from cluster.demo import run_demo
+
+    page = run_demo(Path(a.out), a.prompt, Path(a.ckpt) if a.ckpt else None, a.seed)
+    print(f"story written: {page}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seedstory", description="Long multimodal story generation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="StoryStream data").add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("convert", help="official StoryStream JSONL + images -> Parquet windows")
+    c.add_argument("--jsonl", required=True)
+    c.add_argument("--images", required=True, help="image root the JSONL paths are relative to")
+    c.add_argument("--out", required=True)
+    c.add_argument("--window", type=int, default=10)
+    c.add_argument("--image-size", type=int, default=64)
+    c.add_argument("--subset", help="subset name (default: the JSONL file name)")
+    c.set_defaults(func=_data_convert)
+    w = data.add_parser("storyworld", help="write a procedural StoryWorld in the official layout")
+    w.add_argument("--stories", type=int, required=True)
+    w.add_argument("--segments", type=int, default=30)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--size", type=int, default=128, help="picture size in pixels")
+    w.add_argument("--out", required=True)
+    w.set_defaults(func=_data_storyworld)
+
+    i = sub.add_parser("init", help="build a complete random-init checkpoint")
+    i.add_argument("--preset", default="tiny")
+    i.add_argument("--out", required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    i.set_defaults(func=_init)
+
+    d = sub.add_parser("demo", help="write a story segment with the embedded tiny model")
+    d.add_argument("--out", default="story_out")
+    d.add_argument("--prompt", default="Once upon a time, Milo the red circle walks in the park.")
+    d.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"seedstory: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

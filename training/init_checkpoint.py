@@ -1,0 +1,51 @@
+"""Build a complete random-init checkpoint for a preset (``seedstory init``).
+
+The BPE is trained on StoryWorld captions (the grammar alone, no pictures), so even a
+random-init checkpoint has a real vocabulary. Training stages later overwrite parts of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from actors.checkpoint import Manifest, part_dir, write_manifest
+from actors.config import Preset
+from actors.detokenizer.model import Detokenizer
+from actors.mllm.model import build_mllm
+from actors.tokenizer.model import VisualTokenizer
+from actors.tokenizer.text import token_layout, train_text_tokenizer
+from training.storyworld import sample_captions
+
+
+def init_checkpoint(preset: Preset, out: str | Path, seed: int = 0, dtype: str = "float16",
+                    captions: list[str] | None = None) -> Manifest:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new folder")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    # 1. Text tokenizer and the vocabulary layout.
+    tok = train_text_tokenizer(captions or sample_captions(300, seed=seed), preset.text_vocab_size,
+                               preset.codebook_size)
+    tok.save_pretrained(part_dir(tmp, "tokenizer"))
+    tokens = token_layout(tok, preset.codebook_size)
+    # 2. MLLM.
+    mllm = build_mllm(preset.mllm, tokens).to(getattr(torch, dtype))
+    mllm.save_pretrained(part_dir(tmp, "mllm"))
+    # 3. Visual tokenizer, and 4. the de-tokenizer conditioned on its codebook.
+    visual = VisualTokenizer(preset.visual).eval()
+    visual.save_pretrained(part_dir(tmp, "visual_tokenizer"), dtype)
+    detok = Detokenizer.build(preset.detokenizer)
+    detok.adapter.codebook.weight.data.copy_(visual.codebook.weight.data)
+    detok.save_pretrained(part_dir(tmp, "detokenizer"), dtype)
+    manifest = Manifest(preset=preset, tokens=tokens, dtype=dtype)
+    write_manifest(tmp, manifest)
+    # Only a finished checkpoint appears at the target path.
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return manifest
