@@ -134,6 +134,9 @@ def convert_story(story: dict, subset: str, window: int, images: _ImageCache,
                   summary: ConvertSummary) -> Iterator[dict]:
     """Rows for one official-format story. Windows with an unusable picture are skipped whole,
     so captions never shift against pictures."""
+    if not isinstance(story, dict) or "id" not in story:
+        summary.skipped["stories_without_id"] += 1
+        return
     caps, paths = story.get("captions"), story.get("images")
     if not isinstance(caps, list) or not isinstance(paths, list) or len(caps) != len(paths):
         summary.skipped["stories_count_mismatch"] += 1
