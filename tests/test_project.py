@@ -42,7 +42,7 @@ def test_pyproject_never_names_the_cuda_only_torch_companions():
 def test_ray_config_parses_with_serves_own_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "ray_config.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "ray_config.yaml").read_text()))
     assert config.grpc_options.port == 9000 and config.http_options.port == 8000
     assert [app.name for app in config.applications] == ["seedstory"]
 
