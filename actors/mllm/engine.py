@@ -1,0 +1,182 @@
+"""The story engine: vLLM with our plugin, one request per story, streamed segment by segment.
+
+The Serve pool and the bulk job both drive this wrapper. ``step`` runs one engine step
+and returns what finished during it: whole segments (caption ids + Q visual codes) and
+ended stories. ``abort`` ends a story and returns its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from actors.checkpoint import part_dir, read_manifest
+from actors.mllm.grammar import StoryRules
+from actors.mllm.sink import SinkSettings
+from actors.mllm.vllm_logits import EXTRA_KEY
+from actors.mllm.vllm_plugin import ARCHITECTURE
+from actors.tokenizer.text import split_segments
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    checkpoint: str
+    sink: SinkSettings = field(default_factory=SinkSettings)
+    num_queries: int | None = None  # if given, must equal the checkpoint's Q
+    max_stories: int = 8            # concurrent stories (vLLM max_num_seqs)
+    kv_blocks: int | None = None    # KV blocks in the pool (default: what memory allows)
+    block_size: int = 32            # the CPU build needs a multiple of 32
+    max_segments: int = 32          # longest story (prompt segments included) a request may hold
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.max_stories < 1 or self.block_size % 32:
+            raise ValueError("max_stories must be >= 1 and block_size a multiple of 32")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class SegmentEvent:
+    story_id: str
+    index: int               # 0-based index of the segment within this request
+    caption_ids: list[int]
+    codes: list[int]
+
+
+@dataclass
+class StoryEnd:
+    story_id: str
+    aborted: bool
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class _Story:
+    prompt_len: int
+    emitted: int = 0  # segments already streamed
+
+
+class StoryEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.manifest = read_manifest(config.checkpoint)
+        self.tokens = self.manifest.tokens
+        if config.num_queries is not None and config.num_queries != self.manifest.num_queries:
+            raise ValueError(f"num_queries={config.num_queries} but the checkpoint has Q={self.manifest.num_queries}")
+        self.engine = _build_engine(config, self.manifest)
+        self.stories: dict[str, _Story] = {}
+
+    # -- requests --------------------------------------------------------------------------
+    def submit(self, story_id: str, prompt_ids: list[int], segments: int, sampling: Sampling = Sampling()) -> None:
+        from vllm import SamplingParams
+
+        if story_id in self.stories:
+            raise ValueError(f"story {story_id!r} is already running")
+        rules = StoryRules(self.manifest.num_queries, segments, self.manifest.preset.max_caption_tokens)
+        per_segment = rules.max_caption_tokens + rules.num_queries + 2
+        params = SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+            max_tokens=segments * per_segment + 1, stop_token_ids=[self.tokens.eos], detokenize=False,
+            extra_args={EXTRA_KEY: asdict(rules)})
+        self.engine.add_request(story_id, {"prompt_token_ids": list(prompt_ids)}, params)
+        self.stories[story_id] = _Story(prompt_len=len(prompt_ids))
+
+    def abort(self, story_id: str) -> StoryEnd | None:
+        story = self.stories.pop(story_id, None)
+        if story is None:
+            return None
+        self.engine.abort_request([story_id])
+        return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=-1)
+
+    def step(self) -> list[SegmentEvent | StoryEnd]:
+        events: list[SegmentEvent | StoryEnd] = []
+        for out in self.engine.step():
+            story = self.stories.get(out.request_id)
+            if story is None:
+                continue
+            ids = list(out.outputs[0].token_ids)
+            done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
+            for k in range(story.emitted, len(done)):
+                events.append(SegmentEvent(out.request_id, k, done[k][0], done[k][1]))
+            story.emitted = len(done)
+            if out.finished:
+                del self.stories[out.request_id]
+                events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids)))
+        return events
+
+    def has_work(self) -> bool:
+        return bool(self.stories)
+
+    def run(self, stories: dict[str, list[int]], segments: int, sampling: Sampling = Sampling()) -> dict:
+        """Convenience: write several stories to the end; returns {story_id: [SegmentEvent]}."""
+        for sid, prompt in stories.items():
+            self.submit(sid, prompt, segments, sampling)
+        result: dict[str, list[SegmentEvent]] = {sid: [] for sid in stories}
+        while self.has_work():
+            for ev in self.step():
+                if isinstance(ev, SegmentEvent):
+                    result[ev.story_id].append(ev)
+        return result
+
+    # -- KV accounting ---------------------------------------------------------------------
+    @property
+    def _pool(self):
+        return self.engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+
+    def free_blocks(self) -> int:
+        return self._pool.get_num_free_blocks()
+
+    def total_blocks(self) -> int:
+        return self._pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
+
+    def blocks_in_use(self) -> int:
+        return self.total_blocks() - self.free_blocks()
+
+    def story_blocks(self, story_id: str) -> int:
+        """Blocks a running story holds now (freed positions excluded)."""
+        mgr = self.engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        return sum(not b.is_null for b in mgr.req_to_blocks.get(story_id, []))
+
+    def shutdown(self) -> None:
+        for sid in list(self.stories):
+            self.abort(sid)
+        core = getattr(self.engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+
+def _build_engine(config: EngineConfig, manifest):
+    # In-process engine core: the wrapper reads the scheduler's block pool directly.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    longest = manifest.preset.max_caption_tokens + manifest.num_queries + 2  # caption <img> codes </img>
+    max_len = (config.max_segments + 1) * longest  # + 1: the opening caption and the closing </s>
+    if config.sink.mode == "dense":
+        max_len = min(max_len, manifest.preset.mllm.max_position_embeddings)
+    else:
+        # Positions are ranks inside the kept cache, bounded by the policy, so a sequence may be
+        # longer than max_position_embeddings (that is the point of the sink).
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    args = EngineArgs(
+        model=str(part_dir(config.checkpoint, "mllm")), skip_tokenizer_init=True, dtype=config.dtype,
+        max_model_len=max_len, block_size=config.block_size, max_num_seqs=config.max_stories,
+        num_gpu_blocks_override=config.kv_blocks, enable_prefix_caching=False,
+        # Our attention is plain torch with per-request Python bookkeeping: run it eagerly.
+        enforce_eager=True, seed=0,
+        scheduler_cls="actors.mllm.vllm_kv.SinkScheduler",
+        logits_processors=["actors.mllm.vllm_logits:StoryGrammarProcessor"],
+        hf_overrides={"architectures": [ARCHITECTURE], "seedstory_sink": asdict(config.sink),
+                      "seedstory_tokens": asdict(manifest.tokens),
+                      "seedstory_story": {"longest_segment": longest, "max_segments": config.max_segments}},
+    )
+    return LLMEngine.from_engine_args(args, enable_multiprocessing=False)

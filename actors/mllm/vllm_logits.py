@@ -1,0 +1,74 @@
+"""Structured decoding in vLLM: a logits processor that lets only grammar-legal tokens through.
+
+Per request, ``SamplingParams.extra_args["seedstory"]`` carries the ``StoryRules`` fields;
+requests without it are left alone. The grammar itself is ``actors.mllm.grammar``.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from actors.config import from_dict
+from actors.mllm.grammar import CHOICES, GrammarState, StoryRules, permits, start_state
+from actors.tokenizer.text import TokenLayout
+
+EXTRA_KEY = "seedstory"
+
+
+class Tracked:
+    """A request's grammar state and the live list of its sampled tokens."""
+
+    def __init__(self, state: GrammarState, output: list[int]):
+        self.state, self.output, self.seen = state, output, 0
+
+    def catch_up(self) -> str:
+        for token in self.output[self.seen:]:
+            self.state.advance(token)
+        self.seen = len(self.output)
+        return self.state.allowed()
+
+
+class StoryGrammarProcessor(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, params) -> None:
+        extra = (params.extra_args or {}).get(EXTRA_KEY)
+        if extra is not None:
+            StoryRules(**extra)  # raises ValueError with the reason
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.layout = from_dict(TokenLayout, vllm_config.model_config.hf_config.seedstory_tokens)
+        vocab = vllm_config.model_config.hf_config.vocab_size
+        ids = torch.arange(vocab)
+        # One "may come next" mask per grammar choice, built once.
+        self.masks = {c: torch.tensor([permits(self.layout, c, int(i)) for i in ids], device=device)
+                      for c in CHOICES}
+        self.tracked: dict[int, Tracked] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.tracked.pop(index, None)
+        for index, params, prompt, output in batch_update.added:
+            extra = (params.extra_args or {}).get(EXTRA_KEY)
+            self.tracked.pop(index, None)
+            if extra is not None:
+                state = start_state(StoryRules(**extra), self.layout, list(prompt or []))
+                self.tracked[index] = Tracked(state, output)
+        for a, b, direction in batch_update.moved:
+            ta, tb = self.tracked.pop(a, None), self.tracked.pop(b, None)
+            if ta is not None:
+                self.tracked[b] = ta
+            if tb is not None and direction == MoveDirectionality.SWAP:
+                self.tracked[a] = tb
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for index, tracked in self.tracked.items():
+            mask = self.masks[tracked.catch_up()]
+            logits[index, : mask.shape[0]].masked_fill_(~mask, float("-inf"))
+            logits[index, mask.shape[0]:] = float("-inf")  # padded vocabulary rows, if any
+        return logits

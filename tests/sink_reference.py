@@ -1,0 +1,68 @@
+"""The dense reference for the sink: the transformers MLLM run token by token, plain torch.
+
+At every token it asks the sink policy which positions the token may see, rotates the
+cached pre-RoPE keys by their rank in that kept set (StreamingLLM positions), and attends
+with an explicit mask: exactly what "the transformers MLLM with the same policy" means in
+DESIGN.md §7. Greedy decoding under the same story grammar as the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from actors.mllm.grammar import CHOICES, StoryRules, permits, start_state
+from actors.mllm.sink import SinkParams, kept_ranges, positions
+
+
+class SinkReference:
+    def __init__(self, model, policy: SinkParams, layout):
+        self.m, self.policy, self.layout = model.eval(), policy, layout
+        cfg = model.config
+        self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.masks = {c: torch.tensor([permits(layout, c, i) for i in range(cfg.vocab_size)]) for c in CHOICES}
+
+    def _rope(self, x: torch.Tensor, pos: list[int]) -> torch.Tensor:
+        """x (heads, n, hd) rotated to positions ``pos``."""
+        cos, sin = self.m.model.rotary_emb(x, torch.tensor([pos]))
+        return apply_rotary_pos_emb(x[None], x[None], cos, sin)[0][0]
+
+    @torch.no_grad()
+    def _token(self, ids: list[int], cache: list[tuple[list, list]]) -> torch.Tensor:
+        """Run the newest token ids[-1]; returns its logits."""
+        kept = positions(kept_ranges(ids, self.policy))
+        ranks = list(range(len(kept)))
+        x = self.m.model.embed_tokens(torch.tensor([ids[-1]]))  # (1, d)
+        for layer, (ks, vs) in zip(self.m.model.layers, cache):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(self.h, 1, self.hd)
+            ks.append(a.k_proj(h).view(self.kvh, self.hd))  # before RoPE
+            vs.append(a.v_proj(h).view(self.kvh, self.hd))
+            k = torch.stack([ks[i] for i in kept], 1)  # (kv_heads, n, hd)
+            v = torch.stack([vs[i] for i in kept], 1)
+            k = self._rope(k, ranks).repeat_interleave(self.h // self.kvh, 0)
+            v = v.repeat_interleave(self.h // self.kvh, 0)
+            q = self._rope(q, ranks[-1:])
+            o = F.scaled_dot_product_attention(q, k, v, scale=a.scaling)  # (heads, 1, hd)
+            x = x + a.o_proj(o.transpose(0, 1).reshape(1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.m.lm_head(self.m.model.norm(x))[0]
+
+    def generate(self, prompt: list[int], rules: StoryRules) -> list[int]:
+        cache = [([], []) for _ in self.m.model.layers]
+        ids: list[int] = []
+        for t in prompt:
+            ids.append(t)
+            logits = self._token(ids, cache)
+        state, out = start_state(rules, self.layout, prompt), []
+        while True:
+            choice = state.allowed()
+            nxt = int(logits.masked_fill(~self.masks[choice], float("-inf")).argmax())
+            out.append(nxt)
+            if nxt == self.layout.eos:
+                return out
+            state.advance(nxt)
+            ids.append(nxt)
+            logits = self._token(ids, cache)
