@@ -22,16 +22,23 @@ def story_ids(engine, events: list[SegmentEvent]) -> list[int]:
 
 
 def prompts(engine) -> dict[str, list[int]]:
+    """Different openings (and lengths) per story. Story s5 resumes a story: its prompt holds three
+    whole segments already, so the sink evicts inside the (chunked) prefill."""
     t = engine.tokens
     lo, hi = t.text_range
-    # Different openings (and lengths) per story, all plain caption tokens.
-    return {sid: [t.bos] + [lo + (7 * k + 3 * j) % (hi - lo) for j in range(3 + k)] for k, sid in enumerate(SEGMENTS)}
+    out = {sid: [t.bos] + [lo + (7 * k + 3 * j) % (hi - lo) for j in range(3 + k)] for k, sid in enumerate(SEGMENTS)}
+    so_far = []
+    for k in range(3):
+        so_far += [lo + k, lo + 5 + k, t.boi] + [t.visual_id((11 * k + j) % 256) for j in range(16)] + [t.eoi]
+    out["s5"] = [t.bos] + so_far + out["s5"][1:]
+    return out
 
 
 @pytest.fixture(scope="module", params=["dense", "window", "streaming", "multimodal"])
 def engine(request, tiny_ckpt):
     eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=SinkSettings(mode=request.param, window_segments=WINDOW),
-                                   max_stories=4, kv_blocks=256, max_segments=12))
+                                   max_stories=4, kv_blocks=256, max_segments=12,
+                                   max_batched_tokens=64))
     yield eng
     eng.shutdown()
 

@@ -28,6 +28,7 @@ class EngineConfig:
     kv_blocks: int | None = None    # KV blocks in the pool (default: what memory allows)
     block_size: int = 32            # the CPU build needs a multiple of 32
     max_segments: int = 32          # longest story (prompt segments included) a request may hold
+    max_batched_tokens: int | None = None  # tokens per engine step; long prompts are prefilled in chunks
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -174,6 +175,7 @@ def _build_engine(config: EngineConfig, manifest):
         model=str(part_dir(config.checkpoint, "mllm")), skip_tokenizer_init=True, dtype=config.dtype,
         max_model_len=max_len, block_size=config.block_size, max_num_seqs=config.max_stories,
         num_gpu_blocks_override=config.kv_blocks, enable_prefix_caching=False,
+        max_num_batched_tokens=config.max_batched_tokens,
         # Our attention is plain torch with per-request Python bookkeeping: run it eagerly.
         enforce_eager=True, seed=0,
         scheduler_cls="actors.mllm.vllm_kv.SinkScheduler",
