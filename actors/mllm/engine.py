@@ -62,7 +62,9 @@ class StoryEnd:
 @dataclass
 class _Story:
     prompt_len: int
+    request_id: str   # vLLM's internal id (the story id plus a random suffix)
     emitted: int = 0  # segments already streamed
+    seen: int = 0     # output tokens already looked at
 
 
 class StoryEngine:
@@ -87,8 +89,8 @@ class StoryEngine:
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
             max_tokens=segments * per_segment + 1, stop_token_ids=[self.tokens.eos], detokenize=False,
             extra_args={EXTRA_KEY: asdict(rules)})
-        self.engine.add_request(story_id, {"prompt_token_ids": list(prompt_ids)}, params)
-        self.stories[story_id] = _Story(prompt_len=len(prompt_ids))
+        internal = self.engine.add_request(story_id, {"prompt_token_ids": list(prompt_ids)}, params)
+        self.stories[story_id] = _Story(prompt_len=len(prompt_ids), request_id=internal)
 
     def abort(self, story_id: str) -> StoryEnd | None:
         story = self.stories.pop(story_id, None)
@@ -103,11 +105,13 @@ class StoryEngine:
             story = self.stories.get(out.request_id)
             if story is None:
                 continue
-            ids = list(out.outputs[0].token_ids)
-            done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
-            for k in range(story.emitted, len(done)):
-                events.append(SegmentEvent(out.request_id, k, done[k][0], done[k][1]))
-            story.emitted = len(done)
+            ids = out.outputs[0].token_ids
+            if self.tokens.eoi in ids[story.seen:]:  # a picture closed: parse (rarely, not per token)
+                done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
+                for k in range(story.emitted, len(done)):
+                    events.append(SegmentEvent(out.request_id, k, done[k][0], done[k][1]))
+                story.emitted = len(done)
+            story.seen = len(ids)
             if out.finished:
                 del self.stories[out.request_id]
                 events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids)))
@@ -143,8 +147,9 @@ class StoryEngine:
 
     def story_blocks(self, story_id: str) -> int:
         """Blocks a running story holds now (freed positions excluded)."""
+        story = self.stories.get(story_id)
         mgr = self.engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-        return sum(not b.is_null for b in mgr.req_to_blocks.get(story_id, []))
+        return sum(not b.is_null for b in mgr.req_to_blocks.get(story.request_id, [])) if story else 0
 
     def abort_all(self) -> None:
         for sid in list(self.stories):
