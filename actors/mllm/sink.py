@@ -76,13 +76,15 @@ class SinkSettings:
 
 def segment_marks(ids: Sequence[int], p: SinkParams) -> tuple[list[int | None], list[int]]:
     """For each complete segment j: the position of its <img> (None if absent) and of its </img>."""
+    boi, eoi = p.boi_id, p.eoi_id
+    marks = [(pos, t) for pos, t in enumerate(ids) if t == boi or t == eoi]  # hot path: one C-speed scan
     bois: list[int | None] = []
     eois: list[int] = []
     last_boi = None
-    for pos, t in enumerate(ids):
-        if t == p.boi_id:
+    for pos, t in marks:
+        if t == boi:
             last_boi = pos
-        elif t == p.eoi_id:
+        else:
             bois.append(last_boi)
             eois.append(pos)
             last_boi = None

@@ -145,11 +145,11 @@ def build_batch(plans: list[RequestPlan], slot_fns: list, num_tokens: int, cos_s
     key_rot = None
     if any(g.key_delta for g, _ in groups):
         key_rot = rope_of(cos_sin, pad([g.key_delta or [0] * len(g.keys) for g, _ in groups], n))
-    fixes = [(fn, p, d) for plan, fn in zip(plans, slot_fns) for p, d in plan.fixups]
+    fixes = [(fn, plan.fixups) for plan, fn in zip(plans, slot_fns) if plan.fixups]
     fix_slots = fix_rot = None
     if fixes:
-        fix_slots = torch.cat([fn([p]) for fn, p, _ in fixes])
-        fix_rot = rope_of(cos_sin, torch.tensor([d for _, _, d in fixes], device=dev))
+        fix_slots = torch.cat([fn([p for p, _ in fx]) for fn, fx in fixes])
+        fix_rot = rope_of(cos_sin, torch.tensor([d for _, fx in fixes for _, d in fx], device=dev))
     return StepBatch(rope_of(cos_sin, write), slots, q_rows, q_valid,
                      rope_of(cos_sin, q_ranks.clamp(min=0)), mask[:, None], key_rot, fix_slots, fix_rot)
 
@@ -184,7 +184,7 @@ class SinkAttention(Attention):
         rows[slots[ok]] = torch.cat((k_new[ok], value[:n].view(n, kvh, hd)[ok]), -1)
         # 2. Gather the visible rows of every group; correct ranks where this group sees others.
         g, nk, qm = b.slots.shape[0], b.slots.shape[1], b.q_rows.shape[1]
-        kv = rows.index_select(0, b.slots.reshape(-1)).view(g, nk, kvh, 2 * hd)
+        kv = rows.view(rows.shape[0], -1).index_select(0, b.slots.reshape(-1)).view(g, nk, kvh, 2 * hd)
         k, v = kv[..., :hd], kv[..., hd:]
         if b.key_rot is not None:
             k = rotate(k, *b.key_rot)
