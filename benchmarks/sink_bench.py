@@ -4,6 +4,7 @@ Methods (each writes the same 25 segments' worth of tokens, greedy):
   dense             vLLM, one request per story, nothing evicted
   window-recompute  SEED-Story's released inference: per segment a new request whose prompt is
                     the last W segments, so the whole window is prefilled again every segment
+  streaming         vLLM with the StreamingLLM policy (first tokens + window), for reference
   sink              vLLM with our multimodal sink, one request per story
 
 Per segment it records the time, the KV blocks the story holds (bytes = blocks x block bytes),
@@ -141,7 +142,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     results, rates = {}, {}
-    for name, mode in (("dense", "dense"), ("window-recompute", "dense"), ("sink", "multimodal")):
+    methods = (("dense", "dense"), ("window-recompute", "dense"), ("streaming", "streaming"), ("sink", "multimodal"))
+    for name, mode in methods:
         settings = SinkSettings(mode=mode, window_segments=a.window)
         engine = StoryEngine(EngineConfig(a.ckpt, sink=settings, max_stories=8, max_segments=a.segments + 1,
                                           kv_blocks=1024))
