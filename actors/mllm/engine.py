@@ -97,7 +97,7 @@ class StoryEngine:
         if story is None:
             return None
         self.engine.abort_request([story_id])
-        return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=-1)
+        return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen)
 
     def step(self) -> list[SegmentEvent | StoryEnd]:
         events: list[SegmentEvent | StoryEnd] = []
