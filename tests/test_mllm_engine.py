@@ -159,3 +159,30 @@ def test_bad_parameters_fail_at_construction(tiny_ckpt, engine):
     with pytest.raises(ValueError, match="segments must be >= 1"):
         engine.submit("zero", [engine.tokens.bos, 700], 0)
     assert not engine.has_work()
+
+
+def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
+    """A pool too small for four stories at once: vLLM preempts and recomputes, and the worker's
+    per-request state and the sink must come back to the same tokens."""
+    settings = SinkSettings(mode="multimodal", window_segments=WINDOW)
+    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=24, max_segments=8,
+                                   max_batched_tokens=64))
+    try:
+        scheduler = eng.engine.engine_core.engine_core.scheduler
+        for sid, p in prompts(eng).items():
+            eng.submit(sid, p, SEGMENTS[sid])
+        got, preempted = {sid: [] for sid in SEGMENTS}, set()
+        while eng.has_work():
+            for ev in eng.step():
+                if isinstance(ev, SegmentEvent):
+                    got[ev.story_id].append(ev)
+            preempted |= {rid for rid, r in scheduler.requests.items() if r.num_preemptions}
+        assert preempted, "the pool was meant to be too small to hold every story"
+        assert eng.free_blocks() == eng.total_blocks()
+        t, q = eng.tokens, eng.manifest.num_queries
+        ref = SinkReference(reference_model, settings.with_ids(t.boi, t.eoi), t)
+        for sid, prompt in prompts(eng).items():
+            want = ref.generate(prompt, StoryRules(q, SEGMENTS[sid], eng.manifest.preset.max_caption_tokens))
+            assert story_ids(eng, got[sid]) + [t.eos] == want, sid
+    finally:
+        eng.shutdown()

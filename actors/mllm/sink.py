@@ -32,9 +32,9 @@ Ranges = list[tuple[int, int]]  # sorted, disjoint, half-open [lo, hi)
 
 
 @dataclass(frozen=True)
-class SinkParams:
-    boi_id: int
-    eoi_id: int
+class SinkSettings:
+    """The policy's parameters, without the token ids (those come from the checkpoint)."""
+
     mode: str = "multimodal"
     sink_tokens: int = 4
     boi_before: int = 4
@@ -51,27 +51,22 @@ class SinkParams:
             raise ValueError("sink token counts must be >= 0")
         if self.window_segments < 1:
             raise ValueError(f"window_segments must be >= 1, got {self.window_segments}")
-        if self.boi_id == self.eoi_id:
-            raise ValueError("boi_id and eoi_id must differ")
-
-
-@dataclass(frozen=True)
-class SinkSettings:
-    """The policy's parameters without the token ids (those come from the checkpoint)."""
-
-    mode: str = "multimodal"
-    sink_tokens: int = 4
-    boi_before: int = 4
-    boi_after: int = 7
-    eoi_before: int = 8
-    eoi_after: int = 3
-    window_segments: int = 8
-
-    def __post_init__(self) -> None:
-        self.with_ids(boi_id=-1, eoi_id=-2)  # SinkParams holds the checks
 
     def with_ids(self, boi_id: int, eoi_id: int) -> SinkParams:
         return SinkParams(boi_id=boi_id, eoi_id=eoi_id, **asdict(self))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkParams(SinkSettings):
+    """Settings plus the ids of <img> and </img>: everything ``kept_ranges`` needs."""
+
+    boi_id: int
+    eoi_id: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.boi_id == self.eoi_id:
+            raise ValueError("boi_id and eoi_id must differ")
 
 
 def segment_marks(ids: Sequence[int], p: SinkParams) -> tuple[list[int | None], list[int]]:
