@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.mllm.grammar import StoryRules

@@ -124,7 +124,7 @@ def build_batch(plans: list[RequestPlan], slot_fns: list, num_tokens: int, cos_s
     groups = [(g, fn) for plan, fn in zip(plans, slot_fns) for g in plan.groups]
     n = max(len(g.keys) for g, _ in groups)
     qm = max(len(g.rows) for g, _ in groups)
-    G, dev = len(groups), cos_sin.device
+    dev = cos_sin.device
 
     def pad(rows: list[list[int]], width: int) -> torch.Tensor:
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)
