@@ -37,7 +37,7 @@ def _init(a: argparse.Namespace) -> None:
 def _demo(a: argparse.Namespace) -> None:
     from cluster.demo import run_demo
 
-    page = run_demo(Path(a.out), a.prompt, Path(a.ckpt) if a.ckpt else None, a.seed)
+    page = run_demo(Path(a.out), a.prompt, Path(a.ckpt) if a.ckpt else None, a.segments, a.seed)
     print(f"story written: {page}")
 
 
@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     i.set_defaults(func=_init)
 
-    d = sub.add_parser("demo", help="write a story segment with the embedded tiny model")
+    d = sub.add_parser("demo", help="write a short story with the embedded tiny model")
+    d.add_argument("--segments", type=int, default=4)
     d.add_argument("--out", default="story_out")
     d.add_argument("--prompt", default="Once upon a time, Milo the red circle walks in the park.")
     d.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")

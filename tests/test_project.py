@@ -50,10 +50,13 @@ def test_ray_config_parses_with_serves_own_schema():
 def test_demo_writes_a_story_a_person_can_open(tiny_ckpt, tmp_path):
     from cluster.demo import run_demo
 
-    page = run_demo(tmp_path / "story", "Once upon a time, Kip the green triangle jumps in the forest.", tiny_ckpt)
-    story = json.loads((tmp_path / "story" / "story.json").read_text())
-    seg = story["segments"][0]
-    assert len(seg["visual_codes"]) == 16 and all(0 <= c < 256 for c in seg["visual_codes"])
-    png = (tmp_path / "story" / seg["image"]).read_bytes()
-    assert Image.open(io.BytesIO(png)).size == (64, 64)
-    assert seg["image"] in page.read_text() and "Kip the green triangle" in page.read_text()
+    opening = "Once upon a time, Kip the green triangle jumps in the forest."
+    page = run_demo(tmp_path / "story", opening, tiny_ckpt, segments=2)
+    segments = json.loads((tmp_path / "story" / "story.json").read_text())["segments"]
+    assert len(segments) == 2 and segments[0]["caption"] == opening and segments[1]["caption"]
+    for seg in segments:
+        assert len(seg["visual_codes"]) == 16 and all(0 <= c < 256 for c in seg["visual_codes"])
+        png = (tmp_path / "story" / seg["image"]).read_bytes()
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
+        assert seg["image"] in page.read_text()
+    assert "Kip the green triangle" in page.read_text()
