@@ -24,22 +24,11 @@ from pathlib import Path
 
 from actors.checkpoint import part_dir
 from actors.mllm.engine import EngineConfig, SegmentEvent, StoryEngine
-from actors.mllm.grammar import CHOICES, StoryRules, permits, start_state
+from actors.mllm.grammar import CHOICES, StoryRules, allowed_ids, start_state
 from actors.mllm.sink import SinkSettings, count, kept_ranges
-from actors.tokenizer.text import encode_segment, load_text_tokenizer
+from actors.tokenizer.text import encode_segment, load_text_tokenizer, segment_ids
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
-
-
-def segment_ids(engine, ev: SegmentEvent) -> list[int]:
-    t = engine.tokens
-    return ev.caption_ids + [t.boi] + [t.visual_id(c) for c in ev.codes] + [t.eoi]
-
-
-def block_bytes(engine) -> int:
-    cfg = engine.engine.engine_core.engine_core.scheduler.kv_cache_config
-    group = cfg.kv_cache_groups[0]
-    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)
 
 
 def one_request_story(engine, prompt, segments, policy) -> dict:
@@ -50,7 +39,7 @@ def one_request_story(engine, prompt, segments, policy) -> dict:
     while engine.has_work():
         for ev in engine.step():
             if isinstance(ev, SegmentEvent):
-                ids += segment_ids(engine, ev)
+                ids += segment_ids(engine.tokens, ev.caption_ids, ev.codes)
                 rows.append({"segment": ev.index + 1, "t": time.perf_counter() - t0,
                              "blocks": engine.story_blocks("story"), "kept_tokens": count(kept_ranges(ids, policy))})
     return {"segments": rows, "prefill_tokens": len(prompt), "total_s": time.perf_counter() - t0}
@@ -69,7 +58,7 @@ def window_recompute_story(engine, prompt, segments, window) -> dict:
         while engine.has_work():
             for ev in engine.step():
                 if isinstance(ev, SegmentEvent):
-                    seg = segment_ids(engine, ev)
+                    seg = segment_ids(engine.tokens, ev.caption_ids, ev.codes)
             peak = max(peak, engine.blocks_in_use())
         history.append(seg)
         rows.append({"segment": k + 1, "t": time.perf_counter() - t0, "blocks": peak,
@@ -90,7 +79,7 @@ def hf_sequential(ckpt, manifest, prompt, segments, window, stories) -> float:
     from actors.mllm.model import load_mllm
 
     model, t = load_mllm(part_dir(ckpt, "mllm")), manifest.tokens
-    allowed = {c: [i for i in range(t.vocab_size) if permits(t, c, i)] for c in CHOICES}
+    allowed = {c: allowed_ids(t, c) for c in CHOICES}
     rules = StoryRules(manifest.num_queries, 1, manifest.preset.max_caption_tokens)
     t0 = time.perf_counter()
     for _ in range(stories):
@@ -155,10 +144,10 @@ def main() -> None:
             r = window_recompute_story(engine, prompt, a.segments, a.window)
         else:
             r = one_request_story(engine, prompt, a.segments, policy)
-        r["block_bytes"] = block_bytes(engine)
+        r["block_bytes"] = engine.block_bytes()
         results[name] = r
         print(f"{name}: {r['total_s']:.1f}s, prefill {r['prefill_tokens']} tokens, "
-              f"blocks at 10/25: {r['segments'][9]['blocks']}/{r['segments'][-1]['blocks']}", flush=True)
+              f"blocks at 10/{a.segments}: {r['segments'][9]['blocks']}/{r['segments'][-1]['blocks']}", flush=True)
         if name == "sink":
             for c in (1, 4, 8):
                 rates[f"sink x{c}"] = throughput(engine, prompt, a.segments, c)
@@ -179,7 +168,9 @@ def table(results: dict, rates: dict) -> str:
         ts = [row["t"] for row in r["segments"]]
         return ts[k - 1] - (ts[k - 2] if k > 1 else 0.0)
 
-    lines = ["| method | total s | prefill tokens | KV MiB @10 | KV MiB @25 | kept tokens @25 | s/segment @10 | s/segment @25 |",
+    last = len(next(iter(results.values()))["segments"])
+    lines = [f"| method | total s | prefill tokens | KV MiB @10 | KV MiB @{last} | kept tokens @{last} | s/segment @10 "
+             f"| s/segment @{last} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         mib = [row["blocks"] * r["block_bytes"] / 2**20 for row in r["segments"]]

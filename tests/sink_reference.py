@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from actors.mllm.grammar import CHOICES, StoryRules, permits, start_state
+from actors.mllm.grammar import StoryRules, start_state
 from actors.mllm.sink import SinkParams, kept_ranges, positions
+from actors.mllm.vllm_logits import choice_masks
 
 
 class SinkReference:
@@ -21,7 +22,7 @@ class SinkReference:
         self.m, self.policy, self.layout = model.eval(), policy, layout
         cfg = model.config
         self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.masks = {c: torch.tensor([permits(layout, c, i) for i in range(cfg.vocab_size)]) for c in CHOICES}
+        self.masks = choice_masks(layout)
 
     def _rope(self, x: torch.Tensor, pos: list[int]) -> torch.Tensor:
         """x (heads, n, hd) rotated to positions ``pos``."""

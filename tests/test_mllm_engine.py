@@ -7,6 +7,7 @@ from actors.mllm.engine import EngineConfig, Sampling, SegmentEvent, StoryEngine
 from actors.mllm.grammar import StoryRules
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import SinkSettings, kept_blocks, kept_ranges, max_blocks
+from actors.tokenizer.text import segment_ids
 from sink_reference import SinkReference
 
 WINDOW = 2  # a small window, so that short stories already evict several segments
@@ -14,11 +15,7 @@ SEGMENTS = {"s5": 5, "s6": 6, "s7": 7, "s8": 8}  # 3 to 6 evictions
 
 
 def story_ids(engine, events: list[SegmentEvent]) -> list[int]:
-    t = engine.tokens
-    ids = []
-    for ev in events:
-        ids += ev.caption_ids + [t.boi] + [t.visual_id(c) for c in ev.codes] + [t.eoi]
-    return ids
+    return [i for ev in events for i in segment_ids(engine.tokens, ev.caption_ids, ev.codes)]
 
 
 def prompts(engine) -> dict[str, list[int]]:
@@ -29,7 +26,7 @@ def prompts(engine) -> dict[str, list[int]]:
     out = {sid: [t.bos] + [lo + (7 * k + 3 * j) % (hi - lo) for j in range(3 + k)] for k, sid in enumerate(SEGMENTS)}
     so_far = []
     for k in range(3):
-        so_far += [lo + k, lo + 5 + k, t.boi] + [t.visual_id((11 * k + j) % 256) for j in range(16)] + [t.eoi]
+        so_far += segment_ids(t, [lo + k, lo + 5 + k], [(11 * k + j) % 256 for j in range(16)])
     out["s5"] = [t.bos] + so_far + out["s5"][1:]
     return out
 
@@ -131,7 +128,8 @@ def test_blocks_held_never_exceed_what_the_policy_keeps(engine):
                 bound = len(set(kept_blocks(kept_ranges(ids[:-1], policy), 32)) | {0}) + 1
                 assert held <= bound, (ev.index, held, bound)
                 worst = max(worst, held)
-    assert worst <= max_blocks(engine.config.sink, 66, 12 + 1, 10_000, 32)
+    longest = engine.manifest.preset.max_caption_tokens + engine.manifest.num_queries + 2
+    assert worst <= max_blocks(engine.config.sink, longest, engine.config.max_segments, 10_000, 32)
     if engine.config.sink.mode != "dense":
         dense_blocks = -(-len(ids) // 32)
         assert worst < dense_blocks
@@ -168,7 +166,7 @@ def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
     eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=24, max_segments=8,
                                    max_batched_tokens=64))
     try:
-        scheduler = eng.engine.engine_core.engine_core.scheduler
+        scheduler = eng.scheduler
         for sid, p in prompts(eng).items():
             eng.submit(sid, p, SEGMENTS[sid])
         got, preempted = {sid: [] for sid in SEGMENTS}, set()

@@ -132,8 +132,18 @@ class StoryEngine:
 
     # -- KV accounting ---------------------------------------------------------------------
     @property
+    def scheduler(self):
+        """The (in-process) vLLM scheduler, with our SinkKVManager inside."""
+        return self.engine.engine_core.engine_core.scheduler
+
+    @property
     def _pool(self):
-        return self.engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+        return self.scheduler.kv_cache_manager.block_pool
+
+    def block_bytes(self) -> int:
+        """KV bytes one block holds, over all layers."""
+        group = self.scheduler.kv_cache_config.kv_cache_groups[0]
+        return group.kv_cache_spec.page_size_bytes * len(group.layer_names)
 
     def free_blocks(self) -> int:
         return self._pool.get_num_free_blocks()
@@ -147,7 +157,7 @@ class StoryEngine:
     def story_blocks(self, story_id: str) -> int:
         """Blocks a running story holds now (freed positions excluded)."""
         story = self.stories.get(story_id)
-        mgr = self.engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        mgr = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
         return sum(not b.is_null for b in mgr.req_to_blocks.get(story.request_id, [])) if story else 0
 
     def abort_all(self) -> None:

@@ -73,6 +73,11 @@ def permits(t: TokenLayout, choice: str, token: int) -> bool:
             VISUAL: t.is_visual(token), EOI: token == t.eoi, EOS: token == t.eos}[choice]
 
 
+def allowed_ids(t: TokenLayout, choice: str) -> list[int]:
+    """Every token id the choice permits (the logits processor turns this into a mask)."""
+    return [i for i in range(t.vocab_size) if permits(t, choice, i)]
+
+
 def start_state(rules: StoryRules, layout: TokenLayout, prompt: list[int]) -> GrammarState:
     """The state after the prompt. The prompt is whole segments, optionally followed by the
     opening caption of the next one. That caption is the client's: the picture comes next.

@@ -58,7 +58,7 @@ def sink_params(hf_config) -> SinkParams:
     """The policy of an engine: sink settings and <img>/</img> ids, both put in the model config
     by the engine wrapper (``hf_overrides``), so every process reads the same values."""
     tokens = hf_config.seedstory_tokens
-    return SinkParams(boi_id=tokens["boi"], eoi_id=tokens["eoi"], **hf_config.seedstory_sink)
+    return SinkSettings(**hf_config.seedstory_sink).with_ids(tokens["boi"], tokens["eoi"])
 
 
 class SinkScheduler(Scheduler):

@@ -10,10 +10,19 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from actors.config import from_dict
-from actors.mllm.grammar import CHOICES, GrammarState, StoryRules, permits, start_state
+from actors.mllm.grammar import CHOICES, GrammarState, StoryRules, allowed_ids, start_state
 from actors.tokenizer.text import TokenLayout
 
 EXTRA_KEY = "seedstory"
+
+
+def choice_masks(layout: TokenLayout, device=None) -> dict[str, torch.Tensor]:
+    """One boolean "may come next" mask over the vocabulary per grammar choice, built once."""
+    masks = {}
+    for c in CHOICES:
+        masks[c] = torch.zeros(layout.vocab_size, dtype=torch.bool, device=device)
+        masks[c][allowed_ids(layout, c)] = True
+    return masks
 
 
 class Tracked:
@@ -38,11 +47,7 @@ class StoryGrammarProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.layout = from_dict(TokenLayout, vllm_config.model_config.hf_config.seedstory_tokens)
-        vocab = vllm_config.model_config.hf_config.vocab_size
-        ids = torch.arange(vocab)
-        # One "may come next" mask per grammar choice, built once.
-        self.masks = {c: torch.tensor([permits(self.layout, c, int(i)) for i in ids], device=device)
-                      for c in CHOICES}
+        self.masks = choice_masks(self.layout, device)
         self.tracked: dict[int, Tracked] = {}
 
     def is_argmax_invariant(self) -> bool:

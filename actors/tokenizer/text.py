@@ -84,12 +84,16 @@ def token_layout(tokenizer, num_codes: int) -> TokenLayout:
     return layout
 
 
+def segment_ids(layout: TokenLayout, caption_ids: list[int], codes: Iterable[int] | None) -> list[int]:
+    """One story segment as ids: caption ids, then ``<img> v.. </img>`` when codes are given."""
+    if codes is None:
+        return list(caption_ids)
+    return [*caption_ids, layout.boi, *(layout.visual_id(c) for c in codes), layout.eoi]
+
+
 def encode_segment(tokenizer, layout: TokenLayout, caption: str, codes: Iterable[int] | None) -> list[int]:
-    """One story segment as ids: caption pieces, then ``<img> v.. </img>`` when codes are given."""
-    ids = tokenizer.encode(caption, add_special_tokens=False)
-    if codes is not None:
-        ids += [layout.boi, *(layout.visual_id(c) for c in codes), layout.eoi]
-    return ids
+    """``segment_ids`` for a caption given as text."""
+    return segment_ids(layout, tokenizer.encode(caption, add_special_tokens=False), codes)
 
 
 def split_segments(layout: TokenLayout, ids: Iterable[int]) -> list[tuple[list[int], list[int]]]:
