@@ -1,22 +1,67 @@
-"""Placeholder Serve application until the story cluster lands: one deployment that answers
-with the checkpoint's manifest, so `serve run ray_config.yaml` starts and reports what it would serve."""
+"""The Serve application: three pools and the gRPC ingress, wired from ``ray_config.yaml``'s args.
+
+``build_app`` is the ``import_path`` target. Its args are checked once into ``AppSettings``;
+each pool's replicas, autoscaling and resources live in the config's ``deployments`` section.
+"""
 
 from __future__ import annotations
 
-from ray import serve
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from actors.checkpoint import read_manifest
+from actors.mllm.sink import SinkSettings
+from cluster.requests import StoryLimits
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
-class CheckpointInfo:
-    def __init__(self, checkpoint: str):
-        self.manifest = read_manifest(checkpoint).to_dict()
-        self.manifest.pop("preset")
+@dataclass(frozen=True)
+class AppSettings:
+    checkpoint: str                                   # relative paths are taken from the project root
+    sink: SinkSettings = field(default_factory=SinkSettings)
+    limits: StoryLimits = field(default_factory=StoryLimits)
+    max_stories_per_replica: int = 8                  # admission: beyond it, RESOURCE_EXHAUSTED
+    auth_token: str = ""                              # non-empty: require "authorization: Bearer <token>"
+    engine_max_stories: int = 8                       # stories one MLLM replica batches (vLLM max_num_seqs)
+    kv_blocks: int | None = None                      # KV blocks per MLLM replica (default: what memory allows)
+    torch_threads: int = 1                            # per tokenizer / de-tokenizer replica
 
-    async def __call__(self, request) -> dict:
-        return self.manifest
+    def __post_init__(self) -> None:
+        if self.max_stories_per_replica < 1 or self.engine_max_stories < 1 or self.torch_threads < 1:
+            raise ValueError("max_stories_per_replica, engine_max_stories and torch_threads must be >= 1")
+        path = Path(self.checkpoint)
+        object.__setattr__(self, "checkpoint", str(path if path.is_absolute() else ROOT / path))
+
+    @classmethod
+    def from_args(cls, args: dict) -> "AppSettings":
+        args = dict(args)
+        unknown = set(args) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown application args: {sorted(unknown)}")
+        args["sink"] = SinkSettings(**args.get("sink", {}))
+        args["limits"] = StoryLimits(**args.get("limits", {}))
+        return cls(**args)
+
+    def to_args(self) -> dict:
+        return asdict(self)
+
+    @property
+    def engine_segments(self) -> int:
+        """Longest story an engine request may hold: earlier segments + the opening + new ones."""
+        return self.limits.max_story_so_far + 1 + self.limits.max_segments
 
 
 def build_app(args: dict):
-    return CheckpointInfo.bind(args["checkpoint"])
+    from actors.detokenizer.deployment import DetokenizerPool
+    from actors.mllm.deployment import MLLMPool
+    from actors.tokenizer.deployment import TokenizerPool
+    from cluster.ingress import StoryIngress
+
+    s = AppSettings.from_args(args)
+    if not (Path(s.checkpoint) / "manifest.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {s.checkpoint}: train one (seedstory train) or "
+                                f"build a random-init one (seedstory init --out {s.checkpoint})")
+    tokenizer = TokenizerPool.bind(s.checkpoint, s.torch_threads)
+    mllm = MLLMPool.bind(s.checkpoint, asdict(s.sink), s.engine_max_stories, s.engine_segments, s.kv_blocks)
+    detokenizer = DetokenizerPool.bind(s.checkpoint, s.torch_threads)
+    return StoryIngress.bind(tokenizer, mllm, detokenizer, s.to_args())

@@ -15,7 +15,7 @@ from actors.mllm.grammar import StoryRules
 from actors.mllm.sink import SinkSettings
 from actors.mllm.vllm_logits import EXTRA_KEY
 from actors.mllm.vllm_plugin import ARCHITECTURE
-from actors.tokenizer.text import split_segments
+from actors.tokenizer.text import split_segments, written_captions
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class EngineConfig:
     sink: SinkSettings = field(default_factory=SinkSettings)
     num_queries: int | None = None  # if given, must equal the checkpoint's Q
     max_stories: int = 8            # concurrent stories (vLLM max_num_seqs)
-    kv_blocks: int | None = None    # KV blocks in the pool (default: what memory allows)
+    kv_blocks: int | None = None    # KV blocks in the pool (default: what kv_cache_bytes holds)
+    kv_cache_bytes: int = 256 << 20  # memory for the KV pool; explicit, so vLLM doesn't claim 92% of RAM
     block_size: int = 32            # the CPU build needs a multiple of 32
     max_segments: int = 32          # longest story (prompt segments included) a request may hold
     max_batched_tokens: int | None = None  # tokens per engine step; long prompts are prefilled in chunks
@@ -40,6 +41,14 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+
+
+@dataclass
+class CaptionEvent:
+    """A caption is final: its picture has begun (an empty caption is the prompt's own)."""
+    story_id: str
+    index: int
+    caption_ids: list[int]
 
 
 @dataclass
@@ -62,7 +71,8 @@ class StoryEnd:
 class _Story:
     prompt_len: int
     request_id: str   # vLLM's internal id (the story id plus a random suffix)
-    emitted: int = 0  # segments already streamed
+    captioned: int = 0  # captions already streamed
+    emitted: int = 0    # segments (caption + picture) already streamed
     seen: int = 0     # output tokens already looked at
 
 
@@ -98,22 +108,32 @@ class StoryEngine:
         self.engine.abort_request([story_id])
         return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen)
 
-    def step(self) -> list[SegmentEvent | StoryEnd]:
-        events: list[SegmentEvent | StoryEnd] = []
+    def step(self) -> list[CaptionEvent | SegmentEvent | StoryEnd]:
+        events: list[CaptionEvent | SegmentEvent | StoryEnd] = []
         for out in self.engine.step():
             story = self.stories.get(out.request_id)
             if story is None:
                 continue
             ids = out.outputs[0].token_ids
-            if self.tokens.eoi in ids[story.seen:]:  # a picture closed: parse (rarely, not per token)
-                done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
-                for k in range(story.emitted, len(done)):
-                    events.append(SegmentEvent(out.request_id, k, done[k][0], done[k][1]))
-                story.emitted = len(done)
+            events += self._parse(out.request_id, story, ids)
             story.seen = len(ids)
             if out.finished:
                 del self.stories[out.request_id]
                 events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids)))
+        return events
+
+    def _parse(self, story_id: str, story: _Story, ids: list[int]) -> list[CaptionEvent | SegmentEvent]:
+        """New captions and pictures among the output ids; parsed only when a marker arrives."""
+        events: list[CaptionEvent | SegmentEvent] = []
+        new = ids[story.seen:]
+        if self.tokens.boi in new:
+            captions = written_captions(self.tokens, ids)
+            events += [CaptionEvent(story_id, k, captions[k]) for k in range(story.captioned, len(captions))]
+            story.captioned = len(captions)
+        if self.tokens.eoi in new:
+            done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
+            events += [SegmentEvent(story_id, k, done[k][0], done[k][1]) for k in range(story.emitted, len(done))]
+            story.emitted = len(done)
         return events
 
     def has_work(self) -> bool:
@@ -188,7 +208,8 @@ def _build_engine(config: EngineConfig, manifest):
     args = EngineArgs(
         model=str(part_dir(config.checkpoint, "mllm")), skip_tokenizer_init=True, dtype=config.dtype,
         max_model_len=max_len, block_size=config.block_size, max_num_seqs=config.max_stories,
-        num_gpu_blocks_override=config.kv_blocks, enable_prefix_caching=False,
+        num_gpu_blocks_override=config.kv_blocks, kv_cache_memory_bytes=config.kv_cache_bytes,
+        enable_prefix_caching=False,
         max_num_batched_tokens=config.max_batched_tokens,
         # Our attention is plain torch with per-request Python bookkeeping: run it eagerly.
         enforce_eager=True, seed=0,

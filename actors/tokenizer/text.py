@@ -116,3 +116,16 @@ def split_segments(layout: TokenLayout, ids: Iterable[int]) -> list[tuple[list[i
     if caption:
         segments.append((caption, []))
     return segments
+
+
+def written_captions(layout: TokenLayout, ids: Iterable[int]) -> list[list[int]]:
+    """Caption ids of every segment whose picture has begun: an ``<img>`` makes its caption final."""
+    captions: list[list[int]] = []
+    caption: list[int] = []
+    for t in ids:
+        if t == layout.boi:
+            captions.append(caption)
+            caption = []
+        elif t not in (layout.bos, layout.eos, layout.pad, layout.eoi) and not layout.is_visual(t):
+            caption.append(t)
+    return captions

@@ -1,0 +1,55 @@
+"""DetokenizerPool: the Serve deployment that renders visual codes to PNG with the SDXL pipeline.
+
+``render`` takes one picture's codes; ``@serve.batch`` gathers pictures from concurrent stories
+into one pipeline call (one call per distinct (steps, guidance) pair in a batch). The pipeline
+runs on a worker thread so that the replica keeps answering while it denoises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from itertools import groupby
+
+import torch
+from ray import serve
+from ray.util import metrics
+
+from actors.checkpoint import part_dir
+from actors.detokenizer.model import Detokenizer
+from actors.imageio import to_png
+
+
+# Replicas, resources, autoscaling and max_ongoing_requests: ray_config.yaml.
+@serve.deployment(name="DetokenizerPool")
+class DetokenizerPool:
+    def __init__(self, checkpoint: str, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.model = Detokenizer.from_pretrained(part_dir(checkpoint, "detokenizer"))
+        self.m_batch = metrics.Histogram("seedstory_render_batch_size", "pictures per pipeline call",
+                                         boundaries=[1, 2, 4, 8])
+        self.m_seconds = metrics.Histogram("seedstory_render_seconds", "pipeline call time",
+                                           boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10])
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def render(self, jobs: list[dict]) -> list[dict]:
+        """Each job: {"codes": [Q ints], "steps": int, "guidance": float, "seed": int}.
+        Returns {"png", "width", "height", "start", "end", "batch"} per job, in order."""
+        results: dict[int, dict] = {}
+        order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["steps"], jobs[i]["guidance"]))
+        for (steps, guidance), group in groupby(order, key=lambda i: (jobs[i]["steps"], jobs[i]["guidance"])):
+            idx = list(group)
+            start = time.time()
+            images = await asyncio.to_thread(self._render, [jobs[i] for i in idx], steps, guidance)
+            end = time.time()
+            self.m_batch.observe(len(idx))
+            self.m_seconds.observe(end - start)
+            for i, img in zip(idx, images):
+                results[i] = {"png": to_png(img), "width": img.width, "height": img.height,
+                              "start": start, "end": end, "batch": len(idx)}
+        return [results[i] for i in range(len(jobs))]
+
+    def _render(self, jobs: list[dict], steps: int, guidance: float) -> list:
+        codes = torch.tensor([job["codes"] for job in jobs])  # (B, Q)
+        generators = [torch.Generator().manual_seed(job["seed"]) for job in jobs]
+        return self.model.render(codes, steps=steps, guidance=guidance, generator=generators)

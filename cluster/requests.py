@@ -1,0 +1,125 @@
+"""What a story request may ask for, checked once at the ingress.
+
+``check_request`` turns a ``StoryRequest`` message into a plain ``StorySpec`` or raises
+``InvalidRequest`` naming the field. Caption token counts and image decoding are checked
+where the ids are made, in the TokenizerPool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StoryLimits:
+    max_segments: int = 25            # segments one request may ask for (the paper's 25)
+    default_segments: int = 10
+    max_caption_chars: int = 400
+    max_story_so_far: int = 24        # earlier segments a request may carry
+    max_image_bytes: int = 8 << 20
+    max_steps: int = 100
+    default_steps: int = 20
+    default_guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_segments <= self.max_segments:
+            raise ValueError("limits: need 1 <= default_segments <= max_segments")
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise ValueError("limits: need 1 <= default_steps <= max_steps")
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class StorySpec:
+    caption: str
+    start_image: bytes | None
+    segments: int
+    sampling: dict        # engine Sampling fields
+    steps: int
+    guidance: float
+    render_seed: int | None
+    story_so_far: list[dict] = field(default_factory=list)  # [{"caption", "visual_codes"}]
+
+
+def check_request(req, limits: StoryLimits, num_queries: int, codebook_size: int) -> StorySpec:
+    """StoryRequest message -> StorySpec, or InvalidRequest for the first bad field."""
+    return StorySpec(
+        caption=_caption(req.caption, "caption", limits),
+        start_image=_image(req.start_image, limits),
+        segments=_segments(req.segments, limits),
+        sampling=_sampling(req.sampling),
+        steps=_int_or_default(req.rendering.steps, limits.default_steps, 1, limits.max_steps, "rendering.steps"),
+        guidance=_guidance(req.rendering.guidance, limits),
+        render_seed=req.rendering.seed if req.rendering.HasField("seed") else None,
+        story_so_far=_story_so_far(req.story_so_far, limits, num_queries, codebook_size),
+    )
+
+
+def _caption(text: str, name: str, limits: StoryLimits) -> str:
+    text = text.strip()
+    if not text:
+        raise InvalidRequest(name, "is empty")
+    if len(text) > limits.max_caption_chars:
+        raise InvalidRequest(name, f"is {len(text)} characters, more than {limits.max_caption_chars}")
+    return text
+
+
+def _image(data: bytes, limits: StoryLimits) -> bytes | None:
+    if len(data) > limits.max_image_bytes:
+        raise InvalidRequest("start_image", f"is {len(data)} bytes, more than {limits.max_image_bytes}")
+    return bytes(data) or None
+
+
+def _segments(n: int, limits: StoryLimits) -> int:
+    if n == 0:
+        return limits.default_segments
+    if not 1 <= n <= limits.max_segments:
+        raise InvalidRequest("segments", f"must be between 1 and {limits.max_segments}, got {n}")
+    return n
+
+
+def _int_or_default(value: int, default: int, low: int, high: int, name: str) -> int:
+    if value == 0:
+        return default
+    if not low <= value <= high:
+        raise InvalidRequest(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _guidance(value: float, limits: StoryLimits) -> float:
+    if value == 0:
+        return limits.default_guidance
+    if not math.isfinite(value) or not 0 < value <= 30:
+        raise InvalidRequest("rendering.guidance", f"must be in (0, 30], got {value}")
+    return value
+
+
+def _sampling(s) -> dict:
+    if not math.isfinite(s.temperature) or not 0 <= s.temperature <= 5:
+        raise InvalidRequest("sampling.temperature", f"must be in [0, 5], got {s.temperature}")
+    top_p = s.top_p or 1.0
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    return {"temperature": s.temperature, "top_p": top_p, "seed": s.seed if s.HasField("seed") else None}
+
+
+def _story_so_far(segments, limits: StoryLimits, num_queries: int, codebook_size: int) -> list[dict]:
+    if len(segments) > limits.max_story_so_far:
+        raise InvalidRequest("story_so_far", f"has {len(segments)} segments, more than {limits.max_story_so_far}")
+    out = []
+    for i, seg in enumerate(segments):
+        codes = list(seg.visual_codes)
+        if len(codes) != num_queries:
+            raise InvalidRequest(f"story_so_far[{i}].visual_codes", f"has {len(codes)} codes, need {num_queries}")
+        bad = [c for c in codes if not 0 <= c < codebook_size]
+        if bad:
+            raise InvalidRequest(f"story_so_far[{i}].visual_codes",
+                                 f"code {bad[0]} is outside [0, {codebook_size})")
+        out.append({"caption": _caption(seg.caption, f"story_so_far[{i}].caption", limits), "visual_codes": codes})
+    return out

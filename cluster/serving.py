@@ -1,0 +1,64 @@
+"""Start the story cluster from ``ray_config.yaml``: the same config ``serve run`` takes.
+
+``deploy`` does what ``serve run ray_config.yaml`` does (start Serve with the config's HTTP and
+gRPC options, then apply the config) on the Ray the caller is connected to, and waits until the
+application is RUNNING.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import yaml
+
+from cluster.app import ROOT
+
+CONFIG = ROOT / "ray_config.yaml"
+
+
+def load_config(path: str | Path = CONFIG) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def with_args(config: dict, **args) -> dict:
+    """A copy of the config whose (single) application takes these args on top of its own."""
+    config = copy.deepcopy(config)
+    config["applications"][0]["args"].update(args)
+    return config
+
+
+def grpc_target(config: dict, host: str = "localhost") -> str:
+    return f"{host}:{config['grpc_options']['port']}"
+
+
+def deploy(config: dict, timeout_s: float = 300) -> None:
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                                   proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    wait_running([app.name for app in schema.applications], timeout_s)
+
+
+def wait_running(names: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {name: apps[name] if name in apps else None for name in names}
+        failed = {n: a.message for n, a in states.items() if a is not None and a.status == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        if all(a is not None and a.status == "RUNNING" for a in states.values()):
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"applications not RUNNING after {timeout_s}s: "
+                               f"{ {n: (a.status if a else 'absent') for n, a in states.items()} }")
+        time.sleep(0.5)
