@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+
 
 def _data_convert(a: argparse.Namespace) -> None:
     from training.storystream import convert
@@ -32,6 +34,36 @@ def _init(a: argparse.Namespace) -> None:
     size = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file())
     print(f"{a.preset} checkpoint at {a.out}: Q={m.num_queries} K={m.codebook_size} vocab={m.tokens.vocab_size} "
           f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+
+
+def _serve(a: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from cluster.demo import ensure_checkpoint
+    from cluster.serving import deploy, grpc_target, load_config, with_args
+
+    config = load_config(a.config)
+    if a.ckpt:
+        config = with_args(config, checkpoint=str(Path(a.ckpt).resolve()))
+    ray.init(address=a.address, include_dashboard=False)
+    t0 = time.time()
+    deploy(config)
+    print(f"serving {a.config} in {time.time() - t0:.1f}s: gRPC {grpc_target(config)}, "
+          f"HTTP :{config['http_options']['port']} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from cluster.generate import generate_story
+
+    page = generate_story(a.target, a.prompt, a.segments, Path(a.out), Path(a.image) if a.image else None,
+                          a.token, a.seed, a.steps, a.temperature)
+    print(f"story written: {page}")
 
 
 def _demo(a: argparse.Namespace) -> None:
@@ -69,7 +101,25 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     i.set_defaults(func=_init)
 
-    d = sub.add_parser("demo", help="write a short story with the embedded tiny model")
+    sv = sub.add_parser("serve", help="start Ray (or join --address) and deploy the story cluster")
+    sv.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "ray_config.yaml"))
+    sv.add_argument("--ckpt", help="checkpoint folder (default: the config's)")
+    sv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    sv.set_defaults(func=_serve)
+
+    g = sub.add_parser("generate", help="write a story with a running service")
+    g.add_argument("--prompt", required=True, help="the opening caption")
+    g.add_argument("--image", help="start image (PNG or JPEG) for the opening caption")
+    g.add_argument("--segments", type=int, default=10)
+    g.add_argument("--out", default="story_out")
+    g.add_argument("--target", default="localhost:9000", help="the service's gRPC address")
+    g.add_argument("--token", help="bearer token, if the service asks for one")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="start a local cluster and write a story with the embedded tiny model")
     d.add_argument("--segments", type=int, default=4)
     d.add_argument("--out", default="story_out")
     d.add_argument("--prompt", default="Once upon a time, Milo the red circle walks in the park.")
@@ -86,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"seedstory: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except grpc.RpcError as e:
+        print(f"seedstory: the service answered {e.code().name}: {e.details()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

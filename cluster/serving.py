@@ -60,5 +60,6 @@ def wait_running(names: list[str], timeout_s: float) -> None:
             return
         if time.time() > deadline:
             raise TimeoutError(f"applications not RUNNING after {timeout_s}s: "
-                               f"{ {n: (a.status if a else 'absent') for n, a in states.items()} }")
+                               f"{ {n: (a.status if a else 'absent') for n, a in states.items()} } "
+                               "(do the replicas' num_cpus/num_gpus fit the cluster? see `ray status`)")
         time.sleep(0.5)
