@@ -69,7 +69,8 @@ def _generate(a: argparse.Namespace) -> None:
 def _demo(a: argparse.Namespace) -> None:
     from cluster.demo import run_demo
 
-    page = run_demo(Path(a.out), a.prompt, Path(a.ckpt) if a.ckpt else None, a.segments, a.seed)
+    page = run_demo(Path(a.out), a.prompt, Path(a.ckpt) if a.ckpt else None, a.segments, a.seed,
+                    a.grpc_port, a.http_port)
     print(f"story written: {page}")
 
 
@@ -125,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="Once upon a time, Milo the red circle walks in the park.")
     d.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--grpc-port", type=int, help="default: ray_config.yaml's (9000)")
+    d.add_argument("--http-port", type=int, help="default: ray_config.yaml's (8000)")
     d.set_defaults(func=_demo)
     return p
 

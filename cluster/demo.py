@@ -29,20 +29,22 @@ def ensure_checkpoint(ckpt: Path | None, scratch: Path, seed: int = 0) -> Path:
     return ckpt
 
 
-def start_cluster(ckpt: Path, **args) -> dict:
-    """Local Ray + the Serve app from ray_config.yaml on this checkpoint; returns the config used."""
+def start_cluster(ckpt: Path, grpc_port: int | None = None, http_port: int | None = None) -> dict:
+    """A new local Ray + the Serve app from ray_config.yaml on this checkpoint; returns the config used."""
     import ray
 
     from cluster.serving import deploy, load_config, with_args
 
-    config = with_args(load_config(), checkpoint=str(ckpt.resolve()), **args)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    config = with_args(load_config(), checkpoint=str(ckpt.resolve()))
+    config["grpc_options"]["port"] = grpc_port or config["grpc_options"]["port"]
+    config["http_options"]["port"] = http_port or config["http_options"]["port"]
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     deploy(config)
     return config
 
 
-def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4, seed: int = 0) -> Path:
+def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4, seed: int = 0,
+             grpc_port: int | None = None, http_port: int | None = None) -> Path:
     import ray
     from ray import serve
 
@@ -51,7 +53,7 @@ def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4
 
     ckpt = ensure_checkpoint(ckpt, out, seed)
     t0 = time.time()
-    config = start_cluster(ckpt)
+    config = start_cluster(ckpt, grpc_port, http_port)
     print(f"story cluster up in {time.time() - t0:.1f}s; gRPC at {grpc_target(config)}")
     try:
         return generate_story(grpc_target(config), prompt, segments, out, seed=seed, source=str(ckpt))

@@ -29,6 +29,18 @@ def with_args(config: dict, **args) -> dict:
     return config
 
 
+def with_deployment(config: dict, name: str, **options) -> dict:
+    """A copy of the config with these options on one deployment (e.g. num_replicas=1)."""
+    config = copy.deepcopy(config)
+    for dep in config["applications"][0]["deployments"]:
+        if dep["name"] == name:
+            if "num_replicas" in options:
+                dep.pop("autoscaling_config", None)  # fixed replicas and autoscaling exclude each other
+            dep.update(options)
+            return config
+    raise KeyError(f"no deployment {name!r} in the config")
+
+
 def grpc_target(config: dict, host: str = "localhost") -> str:
     return f"{host}:{config['grpc_options']['port']}"
 

@@ -34,3 +34,23 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+TOKEN = "test-token"
+
+
+@pytest.fixture(scope="session")
+def story_service(ray_cluster, tiny_ckpt):
+    """The real Serve app from ray_config.yaml on the tiny checkpoint, with auth on, one ingress
+    replica and an admission limit of 2 stories (so that the admission test is deterministic)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from cluster.serving import deploy, grpc_target, load_config, with_args, with_deployment
+
+    config = with_args(load_config(), checkpoint=str(tiny_ckpt), auth_token=TOKEN, max_stories_per_replica=2)
+    config = with_deployment(config, "StoryIngress", num_replicas=1)
+    deploy(config)
+    yield SimpleNamespace(target=grpc_target(config), token=TOKEN, config=config)
+    serve.shutdown()

@@ -39,24 +39,55 @@ def test_pyproject_never_names_the_cuda_only_torch_companions():
     assert project["scripts"]["seedstory"] == "cluster.cli:main"
 
 
-def test_ray_config_parses_with_serves_own_schema():
+def test_ray_config_parses_with_serves_own_schema_and_our_settings():
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "ray_config.yaml").read_text()))
+    from cluster.app import AppSettings
+    from cluster.serving import load_config
+
+    raw = load_config()
+    config = ServeDeploySchema.model_validate(raw)
     assert config.grpc_options.port == 9000 and config.http_options.port == 8000
-    assert [app.name for app in config.applications] == ["seedstory"]
+    assert config.grpc_options.grpc_servicer_functions == [
+        "cluster.api.story_pb2_grpc.add_StoryServiceServicer_to_server"]
+    [app] = config.applications
+    settings = AppSettings.from_args(app.args)
+    assert settings.limits.max_segments >= 25 and settings.limits.default_segments == 10
+    pools = {d.name: d for d in app.deployments}
+    assert set(pools) == {"StoryIngress", "TokenizerPool", "MLLMPool", "DetokenizerPool"}
+    for name in ("TokenizerPool", "MLLMPool", "DetokenizerPool"):
+        assert pools[name].autoscaling_config["max_replicas"] >= 1, name
+        assert "num_cpus" in pools[name].ray_actor_options, name
 
 
-def test_demo_writes_a_story_a_person_can_open(tiny_ckpt, tmp_path):
-    from cluster.demo import run_demo
+def test_app_args_are_checked_once():
+    import pytest
+
+    from cluster.app import AppSettings
+
+    with pytest.raises(ValueError, match="unknown application args"):
+        AppSettings.from_args({"checkpoint": "x", "max_storeis": 3})
+    with pytest.raises(ValueError, match="sink mode"):
+        AppSettings.from_args({"checkpoint": "x", "sink": {"mode": "sideways"}})
+
+
+def test_the_demo_serves_and_writes_a_story_a_person_can_open(tiny_ckpt, tmp_path):
+    """The README's main job as a user runs it: a new local cluster, gRPC, files on disk."""
+    import subprocess
+    import sys
 
     opening = "Once upon a time, Kip the green triangle jumps in the forest."
-    page = run_demo(tmp_path / "story", opening, tiny_ckpt, segments=2)
-    segments = json.loads((tmp_path / "story" / "story.json").read_text())["segments"]
+    out = tmp_path / "story"
+    # Own ports: the session's shared Serve app holds 9000/8000.
+    subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--ckpt", str(tiny_ckpt), "--out", str(out),
+                    "--segments", "2", "--prompt", opening, "--grpc-port", "9301", "--http-port", "8301"],
+                   check=True, cwd=ROOT, timeout=600)
+    page = out / "story.html"
+    segments = json.loads((out / "story.json").read_text())["segments"]
     assert len(segments) == 2 and segments[0]["caption"] == opening and segments[1]["caption"]
     for seg in segments:
         assert len(seg["visual_codes"]) == 16 and all(0 <= c < 256 for c in seg["visual_codes"])
-        png = (tmp_path / "story" / seg["image"]).read_bytes()
+        png = (out / seg["image"]).read_bytes()
         assert Image.open(io.BytesIO(png)).size == (64, 64)
         assert seg["image"] in page.read_text()
     assert "Kip the green triangle" in page.read_text()

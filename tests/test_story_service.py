@@ -1,0 +1,238 @@
+"""The story cluster end to end: a real local Ray, the real Serve app from ray_config.yaml, and
+real gRPC over loopback (one app for the whole session, see conftest.story_service)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import grpc
+import pytest
+from PIL import Image
+
+from actors.checkpoint import read_manifest
+from cluster.client import AsyncStoryClient, Story, StoryClient, build_request, write_story
+
+OPENING = "Once upon a time, Milo the red circle walks in the park."
+
+
+@pytest.fixture(scope="module")
+def client(story_service):
+    with StoryClient(story_service.target, story_service.token) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def twelve(client):
+    """One 12-segment story, shared by the tests that look at it from different sides."""
+    return client.generate(OPENING, 12, seed=3, steps=10)
+
+
+def kv_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("MLLMPool", "seedstory").kv_stats.remote().result()
+
+
+def wait_idle(timeout: float = 60) -> dict:
+    """KV stats once no story runs in the engine (cancellations land asynchronously)."""
+    deadline = time.time() + timeout
+    while True:
+        stats = kv_stats()
+        if stats["running_stories"] == 0 or time.time() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def png_bytes(size=(32, 32), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 90).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- the story -------------------------------------------------------------------------------
+def test_a_twelve_segment_story_arrives_complete_and_in_order(twelve, tiny_ckpt):
+    manifest = read_manifest(tiny_ckpt)
+    assert twelve.complete  # Story.add raised if any event came out of order
+    assert [s.index for s in twelve.segments] == list(range(12))
+    assert twelve.segments[0].caption == OPENING
+    assert all(s.caption for s in twelve.segments[1:])
+    for seg in twelve.segments:
+        img = Image.open(io.BytesIO(seg.png))
+        assert img.format == "PNG" and img.size == (manifest.preset.image_size,) * 2
+        assert len(seg.visual_codes) == manifest.num_queries
+        assert all(0 <= c < manifest.codebook_size for c in seg.visual_codes)
+    s = twelve.stats
+    assert s["prompt_tokens"] > 0 and s["output_tokens"] > 12 * manifest.num_queries
+    assert 0 < s["peak_kv_blocks"] and s["kv_block_bytes"] > 0
+    assert s["total_s"] >= s["mllm_s"] > 0 and s["render_s"] > 0
+
+
+def test_pictures_render_while_the_next_caption_is_written(twelve):
+    """Image k's render interval overlaps the writing of segment k+1, which runs from
+    picture k's codes to caption k+1 being final."""
+    segs = twelve.segments
+    for k in range(len(segs) - 1):
+        assert segs[k].codes_at <= segs[k].render_start < segs[k + 1].written_at, f"segment {k}"
+    # So the story takes less than its stages would one after the other.
+    busy = twelve.stats["mllm_s"] + sum(s.render_end - s.render_start for s in segs)
+    assert twelve.stats["total_s"] < busy
+
+
+def test_the_story_page_loads_every_image_in_headless_chromium(twelve, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    page_path = write_story(tmp_path / "story", twelve)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        page = browser.new_page()
+        page.goto(page_path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        captions = page.evaluate("[...document.querySelectorAll('figcaption')].map(f => f.textContent)")
+        browser.close()
+    assert len(images) == 12 and all(ok and w > 0 and h > 0 for ok, w, h in images)
+    assert captions[0].endswith(OPENING)
+
+
+def test_a_story_continues_from_the_story_so_far_and_a_start_image(client, twelve, tiny_ckpt):
+    # The pictures so far are the served story's; the captions are a person's (a random-init model's
+    # captions need not re-encode within the caption budget).
+    so_far = [(f"Milo walks in the park {k}.", s.visual_codes) for k, s in enumerate(twelve.segments[:3])]
+    story = client.generate("Milo rests.", 2, png_bytes(), story_so_far=so_far, seed=1, steps=4)
+    assert story.complete and len(story.segments) == 2
+    # With the opening's picture given, every caption in the answer is the model's own.
+    assert story.segments[0].caption != "Milo rests."
+    assert story.stats["prompt_tokens"] > 3 * read_manifest(tiny_ckpt).num_queries
+
+
+def test_the_async_client_gets_the_same_story_for_the_same_seeds(story_service, client):
+    import asyncio
+
+    async def run():
+        async with AsyncStoryClient(story_service.target, story_service.token) as c:
+            return await c.generate(OPENING, 2, seed=5, render_seed=5, steps=4)
+
+    a = asyncio.run(run())
+    b = client.generate(OPENING, 2, seed=5, render_seed=5, steps=4)
+    assert [s.caption for s in a.segments] == [s.caption for s in b.segments]
+    assert [s.visual_codes for s in a.segments] == [s.visual_codes for s in b.segments]
+    assert [s.png for s in a.segments] == [s.png for s in b.segments]
+
+
+# -- bad input -------------------------------------------------------------------------------
+def _bomb() -> bytes:
+    return png_bytes((5000, 5000), "L")  # 25 M pixels of zeros in a few KB of PNG
+
+
+BAD = [
+    ("empty caption", dict(caption="  "), "caption"),
+    ("long caption", dict(caption="Milo " * 100), "caption"),
+    ("caption past the model's token budget", dict(caption="Milo walks. " * 30), "caption"),
+    ("too many segments", dict(segments=26), "segments"),
+    ("negative segments", dict(segments=-1), "segments"),
+    ("not an image", dict(image=b"this is not a picture"), "start_image"),
+    ("truncated image", dict(image=png_bytes()[:40]), "start_image"),
+    ("decompression bomb", dict(image=_bomb()), "start_image"),
+    ("top_p", dict(top_p=1.5), "sampling.top_p"),
+    ("steps", dict(steps=1000), "rendering.steps"),
+    ("codes count", dict(story_so_far=[("Milo walks.", [1, 2])]), "story_so_far[0].visual_codes"),
+    ("codes range", dict(story_so_far=[("Milo walks.", "huge")]), "story_so_far[0].visual_codes"),
+]
+
+
+def _bad_request(tiny_ckpt, caption=OPENING, segments=2, image=None, story_so_far=(), **options):
+    q, k = read_manifest(tiny_ckpt).num_queries, read_manifest(tiny_ckpt).codebook_size
+    story_so_far = [(c, [k + 7] * q if codes == "huge" else codes) for c, codes in story_so_far]
+    return build_request(caption, segments, image, story_so_far=story_so_far, **options)
+
+
+@pytest.mark.parametrize("case,fields,field", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_gets_invalid_argument_naming_the_field(client, tiny_ckpt, case, fields, field):
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream(_bad_request(tiny_ckpt, **fields)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_after_a_burst_of_bad_input_nothing_leaked_and_the_service_still_serves(client, tiny_ckpt):
+    baseline = wait_idle()
+    threads = [threading.Thread(target=lambda f=f: _swallow(client, _bad_request(tiny_ckpt, **f)))
+               for _, f, _ in BAD * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = wait_idle()
+    assert after["blocks_in_use"] == baseline["blocks_in_use"]
+    assert after["running_stories"] == 0
+    assert client.generate(OPENING, 1, steps=2).complete
+
+
+def _swallow(client, request) -> None:
+    try:
+        list(client.stream(request))
+    except grpc.RpcError:
+        pass
+
+
+def test_a_missing_token_is_unauthenticated(story_service):
+    with StoryClient(story_service.target) as anonymous, pytest.raises(grpc.RpcError) as err:
+        list(anonymous.stream(build_request(OPENING, 1)))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- cancellation, deadlines, admission ----------------------------------------------------------
+def _first_events(call, n: int) -> list:
+    it = iter(call)
+    return [next(it) for _ in range(n)]
+
+
+def test_a_cancelled_story_frees_its_kv_blocks(client):
+    baseline = wait_idle()
+    call = client.stream(build_request(OPENING, 25, steps=2))
+    _first_events(call, 3)
+    assert kv_stats()["blocks_in_use"] > baseline["blocks_in_use"]  # the story holds blocks now
+    call.cancel()
+    after = wait_idle(30)
+    assert after["running_stories"] == 0 and after["blocks_in_use"] == baseline["blocks_in_use"]
+
+
+def test_a_deadline_gives_deadline_exceeded_and_frees_the_blocks(client):
+    baseline = wait_idle()
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream(build_request(OPENING, 25, steps=2), timeout=2.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = wait_idle(30)
+    assert after["running_stories"] == 0 and after["blocks_in_use"] == baseline["blocks_in_use"]
+
+
+def test_admission_refuses_stories_beyond_the_replica_limit(client, story_service):
+    limit = story_service.config["applications"][0]["args"]["max_stories_per_replica"]
+    calls = [client.stream(build_request(OPENING, 25, steps=2)) for _ in range(limit)]
+    try:
+        for call in calls:
+            _first_events(call, 1)  # admitted and running
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.stream(build_request(OPENING, 1)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit is 2" in err.value.details()
+    finally:
+        for call in calls:
+            call.cancel()
+    assert wait_idle(30)["running_stories"] == 0
+    assert client.generate(OPENING, 1, steps=2).complete  # admitted again once they are gone
+
+
+def test_a_story_object_rejects_events_out_of_order():
+    from cluster.api.story_pb2 import CaptionEvent, ImageEvent, StoryEvent
+
+    story = Story()
+    story.add(StoryEvent(caption=CaptionEvent(index=0, caption="a")))
+    with pytest.raises(ValueError):
+        story.add(StoryEvent(image=ImageEvent(index=1, png=b"x")))
+    with pytest.raises(ValueError):
+        story.add(StoryEvent(caption=CaptionEvent(index=2, caption="c")))
