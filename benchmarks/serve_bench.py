@@ -109,11 +109,15 @@ async def timed_story(client, caption: str, segments: int, steps: int, seed: int
 
     request = build_request(caption, segments, temperature=TEMPERATURE, top_p=TOP_P, seed=seed, steps=steps,
                             render_seed=seed)
-    story, seen = Story(), {}
+    story, seen, delivery = Story(), {}, []
     sent = time.time()
     async for ev in client.stream(request, timeout=900):
+        now, kind = time.time(), ev.WhichOneof("event")
         story.add(ev)
-        seen.setdefault(ev.WhichOneof("event"), time.time())
+        seen.setdefault(kind, now)
+        # What Serve + gRPC add to each event: from the stage finishing (server clock) to the client.
+        if kind in ("caption", "image"):
+            delivery.append(now - (ev.caption.written_at if kind == "caption" else ev.image.render_end))
     if not story.complete:
         raise RuntimeError(f"story {story.story_id} ended incomplete: {len(story.segments)} segments, "
                            f"stats {story.stats}")
@@ -123,7 +127,9 @@ async def timed_story(client, caption: str, segments: int, steps: int, seed: int
             "mllm_start": sent + story.stats["tokenize_s"],  # server clock = client clock: same machine
             "segments": [{"written_at": s.written_at, "codes_at": s.codes_at, "render_start": s.render_start,
                           "render_end": s.render_end} for s in story.segments],
-            "codes": [s.visual_codes for s in story.segments]}
+            "codes": [s.visual_codes for s in story.segments],
+            "delivery_ms_mean": 1000 * statistics.mean(delivery), "delivery_ms_p50": 1000 * statistics.median(delivery),
+            "delivery_ms_max": 1000 * max(delivery)}
 
 
 async def served_level(target: str, concurrency: int, segments: int, steps: int) -> dict:
@@ -290,7 +296,9 @@ def compare(served_runs: list[dict], bare_runs: list[dict], segments: int) -> di
             "served_tokens_per_s": s["output_tokens"] / s["mllm_s"],
             "bare_tokens_per_s": b["output_tokens"] / b["mllm_s"],
             # The same seeds should give the same story both ways: else the two do different work.
-            "same_codes": s["codes"] == b["codes"]}
+            "same_codes": s["codes"] == b["codes"],
+            # Per event, stage done (server) -> client: the served path's own latency, GIL effects aside.
+            "served_delivery_ms": {k: s[f"delivery_ms_{k}"] for k in ("mean", "p50", "max")}}
 
 
 def plot_timeline(runs: dict, path: Path) -> None:
@@ -351,7 +359,10 @@ def overhead_lines(cmp: dict) -> str:
             f"{cmp['bare_per_segment_s']:.2f}s per segment (goal <= {OVERHEAD_GOAL:.0f}%: {verdict(cmp['goal_met'])}); "
             f"same codes both ways: {cmp['same_codes']}\n"
             f"MLLM writing alone: served {cmp['served_mllm_s']:.2f}s ({cmp['served_tokens_per_s']:.0f} tok/s) vs "
-            f"bare {cmp['bare_mllm_s']:.2f}s ({cmp['bare_tokens_per_s']:.0f} tok/s)")
+            f"bare {cmp['bare_mllm_s']:.2f}s ({cmp['bare_tokens_per_s']:.0f} tok/s)\n"
+            f"served event delivery (stage done on the server -> client): mean "
+            f"{cmp['served_delivery_ms']['mean']:.1f} ms, p50 {cmp['served_delivery_ms']['p50']:.1f} ms, "
+            f"max {cmp['served_delivery_ms']['max']:.1f} ms")
 
 
 def main() -> None:
