@@ -33,7 +33,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image rejected as a decompression bomb: {e}") from e
     except Exception as e:  # PIL raises many types for bad bytes
-        raise ImageError(f"not a decodable image: {e}") from e
+        raise ImageError(f"not a decodable image ({type(e).__name__})") from e
     return img.convert("RGB")
 
 

@@ -256,13 +256,10 @@ def bare_story(engine, detok, tok, pool, segments: int, steps: int, guidance: fl
 
 def render(detok, codes: list[int], steps: int, guidance: float, seed: int) -> tuple[float, float, list[int]]:
     """The DetokenizerPool's work for one picture, PNG encoding included."""
-    import torch
-
     from actors.imageio import to_png
 
     start = time.time()
-    image = detok.render(torch.tensor([codes]), steps=steps, guidance=guidance,
-                         generator=[torch.Generator().manual_seed(seed)])[0]
+    image = detok.render_seeded([codes], [seed], steps, guidance)[0]
     to_png(image)
     return start, time.time(), codes
 

@@ -66,6 +66,13 @@ def _generate(a: argparse.Namespace) -> None:
     print(f"story written: {page}")
 
 
+def _k8s(a: argparse.Namespace) -> None:
+    from cluster.kube import write_manifests
+
+    for path in write_manifests(Path(a.out)):
+        print(f"wrote {path}")
+
+
 def _demo(a: argparse.Namespace) -> None:
     from cluster.demo import run_demo
 
@@ -119,6 +126,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
     g.add_argument("--temperature", type=float, default=0.8)
     g.set_defaults(func=_generate)
+
+    from cluster.bulk import parser as bulk_parser, run_cli as bulk_run
+
+    b = sub.add_parser("bulk", parents=[bulk_parser(add_help=False)], help="Parquet of prompts -> Parquet of "
+                       "stories, as a Ray Data job (also: python -m cluster.bulk under `ray job submit`)")
+    b.set_defaults(func=bulk_run)
+
+    k = sub.add_parser("k8s", help="write the KubeRay RayService/RayJob manifests from ray_config.yaml")
+    k.add_argument("--out", default=str(Path(__file__).resolve().parent / "k8s"))
+    k.set_defaults(func=_k8s)
 
     d = sub.add_parser("demo", help="start a local cluster and write a story with the embedded tiny model")
     d.add_argument("--segments", type=int, default=4)

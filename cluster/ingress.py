@@ -63,15 +63,22 @@ class StoryIngress:
                        "retry later", "refused")
         self.active += 1
         self.m_active.set(self.active)
-        outcome = "cancelled"
+        outcome = "cancelled"  # stays so if Serve cancels us (client gone, deadline)
         try:
             async for event in self._story(spec, uuid.uuid4().hex[:16], received, grpc_context):
                 yield event
             outcome = "ok"
+        except StoryError:
+            outcome = ""  # counted by _fail
+            raise
+        except Exception:
+            outcome = "error"
+            raise
         finally:
             self.active -= 1
             self.m_active.set(self.active)
-            self.m_stories.inc(tags={"outcome": outcome})
+            if outcome:
+                self.m_stories.inc(tags={"outcome": outcome})
 
     # -- checks ----------------------------------------------------------------------------
     def _authorize(self, ctx) -> None:

@@ -50,6 +50,4 @@ class DetokenizerPool:
         return [results[i] for i in range(len(jobs))]
 
     def _render(self, jobs: list[dict], steps: int, guidance: float) -> list:
-        codes = torch.tensor([job["codes"] for job in jobs])  # (B, Q)
-        generators = [torch.Generator().manual_seed(job["seed"]) for job in jobs]
-        return self.model.render(codes, steps=steps, guidance=guidance, generator=generators)
+        return self.model.render_seeded([job["codes"] for job in jobs], [job["seed"] for job in jobs], steps, guidance)

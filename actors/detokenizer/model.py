@@ -129,6 +129,12 @@ class Detokenizer:
             output_type="pil")
         return out.images
 
+    def render_seeded(self, codes: list[list[int]], seeds: list[int], steps: int = 20,
+                      guidance: float = 1.0) -> list:
+        """One picture per codes list, each from its own seed, so a picture doesn't depend on its batch."""
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return self.render(torch.tensor(codes), steps=steps, guidance=guidance, generator=generators)
+
     def save_pretrained(self, directory: str | Path, dtype: str = "float32") -> None:
         directory = Path(directory)
         torch_dtype = getattr(torch, dtype)

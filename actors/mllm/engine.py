@@ -143,7 +143,11 @@ class StoryEngine:
         """Convenience: write several stories to the end; returns {story_id: [SegmentEvent]}."""
         for sid, prompt in stories.items():
             self.submit(sid, prompt, segments, sampling)
-        result: dict[str, list[SegmentEvent]] = {sid: [] for sid in stories}
+        return self.drain()
+
+    def drain(self) -> dict[str, list[SegmentEvent]]:
+        """Step until every submitted story has ended; returns {story_id: [SegmentEvent]}."""
+        result: dict[str, list[SegmentEvent]] = {sid: [] for sid in self.stories}
         while self.has_work():
             for ev in self.step():
                 if isinstance(ev, SegmentEvent):

@@ -1,0 +1,312 @@
+"""Bulk offline generation: a Ray Data pipeline from a Parquet of prompts to a Parquet of stories.
+
+    python -m cluster.bulk --prompts prompts.parquet --out DIR [--segments N] [--gallery]
+    ray job submit --working-dir . -- python -m cluster.bulk --prompts … --out …
+
+    1. read the prompts (columns: caption, optional image bytes, optional story_id, optional seed)
+    2. skip the stories OUT already holds (exactly once: re-running resumes)
+    3. tokenizer actors: caption (+ image) -> prompt ids; bad rows carry their reason on
+    4. MLLM actors (vLLM + sink): a batch of stories written together, continuous batching
+    5. de-tokenizer actors: every picture of the batch -> PNG
+    6. commit: each batch of whole stories becomes one Parquet file, written to a temporary name
+       and renamed into place, so a file is whole or absent; bad rows go to the errors table
+
+A job killed midway loses only the batches in flight; the rerun skips every committed story.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.mllm.sink import SinkSettings
+
+SEGMENTS = pa.schema([("story_id", pa.string()), ("segment", pa.int32()), ("caption", pa.string()),
+                      ("png", pa.binary()), ("visual_codes", pa.list_(pa.int32())), ("opening", pa.string())])
+ERRORS = pa.schema([("story_id", pa.string()), ("caption", pa.string()), ("reason", pa.string())])
+
+
+@dataclass(frozen=True)
+class BulkConfig:
+    prompts: str
+    out: str
+    checkpoint: str
+    segments: int = 10
+    steps: int = 20
+    guidance: float = 1.0
+    temperature: float = 0.8
+    top_p: float = 0.95
+    stories_per_batch: int = 8      # stories one MLLM actor writes together
+    mllm_actors: int = 1
+    render_actors: int = 1
+    sink: SinkSettings = field(default_factory=SinkSettings)
+
+    def __post_init__(self) -> None:
+        if self.segments < 1 or self.stories_per_batch < 1 or self.mllm_actors < 1 or self.render_actors < 1:
+            raise ValueError("segments, stories_per_batch, mllm_actors and render_actors must be >= 1")
+
+
+# -- 1-2. prompts, and what is already done ----------------------------------------------------
+def with_story_ids(batch):
+    """A prompt's story id: its own column if given, else a hash of its content, so reruns agree."""
+    n = len(batch)
+    given = batch["story_id"] if "story_id" in batch.columns else [None] * n
+    images = batch["image"] if "image" in batch.columns else [None] * n
+    batch["story_id"] = [sid if isinstance(sid, str) and sid else _digest(f"{_text(cap)}\0".encode() + _bytes(img))[:16]
+                         for sid, cap, img in zip(given, batch["caption"], images)]
+    return batch
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _bytes(value) -> bytes:
+    """A Parquet binary cell as bytes (pandas gives None or NA for a missing one)."""
+    return value if isinstance(value, bytes) else b""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def _seed(text: str) -> int:
+    """A stable 48-bit seed from a name: a story samples and renders the same in every run and batch."""
+    return int(_digest(text.encode())[:12], 16)
+
+
+def done_story_ids(out: Path) -> set[str]:
+    """Story ids in committed files (stories and errors alike); half-written temporaries are removed."""
+    ids: set[str] = set()
+    for table in ("segments", "errors"):
+        folder = out / table
+        for tmp in folder.glob(".tmp-*"):
+            tmp.unlink()  # a commit that never reached its rename
+        for part in sorted(folder.glob("part-*.parquet")):
+            ids.update(pq.read_table(part, columns=["story_id"]).column("story_id").to_pylist())
+    return ids
+
+
+# -- 3-5. the actor stages --------------------------------------------------------------------------
+class Tokenize:
+    def __init__(self, checkpoint: str):
+        from actors.tokenizer.prompts import PromptBuilder
+
+        self.builder = PromptBuilder(checkpoint)
+
+    def __call__(self, batch):
+        from actors.tokenizer.prompts import InputError
+
+        captions = [_text(c).strip() for c in batch["caption"]]
+        images = list(batch["image"]) if "image" in batch.columns else [None] * len(batch)
+        has_image = [len(_bytes(i)) > 0 for i in images]
+        codes = iter(self.builder.image_codes([i for i, ok in zip(images, has_image) if ok]))
+        prompts, errors = [], []
+        for caption, ids, ok in zip(captions, self.builder.caption_ids(captions), has_image):
+            image_codes = next(codes) if ok else None  # consumed in row order, whatever happens below
+            try:
+                if not caption:
+                    raise InputError("caption", "is missing or empty")
+                if isinstance(image_codes, InputError):
+                    raise image_codes
+                prompts.append(self.builder.prompt(self.builder.check_caption(ids, "caption"), image_codes))
+                errors.append("")
+            except InputError as e:
+                prompts.append([])
+                errors.append(str(e))
+        batch["caption"], batch["prompt_ids"], batch["error"] = captions, prompts, errors
+        return batch.drop(columns=[c for c in ("image",) if c in batch.columns])
+
+
+class Write:
+    def __init__(self, checkpoint: str, sink: dict, segments: int, temperature: float, top_p: float):
+        from actors.checkpoint import part_dir
+        from actors.mllm.engine import EngineConfig, StoryEngine
+        from actors.tokenizer.text import load_text_tokenizer
+
+        self.engine = StoryEngine(EngineConfig(checkpoint, SinkSettings(**sink), max_segments=segments + 1))
+        self.text = load_text_tokenizer(part_dir(checkpoint, "tokenizer"))
+        self.segments, self.temperature, self.top_p = segments, temperature, top_p
+
+    def __call__(self, batch):
+        from actors.mllm.engine import Sampling
+
+        seeds = batch["seed"] if "seed" in batch.columns else [_seed(sid) for sid in batch["story_id"]]
+        for sid, prompt, error, seed in zip(batch["story_id"], batch["prompt_ids"], batch["error"], seeds):
+            if not error:
+                self.engine.submit(sid, list(prompt), self.segments, Sampling(self.temperature, self.top_p, int(seed)))
+        written = self.engine.drain()
+        captions, codes = [], []
+        for sid, opening in zip(batch["story_id"], batch["caption"]):
+            events = written.get(sid, [])
+            # An empty caption is the prompt's own: the opening's picture comes first.
+            captions.append([self.text.decode(ev.caption_ids).strip() if ev.caption_ids else opening
+                             for ev in events])
+            codes.append([ev.codes for ev in events])
+        batch["captions"], batch["codes"] = captions, codes
+        return batch.drop(columns=["prompt_ids"])
+
+    def __del__(self):
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
+
+class Render:
+    def __init__(self, checkpoint: str, steps: int, guidance: float):
+        from actors.checkpoint import part_dir
+        from actors.detokenizer.model import Detokenizer
+
+        self.model = Detokenizer.from_pretrained(part_dir(checkpoint, "detokenizer"))
+        self.steps, self.guidance = steps, guidance
+
+    def __call__(self, batch):
+        from actors.imageio import to_png
+
+        jobs = [(row, k, c) for row, story in enumerate(batch["codes"]) for k, c in enumerate(story)]
+        seeds = [_seed(f"{batch['story_id'].iloc[row]}/{k}") for row, k, _ in jobs]
+        images = self.model.render_seeded([c for _, _, c in jobs], seeds, self.steps, self.guidance) if jobs else []
+        pngs = [[] for _ in range(len(batch))]
+        for (row, _, _), img in zip(jobs, images):
+            pngs[row].append(to_png(img))
+        batch["pngs"] = pngs
+        return batch
+
+
+# -- 6. commit ------------------------------------------------------------------------------------
+def commit(batch, out: str, segments: int):
+    """Whole stories -> one segments file; bad rows -> one errors file. Returns what it wrote."""
+    ok = batch[batch["error"] == ""]
+    bad = batch[batch["error"] != ""]
+    short = ok[[len(c) != segments for c in ok["captions"]]]
+    if len(short):  # the engine ended a story early: a bug, never a silent partial story
+        raise RuntimeError(f"stories {list(short['story_id'])} have fewer than {segments} segments")
+    rows = [{"story_id": sid, "segment": k, "caption": cap, "png": png, "visual_codes": codes, "opening": opening}
+            for sid, opening, caps, pngs, all_codes in zip(ok["story_id"], ok["caption"], ok["captions"],
+                                                            ok["pngs"], ok["codes"])
+            for k, (cap, png, codes) in enumerate(zip(caps, pngs, all_codes))]
+    _atomic_write(Path(out) / "segments", pa.Table.from_pylist(rows, schema=SEGMENTS))
+    errors = [{"story_id": s, "caption": c, "reason": r} for s, c, r in zip(bad["story_id"], bad["caption"], bad["error"])]
+    _atomic_write(Path(out) / "errors", pa.Table.from_pylist(errors, schema=ERRORS))
+    import pandas as pd
+
+    return pd.DataFrame({"stories": [len(ok)], "errors": [len(bad)]})
+
+
+def _atomic_write(folder: Path, table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    tmp = folder / f".tmp-{name}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, folder / name)  # atomic on one filesystem: readers see the whole file or none
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+def run_bulk(c: BulkConfig) -> dict:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    out = Path(c.out)
+    done = done_story_ids(out)
+    t0 = time.time()
+    light = {"num_cpus": 0.1}  # ids, filtering, committing: let the model actors have the cores
+    # The driver reads the prompts (one small row each): read_parquet's file listing wants a whole
+    # CPU, which the actor pools hold on a small machine.
+    ds = ray.data.from_arrow(pq.read_table(c.prompts)).map_batches(with_story_ids, batch_format="pandas", **light)
+    if done:
+        ds = ds.filter(lambda row: row["story_id"] not in done, **light)
+    ds = (ds.map_batches(Tokenize, fn_constructor_args=(c.checkpoint,), batch_size=c.stories_per_batch,
+                         batch_format="pandas", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+          .map_batches(Write, fn_constructor_args=(c.checkpoint, asdict(c.sink), c.segments, c.temperature, c.top_p),
+                       batch_size=c.stories_per_batch, batch_format="pandas",
+                       compute=ActorPoolStrategy(size=c.mllm_actors), num_cpus=1)
+          .map_batches(Render, fn_constructor_args=(c.checkpoint, c.steps, c.guidance),
+                       batch_size=c.stories_per_batch, batch_format="pandas",
+                       compute=ActorPoolStrategy(size=c.render_actors), num_cpus=0.5)
+          .map_batches(commit, fn_kwargs={"out": str(out), "segments": c.segments}, batch_size=c.stories_per_batch,
+                       batch_format="pandas", **light))
+    written = ds.to_pandas()
+    return {"skipped": len(done), "stories": int(written["stories"].sum()) if len(written) else 0,
+            "errors": int(written["errors"].sum()) if len(written) else 0, "seconds": time.time() - t0}
+
+
+def read_stories(out: str | Path) -> pa.Table:
+    """Every committed segment row, sorted by story and segment."""
+    parts = sorted((Path(out) / "segments").glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SEGMENTS.empty_table()
+    return table.sort_by([("story_id", "ascending"), ("segment", "ascending")])
+
+
+def read_errors(out: str | Path) -> pa.Table:
+    parts = sorted((Path(out) / "errors").glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else ERRORS.empty_table()
+
+
+def write_gallery(out: Path, limit: int = 50) -> Path:
+    """gallery/<story_id>/story.html for up to ``limit`` stories, and gallery.html linking them."""
+    import html
+
+    from cluster.client import Story, StorySegment, write_story
+
+    stories: dict[str, Story] = {}
+    for row in read_stories(out).to_pylist():
+        story = stories.setdefault(row["story_id"], Story(story_id=row["story_id"]))
+        story.segments.append(StorySegment(row["segment"], row["caption"], row["png"], row["visual_codes"]))
+    links = []
+    for sid, story in list(stories.items())[:limit]:
+        write_story(out / "gallery" / sid, story)
+        links.append(f"<li><a href='gallery/{sid}/story.html'>{html.escape(story.segments[0].caption)}</a></li>")
+    page = out / "gallery.html"
+    page.write_text(f"<!doctype html><meta charset=utf-8><title>seedstory bulk</title><h1>{len(stories)} stories"
+                    f"</h1><ul>{''.join(links)}</ul>\n")
+    return page
+
+
+def parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seedstory bulk", description="Parquet of prompts -> Parquet of stories.",
+                                add_help=add_help)
+    p.add_argument("--prompts", required=True, help="Parquet with a caption column (+ image, story_id, seed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--segments", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--stories-per-batch", type=int, default=8)
+    p.add_argument("--mllm-actors", type=int, default=1)
+    p.add_argument("--render-actors", type=int, default=1)
+    p.add_argument("--gallery", action="store_true", help="also write gallery.html")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(parser().parse_args(argv))
+
+
+def run_cli(a: argparse.Namespace) -> None:
+    import ray
+
+    from cluster.demo import ensure_checkpoint
+
+    out = Path(a.out)
+    ckpt = ensure_checkpoint(Path(a.ckpt) if a.ckpt else None, out)
+    config = BulkConfig(a.prompts, str(out), str(ckpt.resolve()), a.segments, a.steps,
+                        stories_per_batch=a.stories_per_batch, mllm_actors=a.mllm_actors,
+                        render_actors=a.render_actors)
+    ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS under `ray job submit`
+    summary = run_bulk(config)
+    print(f"bulk: {summary['stories']} stories written, {summary['errors']} bad rows, {summary['skipped']} "
+          f"already done, in {summary['seconds']:.1f}s -> {out / 'segments'}")
+    if a.gallery:
+        print(f"gallery: {write_gallery(out)}")
+
+
+if __name__ == "__main__":
+    main()
