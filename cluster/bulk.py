@@ -84,7 +84,8 @@ def _seed(text: str) -> int:
 
 
 def done_story_ids(out: Path) -> set[str]:
-    """Story ids in committed files (stories and errors alike); half-written temporaries are removed."""
+    """Story ids in committed files (stories and errors alike); half-written temporaries are removed
+    (one job writes into a folder at a time)."""
     ids: set[str] = set()
     for table in ("segments", "errors"):
         folder = out / table
@@ -221,7 +222,10 @@ def run_bulk(c: BulkConfig) -> dict:
     light = {"num_cpus": 0.1}  # ids, filtering, committing: let the model actors have the cores
     # The driver reads the prompts (one small row each): read_parquet's file listing wants a whole
     # CPU, which the actor pools hold on a small machine.
-    ds = ray.data.from_arrow(pq.read_table(c.prompts)).map_batches(with_story_ids, batch_format="pandas", **light)
+    prompts = pq.read_table(c.prompts)
+    if "caption" not in prompts.column_names:
+        raise ValueError(f"{c.prompts} has no 'caption' column (columns: {prompts.column_names})")
+    ds = ray.data.from_arrow(prompts).map_batches(with_story_ids, batch_format="pandas", **light)
     if done:
         ds = ds.filter(lambda row: row["story_id"] not in done, **light)
     ds = (ds.map_batches(Tokenize, fn_constructor_args=(c.checkpoint,), batch_size=c.stories_per_batch,
