@@ -83,7 +83,7 @@ def start_served(ckpt: Path, a: argparse.Namespace) -> tuple[str, dict]:
     """Local Ray + the app from ray_config.yaml on the benchmark's ports; returns (gRPC target, config)."""
     import ray
 
-    from cluster.serving import deploy, grpc_target, load_config, with_args
+    from cluster.serving import deploy, grpc_target, load_config, with_args, with_ports
 
     config = load_config()
     args = config["applications"][0]["args"]
@@ -92,7 +92,7 @@ def start_served(ckpt: Path, a: argparse.Namespace) -> tuple[str, dict]:
     config = with_args(config, checkpoint=str(ckpt.resolve()),
                        max_stories_per_replica=max(most, args["max_stories_per_replica"]),
                        engine_max_stories=max(most, args["engine_max_stories"]))
-    config["grpc_options"]["port"], config["http_options"]["port"] = a.grpc_port, a.http_port
+    config = with_ports(config, a.grpc_port, a.http_port)
     session = ray.init(include_dashboard=False, log_to_driver=False).address_info["session_dir"]
     t0 = time.time()
     deploy(config)

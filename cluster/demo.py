@@ -33,11 +33,9 @@ def start_cluster(ckpt: Path, grpc_port: int | None = None, http_port: int | Non
     """A new local Ray + the Serve app from ray_config.yaml on this checkpoint; returns the config used."""
     import ray
 
-    from cluster.serving import deploy, load_config, with_args
+    from cluster.serving import deploy, load_config, with_args, with_ports
 
-    config = with_args(load_config(), checkpoint=str(ckpt.resolve()))
-    config["grpc_options"]["port"] = grpc_port or config["grpc_options"]["port"]
-    config["http_options"]["port"] = http_port or config["http_options"]["port"]
+    config = with_ports(with_args(load_config(), checkpoint=str(ckpt.resolve())), grpc_port, http_port)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     deploy(config)
     return config

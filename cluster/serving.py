@@ -29,6 +29,14 @@ def with_args(config: dict, **args) -> dict:
     return config
 
 
+def with_ports(config: dict, grpc: int | None = None, http: int | None = None) -> dict:
+    """A copy of the config on other gRPC/HTTP ports (None keeps the config's)."""
+    config = copy.deepcopy(config)
+    config["grpc_options"]["port"] = grpc or config["grpc_options"]["port"]
+    config["http_options"]["port"] = http or config["http_options"]["port"]
+    return config
+
+
 def with_deployment(config: dict, name: str, **options) -> dict:
     """A copy of the config with these options on one deployment (e.g. num_replicas=1)."""
     config = copy.deepcopy(config)

@@ -34,7 +34,7 @@ class TokenizerPool:
         except InputError as e:
             return {"error": {"field": e.field, "message": e.message}}
         earlier = [(ids, s["visual_codes"]) for ids, s in zip(captions, story_so_far)]
-        return {"prompt_ids": self.builder.prompt(captions[-1], codes, earlier), "start_codes": codes}
+        return {"prompt_ids": self.builder.prompt(captions[-1], codes, earlier)}
 
     async def _caption(self, caption: str, field: str) -> list[int]:
         return self.builder.check_caption(await self.encode_caption(caption), field)
