@@ -13,6 +13,8 @@ Each pool loads only its own part; everything loads from the path alone.
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,23 @@ def load_module(module_cls, config_cls, directory: str | Path, dtype: str = "flo
     state = load_file(str(directory / "model.safetensors"))
     module.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()})
     return module.to(getattr(torch, dtype)).eval()
+
+
+@contextmanager
+def write_atomically(target: str | Path):
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` whole,
+    so a checkpoint part is either the old one or the new one, never half of each."""
+    target = Path(target)
+    tmp, old = target.with_name(target.name + ".partial"), target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -81,6 +81,31 @@ def _demo(a: argparse.Namespace) -> None:
     print(f"story written: {page}")
 
 
+def _train(a: argparse.Namespace) -> None:
+    import shlex
+
+    import ray
+
+    from training.train import train
+
+    ray.init(address=a.address, include_dashboard=False)
+    t0 = time.time()
+    summary = train(a.preset, a.data, a.out, stages=a.stages.split(","), workers=a.workers, gpu=a.gpu,
+                    cpus_per_worker=a.cpus_per_worker, threads=a.threads, steps=a.steps, batch_size=a.batch_size,
+                    seed=a.seed, command=shlex.join(["seedstory", *sys.argv[1:]]))
+    print(f"trained {a.out} in {time.time() - t0:.0f}s; per stage: "
+          + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary["stages"].items()))
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from training.evaluate import EvalSettings, run_eval
+
+    settings = EvalSettings(stories=a.stories, segments=a.segments, modes=tuple(a.modes.split(",")),
+                            steps=a.steps, seed=a.seed)
+    table = run_eval(Path(a.ckpt), Path(a.heldout), Path(a.out), settings, card=a.card)
+    print(table)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seedstory", description="Long multimodal story generation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +171,33 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--grpc-port", type=int, help="default: ray_config.yaml's (9000)")
     d.add_argument("--http-port", type=int, help="default: ray_config.yaml's (8000)")
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a checkpoint with Ray Train (visual tokenizer, VAE, de-tokenizer, MLLM)")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--data", required=True, help="StoryStream Parquet windows (seedstory data convert)")
+    t.add_argument("--out", required=True, help="checkpoint folder; run state goes to OUT.runs/")
+    t.add_argument("--stages", default="visual,vae,detokenizer,mllm")
+    t.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument("--threads", type=int, help="torch threads per worker (default: its whole CPUs)")
+    t.add_argument("--steps", type=int, help="override every stage's steps (short runs)")
+    t.add_argument("--batch-size", type=int, help="override every stage's per-worker batch size")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a new local one)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="long stories under each sink mode: the paper's Table 2 on StoryWorld")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--heldout", required=True, help="a StoryWorld folder the model never saw (seedstory data storyworld)")
+    e.add_argument("--out", required=True, help="folder for table.md, results.json and the plot")
+    e.add_argument("--stories", type=int, default=50)
+    e.add_argument("--segments", type=int, default=25)
+    e.add_argument("--modes", default="dense,window,streaming,multimodal")
+    e.add_argument("--steps", type=int, default=10, help="denoising steps per picture")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--card", action="store_true", help="also write the table into the checkpoint's model card")
+    e.set_defaults(func=_eval)
     return p
 
 

@@ -71,15 +71,15 @@ def test_app_args_are_checked_once():
         AppSettings.from_args({"checkpoint": "x", "sink": {"mode": "sideways"}})
 
 
-def test_the_demo_serves_and_writes_a_story_a_person_can_open(tiny_ckpt, tmp_path):
-    """The README's main job as a user runs it: a new local cluster, gRPC, files on disk."""
+def test_the_demo_serves_and_writes_a_story_a_person_can_open(tmp_path):
+    """The README's main job as a user runs it, on the embedded model: a new local cluster, gRPC, files on disk."""
     import subprocess
     import sys
 
     opening = "Once upon a time, Kip the green triangle jumps in the forest."
     out = tmp_path / "story"
     # Own ports: the session's shared Serve app holds 9000/8000.
-    subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--ckpt", str(tiny_ckpt), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--out", str(out),
                     "--segments", "2", "--prompt", opening, "--grpc-port", "9301", "--http-port", "8301"],
                    check=True, cwd=ROOT, timeout=600)
     page = out / "story.html"

@@ -72,13 +72,13 @@ def _write_shard(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
 
 
-def read_table(path: str | Path) -> pa.Table:
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All windows in a folder (or one file) as one Arrow table, in shard order."""
     path = Path(path)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no Parquet shards in {path}")
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMA, columns=columns) for f in files])
 
 
 def read_dataset(path: str | Path):
@@ -176,4 +176,14 @@ def convert(jsonl: str | Path, images: str | Path, out: str | Path, window: int 
             yield from convert_story(story, subset, window, _ImageCache(Path(images), image_size, summary), summary)
 
     write_shards(rows(), out, subset)
+    write_provenance(out, jsonl, images, window, image_size, summary)
     return summary
+
+
+def write_provenance(out: Path, jsonl: Path, images, window: int, image_size: int, summary: ConvertSummary) -> None:
+    """Where the windows came from (and, for StoryWorld, its seed): model cards cite this."""
+    meta = jsonl.with_name("storyworld.json")
+    record = {"jsonl": str(jsonl.resolve()), "images": str(Path(images).resolve()), "window": window,
+              "image_size": image_size, "summary": summary.lines(),
+              "storyworld": json.loads(meta.read_text()) if meta.is_file() else None}
+    (Path(out) / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")

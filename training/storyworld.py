@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,6 +85,29 @@ def caption(seg: Segment, index: int, rng: random.Random) -> str:
     opener = rng.choice(OPENERS)
     text = f"{opener}{who} {verb} in the {seg.place}."
     return text[0].upper() + text[1:]
+
+
+_CAPTION = re.compile(
+    r"^(?:Once upon a time, |Then |Later, |Soon |After that, |Suddenly )?"
+    r"(?P<hero>[A-Z][a-z]+) the (?P<colour>[a-z]+) (?P<shape>[a-z]+)(?: and (?P<other>[A-Z][a-z]+))? "
+    r"(?P<verb>[a-z ]+?) in the (?P<place>[a-z ]+)\.$")
+
+
+def parse_caption(text: str) -> Segment | None:
+    """The segment a caption describes, if the caption is a sentence of the StoryWorld grammar
+    (the hero's colour and shape as the world has them, a verb agreeing with the number of
+    characters, a known place); otherwise None. The inverse of ``caption``."""
+    m = _CAPTION.match(text.strip())
+    if not m or m["hero"] not in _BY_NAME or m["place"] not in _PLACE_BY_NAME:
+        return None
+    hero = _BY_NAME[m["hero"]]
+    if (m["colour"], m["shape"]) != (hero.colour_name, hero.shape):
+        return None
+    others = (m["other"],) if m["other"] else ()
+    if others and (others[0] not in _BY_NAME or others[0] == hero.name):
+        return None
+    action = next((a for a, v in ACTIONS.items() if v[1 if others else 0] == m["verb"]), None)
+    return Segment(hero.name, others, m["place"], action) if action else None
 
 
 def plan_story(rng: random.Random, segments: int) -> list[Segment]:
@@ -156,6 +180,10 @@ def write_storyworld(out: str | Path, stories: int, segments: int = 30, seed: in
             caps = [caption(seg, k, rng) for k, seg in enumerate(plan)]
             fj.write(json.dumps({"id": sid, "images": rel, "captions": caps, "orders": list(range(segments))}) + "\n")
             ft.write(json.dumps({"id": sid, "hero": plan[0].hero, "segments": [asdict(s) for s in plan]}) + "\n")
+    meta = {"stories": stories, "segments": segments, "seed": seed, "size": size,
+            "command": f"seedstory data storyworld --stories {stories} --segments {segments} --seed {seed} "
+                       f"--size {size} --out {out}"}
+    (out / "storyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
     return jsonl
 
 

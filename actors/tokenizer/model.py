@@ -51,12 +51,21 @@ class VisualTokenizer(nn.Module):
         self.decoder = _cross_stack(w, c.heads, c.decoder_depth)
         self.to_pixels = nn.Linear(w, 3 * p * p)
 
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs per patch: (B, N, w)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, w)
+        return self.encoder(x)
+
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         """Continuous resampler outputs, normalised: (B, Q, D)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, w)
-        x = self.encoder(x)
+        x = self.patches(images)
         q = self.resampler(self.queries.expand(len(images), -1, -1), x)  # (B, Q, w)
         return F.normalize(self.to_code(q), dim=-1)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """One vector per image, the mean encoder output (B, w): the space evaluation's Fréchet distance uses."""
+        return self.patches(images).mean(1)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codebook entry per token: (codes (B, Q), straight-through vectors (B, Q, D))."""

@@ -1,0 +1,215 @@
+"""Training: every stage under Ray Train with 2 CPU workers, kill + resume, export into the
+checkpoint layout that vLLM and the pools load, the eval, and the committed default model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.checkpoint import part_dir, read_manifest
+from actors.config import TINY
+from training.evaluate import EvalSettings, frechet, judge
+from training.loop import StageSpec, lr_at
+from training.storyworld import Segment, draw_segment
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "checkpoints" / "tiny"
+WORKERS = dict(workers=2, cpus_per_worker=0.5)  # DESIGN.md §4: 1 CPU per worker hangs on 2 cores
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+WEIGHTS = {"visual": "visual_tokenizer/model.safetensors", "vae": "detokenizer/vae/diffusion_pytorch_model.safetensors",
+           "detokenizer": "detokenizer/unet/diffusion_pytorch_model.safetensors", "mllm": "mllm/model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def stream(storyworld, tmp_path_factory):
+    from training.storystream import convert
+
+    out = tmp_path_factory.mktemp("stream")
+    convert(storyworld / "storyworld.jsonl", storyworld / "images", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, stream, tmp_path_factory):
+    """A tiny checkpoint after 2 steps of every stage, 2 workers each; plus the weight digests before."""
+    from training.init_checkpoint import init_checkpoint
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("train") / "ckpt"
+    init_checkpoint(TINY, out, seed=0)
+    before = {stage: digest(out / rel) for stage, rel in WEIGHTS.items()}
+    summary = train("tiny", stream, out, steps=2, batch_size=4, **WORKERS)
+    return out, before, summary
+
+
+def test_every_stage_trains_with_two_workers_and_exports(trained):
+    out, before, summary = trained
+    assert list(summary["stages"]) == ["visual", "vae", "detokenizer", "mllm"]
+    for stage, s in summary["stages"].items():
+        assert s["steps"] == 2 and s["metrics"]["step"] == 2
+        assert np.isfinite(s["metrics"]["loss"]), stage
+        assert digest(out / WEIGHTS[stage]) != before[stage], f"{stage} did not write its part"
+        assert any((out.parent / "ckpt.runs" / stage).glob("checkpoint_*")), f"{stage}: no Ray Train checkpoint"
+    # The VAE's measured latent scale reaches both its diffusers config and the manifest.
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(part_dir(out, "detokenizer") / "vae")
+    assert vae.config.scaling_factor == read_manifest(out).preset.detokenizer.vae_scaling_factor != 2.0
+    assert (out / "training.json").is_file()
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.old"))
+
+
+def test_mllm_windows_are_pretokenized_with_the_loss_after_the_opening(trained):
+    import pyarrow.parquet as pq
+
+    out, _, _ = trained
+    t = read_manifest(out).tokens
+    table = pq.read_table(out.parent / "ckpt.runs" / "tokens")
+    assert table.num_rows == 18  # 6 stories x 3 windows of 10
+    ids = [int(x) for x in table.column("input_ids")[0].as_py()]
+    start = table.column("loss_from")[0].as_py()
+    assert ids[0] == t.bos and ids[start] == t.boi and t.boi not in ids[:start]
+    assert ids.count(t.boi) == ids.count(t.eoi) == 10
+    assert sum(t.is_visual(x) for x in ids) == 10 * TINY.num_queries
+
+
+def test_exported_checkpoint_loads_in_vllm_and_renders(trained):
+    from actors.detokenizer.model import Detokenizer
+    from actors.mllm.engine import EngineConfig, StoryEngine
+    from actors.tokenizer.prompts import PromptBuilder
+
+    out, _, _ = trained
+    builder = PromptBuilder(str(out))
+    prompt = builder.prompt(builder.caption_ids(["Once upon a time, Kip the green triangle runs in the city."])[0],
+                            None)
+    engine = StoryEngine(EngineConfig(str(out), max_stories=1, max_segments=4))
+    try:
+        events = engine.run({"s": prompt}, segments=2)["s"]
+    finally:
+        engine.shutdown()
+    assert [len(e.codes) for e in events] == [TINY.num_queries] * 2
+    pictures = Detokenizer.from_pretrained(part_dir(out, "detokenizer")).render_seeded([events[0].codes], [0],
+                                                                                        steps=2)
+    assert pictures[0].size == (TINY.image_size, TINY.image_size)
+
+
+def test_a_finished_stage_is_skipped_on_rerun(trained, stream):
+    from training.train import train
+
+    out, _, _ = trained
+    stamp = digest(out / WEIGHTS["visual"])
+    summary = train("tiny", stream, out, stages=["visual"], steps=2, batch_size=4, **WORKERS)
+    assert summary["stages"]["visual"]["steps"] == 2
+    assert digest(out / WEIGHTS["visual"]) == stamp
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_path):
+    """SIGKILL the `seedstory train` driver after its first checkpoint; the rerun continues the step count."""
+    import ray
+
+    from training.train import train
+
+    out, steps = tmp_path / "ckpt", 300
+    runs = tmp_path / "ckpt.runs" / "visual"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--data", str(stream), "--out", str(out), "--stages",
+           "visual", "--steps", str(steps), "--batch-size", "4", "--workers", "2", "--cpus-per-worker", "0.5"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list(runs.glob("checkpoint_*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "training.json").exists()  # the killed run never exported
+    kept = sorted(runs.glob("checkpoint_*"))
+    summary = train("tiny", stream, out, stages=["visual"], steps=steps, batch_size=4, **WORKERS)
+    metrics = summary["stages"]["visual"]["metrics"]
+    assert metrics["step"] == steps
+    assert 0 < metrics["start_step"] < steps and metrics["start_step"] % 100 == 0  # a checkpoint's step
+    assert len(kept) >= 1
+
+
+def test_learning_rate_warms_up_then_decays():
+    spec = StageSpec(stage="mllm", ckpt="x", steps=100, batch_size=1, lr=1.0, warmup=10)
+    assert lr_at(spec, 0) == pytest.approx(0.1) and lr_at(spec, 9) == pytest.approx(1.0)
+    assert lr_at(spec, 55) < lr_at(spec, 20) and lr_at(spec, 100) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown stage"):
+        StageSpec(stage="vit", ckpt="x", steps=1, batch_size=1, lr=1.0)
+
+
+def test_judge_uses_the_ground_truth_renderer():
+    seg = Segment("Zara", ("Milo",), "desert", "jump")
+    text = "Then Zara the yellow diamond and Milo jump in the desert."
+    truth = np.asarray(draw_segment(seg, 64))
+    assert judge(text, truth, "Zara") == {"valid": 1.0, "hero": 1.0, "place": 1.0}
+    # The right caption over a picture of another hero, or in another place, fails that check only.
+    assert judge(text, np.asarray(draw_segment(Segment("Bea", ("Milo",), "desert", "jump"), 64)), "Zara")["hero"] == 0
+    assert judge(text, np.asarray(draw_segment(Segment("Zara", ("Milo",), "beach", "jump"), 64)), "Zara") == \
+        {"valid": 1.0, "hero": 1.0, "place": 0.0}
+    assert judge("Zara the red diamond jumps in the desert.", truth, "Zara")["valid"] == 0  # wrong colour
+    assert judge("Then Bea the blue square jumps in the desert.", truth, "Zara")["hero"] == 0  # another hero named
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    assert frechet(a, a) == pytest.approx(0, abs=1e-6)
+    assert frechet(a, b) < 0.5 < frechet(a, b + 1.0) == pytest.approx(8, rel=0.2)
+
+
+def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
+    from training.evaluate import run_eval
+
+    out, _, _ = trained
+    table = run_eval(out, storyworld, tmp_path / "eval", EvalSettings(stories=2, segments=3,
+                                                                      modes=("window", "multimodal"), steps=2))
+    rows = [line for line in table.splitlines() if line.startswith("| window") or line.startswith("| multimodal")]
+    assert len(rows) == 2
+    assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000
+    import json
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for mode in results["modes"]:
+        assert mode["summary"]["complete_stories"] == 2 and mode["summary"]["peak_kv_mib"] > 0
+        assert len(mode["per_segment"]["hero"]) == 3
+
+
+@pytest.mark.skipif(not (EMBEDDED / "manifest.json").is_file(), reason="no embedded checkpoint")
+def test_embedded_model_is_small_and_tells_a_consistent_story():
+    from actors.detokenizer.model import Detokenizer
+    from actors.mllm.engine import EngineConfig, StoryEngine
+    from actors.tokenizer.prompts import PromptBuilder
+
+    size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
+    assert size <= 40e6 and read_manifest(EMBEDDED).dtype == "float16"
+    assert "## Evaluation" in (EMBEDDED / "README.md").read_text()
+    opening = "Once upon a time, Bea the blue square walks in the forest."
+    builder = PromptBuilder(str(EMBEDDED))
+    engine = StoryEngine(EngineConfig(str(EMBEDDED), max_stories=1, max_segments=6))
+    try:
+        events = engine.run({"s": builder.prompt(builder.caption_ids([opening])[0], None)}, segments=5)["s"]
+    finally:
+        engine.shutdown()
+    pictures = Detokenizer.from_pretrained(part_dir(EMBEDDED, "detokenizer")).render_seeded(
+        [e.codes for e in events], list(range(5)), steps=10)
+    captions = [opening] + [builder.text.decode(e.caption_ids) for e in events[1:]]
+    verdicts = [judge(c, np.asarray(p), "Bea") for c, p in zip(captions, pictures)]
+    assert len(verdicts) == 5
+    assert all(v["hero"] == 1.0 for v in verdicts), list(zip(captions, verdicts))

@@ -1,0 +1,80 @@
+"""Stage 3: the de-tokenizer's UNet + code adapter, by the diffusion loss.
+
+Conditioned on the frozen visual tokenizer's codes of each picture (its codebook is copied
+into the adapter and frozen), with the frozen VAE's latents as targets. Zero terminal SNR,
+v-prediction, and 10% of conditions dropped to the adapter's learned null, which the
+pipeline uses as its negative for guidance. The same stage adapts a trained de-tokenizer to
+a new story set's style: run it on that set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from actors.checkpoint import load_module, part_dir, read_manifest, write_atomically
+from actors.config import DetokenizerConfig
+from actors.detokenizer.model import CodeAdapter, Detokenizer, add_time_ids, build_scheduler, scheduler_kwargs
+from actors.tokenizer.model import VisualTokenizer
+from training.data import image_batches
+
+DROP_CONDITION = 0.1
+
+
+def init(spec) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = part_dir(spec.ckpt, "detokenizer")
+    visual = VisualTokenizer.from_pretrained(part_dir(spec.ckpt, "visual_tokenizer")).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32).train()
+    adapter = load_module(CodeAdapter, DetokenizerConfig, root / "adapter").train()
+    adapter.codebook.weight.data.copy_(visual.codebook.weight.data)
+    adapter.codebook.weight.requires_grad_(False)
+    return {"unet": unet, "adapter": adapter, "visual": visual, "vae": vae}
+
+
+def batches(shard, spec):
+    return image_batches(shard, spec.batch_size, spec.seed)
+
+
+def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Tensor, dict]:
+    from diffusers import DDPMScheduler
+
+    unet, adapter, vae = models["unet"], models["adapter"], models["vae"]
+    c, b = adapter.config, len(images)
+    with torch.no_grad():
+        codes = models["visual"].encode(images)                                   # (B, Q)
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+    sched = _scheduler(c, DDPMScheduler)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    target = sched.get_velocity(latents, noise, t) if c.prediction_type == "v_prediction" else noise
+    prompt, pooled = adapter(codes)                                               # (B, Q, cross), (B, pooled)
+    null_prompt, null_pooled = adapter.null(b)
+    drop = (torch.rand(b, device=latents.device) < DROP_CONDITION)
+    prompt = torch.where(drop[:, None, None], null_prompt, prompt)
+    pooled = torch.where(drop[:, None], null_pooled, pooled)
+    pred = unet(noisy, t, encoder_hidden_states=prompt,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids(c, b).to(latents.device)}).sample
+    mse = F.mse_loss(pred, target)
+    return mse, {"diffusion": float(mse)}
+
+
+_SCHEDULERS: dict = {}
+
+
+def _scheduler(c: DetokenizerConfig, cls):
+    """The DDPM training scheduler with the sampler's betas (built once per process)."""
+    if c not in _SCHEDULERS:
+        _SCHEDULERS[c] = cls(**scheduler_kwargs(c))
+    return _SCHEDULERS[c]
+
+
+def export(parts: dict, spec, metrics: dict) -> None:
+    dtype = read_manifest(spec.ckpt).dtype
+    adapter = parts["adapter"].eval()
+    detok = Detokenizer(adapter.config, parts["unet"].eval(), parts["vae"], build_scheduler(adapter.config), adapter)
+    with write_atomically(part_dir(spec.ckpt, "detokenizer")) as tmp:
+        detok.save_pretrained(tmp, dtype)

@@ -1,0 +1,54 @@
+"""Stage 4: MLLM supervised fine-tuning on pre-tokenized 10-segment StoryStream windows.
+
+A window is ``<s> cap0 <img> v.. </img> cap1 <img> v.. </img> ... cap9 <img> v.. </img>``.
+The loss (next-token cross-entropy) covers every token after the opening caption: all ten
+pictures with their markers and captions 1-9. The opening caption carries none, because at
+generation it is always the user's. SEED-Story puts the loss on the last segment only; here
+every segment is a target, so one window gives ten pictures' worth of signal instead of one,
+and the causal mask still lets each target see only earlier segments, as at generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from actors.checkpoint import part_dir, read_manifest, write_atomically
+from actors.mllm.model import load_mllm
+from training.data import token_batches
+
+
+def init(spec) -> dict:
+    return {"mllm": load_mllm(part_dir(spec.ckpt, "mllm")).train()}
+
+
+def batches(shard, spec):
+    return token_batches(shard, spec.batch_size, spec.seed, read_manifest(spec.ckpt).tokens.pad)
+
+
+def loss(models: dict, batch: dict, spec, step: int) -> tuple[torch.Tensor, dict]:
+    logits = models["mllm"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].bool()
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    total = per_token[mask].mean()
+    visual = mask & _is_visual(targets, spec)
+    caption = mask & ~visual
+    return total, {"visual_ce": float(per_token[visual].mean()), "caption_ce": float(per_token[caption].mean())}
+
+
+_LAYOUTS: dict = {}
+
+
+def _is_visual(ids: torch.Tensor, spec) -> torch.Tensor:
+    """Visual tokens and the <img>/</img> markers count as the picture's loss."""
+    if spec.ckpt not in _LAYOUTS:
+        _LAYOUTS[spec.ckpt] = read_manifest(spec.ckpt).tokens
+    t = _LAYOUTS[spec.ckpt]
+    return ((ids >= t.visual_base) & (ids < t.visual_base + t.num_codes)) | (ids == t.boi) | (ids == t.eoi)
+
+
+def export(parts: dict, spec, metrics: dict) -> None:
+    dtype = read_manifest(spec.ckpt).dtype
+    with write_atomically(part_dir(spec.ckpt, "mllm")) as tmp:
+        parts["mllm"].eval().to(getattr(torch, dtype)).save_pretrained(tmp)
