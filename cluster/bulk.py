@@ -41,7 +41,7 @@ class BulkConfig:
     checkpoint: str
     segments: int = 10
     steps: int = 20
-    guidance: float = 1.0
+    guidance: float = 5.0  # as the service's default: the tiny de-tokenizer draws its characters with it
     temperature: float = 0.8
     top_p: float = 0.95
     stories_per_batch: int = 8      # stories one MLLM actor writes together
@@ -283,6 +283,7 @@ def parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")
     p.add_argument("--segments", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=BulkConfig.guidance, help="classifier-free guidance")
     p.add_argument("--stories-per-batch", type=int, default=8)
     p.add_argument("--mllm-actors", type=int, default=1)
     p.add_argument("--render-actors", type=int, default=1)
@@ -301,7 +302,7 @@ def run_cli(a: argparse.Namespace) -> None:
 
     out = Path(a.out)
     ckpt = ensure_checkpoint(Path(a.ckpt) if a.ckpt else None, out)
-    config = BulkConfig(a.prompts, str(out), str(ckpt.resolve()), a.segments, a.steps,
+    config = BulkConfig(a.prompts, str(out), str(ckpt.resolve()), a.segments, a.steps, a.guidance,
                         stories_per_batch=a.stories_per_batch, mllm_actors=a.mllm_actors,
                         render_actors=a.render_actors)
     ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS under `ray job submit`

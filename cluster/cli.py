@@ -101,7 +101,7 @@ def _eval(a: argparse.Namespace) -> None:
     from training.evaluate import EvalSettings, run_eval
 
     settings = EvalSettings(stories=a.stories, segments=a.segments, modes=tuple(a.modes.split(",")),
-                            steps=a.steps, seed=a.seed)
+                            steps=a.steps, guidance=a.guidance, seed=a.seed)
     table = run_eval(Path(a.ckpt), Path(a.heldout), Path(a.out), settings, card=a.card)
     print(table)
 
@@ -195,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--segments", type=int, default=25)
     e.add_argument("--modes", default="dense,window,streaming,multimodal")
     e.add_argument("--steps", type=int, default=10, help="denoising steps per picture")
+    e.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the renders")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--card", action="store_true", help="also write the table into the checkpoint's model card")
     e.set_defaults(func=_eval)

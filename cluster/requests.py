@@ -20,7 +20,7 @@ class StoryLimits:
     max_image_bytes: int = 8 << 20
     max_steps: int = 100
     default_steps: int = 20
-    default_guidance: float = 1.0
+    default_guidance: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_segments <= self.max_segments:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from actors.checkpoint import read_manifest
+from training.loop import STAGES
 
 
 def write_card(ckpt: str | Path) -> Path:
@@ -39,7 +40,7 @@ def _training_lines(t: dict) -> list[str]:
     out += [f"- converted to StoryStream windows: `{t['data']}`", "", "Command:", "", f"    {t['command']}", "",
             f"Training time on this machine: **{total / 60:.1f} min** in all.", "",
             "| stage | steps | batch/worker | time (min) | final losses |", "| --- | --- | --- | --- | --- |"]
-    for name, s in stages.items():
+    for name, s in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0])):
         losses = ", ".join(f"{k} {v:.4g}" for k, v in s["metrics"].items() if k != "step")
         out.append(f"| {name} | {s['steps']} | {s['spec']['batch_size']} | {s['seconds'] / 60:.1f} | {losses} |")
     return out + [""]

@@ -40,6 +40,7 @@ class EvalSettings:
     segments: int = 25
     modes: tuple[str, ...] = MODES
     steps: int = 10             # denoising steps per picture
+    guidance: float = 5.0       # classifier-free guidance: the tiny de-tokenizer draws its characters with it
     seed: int = 0
     temperature: float = 0.7
     top_p: float = 0.9
@@ -143,10 +144,10 @@ def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], s: EvalSettin
         engine.shutdown()
 
 
-def render_all(detok, codes: list[list[int]], seeds: list[int], steps: int, batch: int = 16) -> tuple[list, float]:
+def render_all(detok, codes: list[list[int]], seeds: list[int], s: EvalSettings, batch: int = 16) -> tuple[list, float]:
     t0, pictures = time.perf_counter(), []
     for i in range(0, len(codes), batch):
-        pictures += detok.render_seeded(codes[i:i + batch], seeds[i:i + batch], steps=steps)
+        pictures += detok.render_seeded(codes[i:i + batch], seeds[i:i + batch], steps=s.steps, guidance=s.guidance)
     return pictures, time.perf_counter() - t0
 
 
@@ -158,7 +159,7 @@ def evaluate_mode(ckpt: Path, mode: str, held: HeldOut, builder, detok, s: EvalS
     keys = [(i, ev.index) for i, evs in run["segments"].items() for ev in evs]
     codes = [ev.codes for evs in run["segments"].values() for ev in evs]
     # The same picture seed for the same (story, segment) in every mode.
-    pictures, render_s = render_all(detok, codes, [s.seed * 100_003 + i * 1000 + k for i, k in keys], s.steps)
+    pictures, render_s = render_all(detok, codes, [s.seed * 100_003 + i * 1000 + k for i, k in keys], s)
     per_seg = {k: {"valid": [], "hero": [], "place": []} for k in range(s.segments)}
     for (i, k), pic in zip(keys, pictures):
         ev = run["segments"][i][k]
@@ -243,7 +244,8 @@ def write_outputs(out: Path, results: list[dict], s: EvalSettings) -> str:
 
 
 def format_table(results: list[dict], s: EvalSettings) -> str:
-    head = (f"{s.stories} held-out openings x {s.segments} segments, {s.steps} denoising steps; "
+    head = (f"{s.stories} held-out openings x {s.segments} segments, {s.steps} denoising steps at guidance "
+            f"{s.guidance:g}; "
             "quality metrics averaged over all segments\n\n"
             "| attention | FD (visual features) ↓ | caption validity ↑ | hero consistency ↑ | place agreement ↑ "
             "| MLLM time (s) | render time (s) | peak KV (MiB) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
