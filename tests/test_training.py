@@ -138,12 +138,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_
     finally:
         proc.wait()
     assert not (out / "training.json").exists()  # the killed run never exported
-    kept = sorted(runs.glob("checkpoint_*"))
     summary = train("tiny", stream, out, stages=["visual"], steps=steps, batch_size=4, **WORKERS)
     metrics = summary["stages"]["visual"]["metrics"]
     assert metrics["step"] == steps
     assert 0 < metrics["start_step"] < steps and metrics["start_step"] % 100 == 0  # a checkpoint's step
-    assert len(kept) >= 1
 
 
 def test_learning_rate_warms_up_then_decays():
