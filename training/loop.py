@@ -139,17 +139,24 @@ def all_reduce_grads(params: list) -> None:
 def restore(parts: dict, opt) -> int:
     """Load the latest reported checkpoint, if this run has one; returns its step (else 0)."""
     import ray.train
-    import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    for name, module in parts.items():
-        module.load_state_dict(state["models"][name])
+        state = load_state(d, parts)
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
+
+
+def load_state(checkpoint_dir: str | Path, parts: dict) -> dict:
+    """Load a reported checkpoint's weights into ``parts``; returns the whole saved state."""
+    import torch
+
+    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    for name, module in parts.items():
+        module.load_state_dict(state["models"][name])
+    return state
 
 
 def report(parts: dict, opt, step: int, metrics: dict, rank0: bool) -> None:
@@ -169,12 +176,8 @@ def report(parts: dict, opt, step: int, metrics: dict, rank0: bool) -> None:
 
 def load_parts(stage: str, spec: StageSpec, checkpoint_dir: str | Path) -> dict:
     """The trained parts of a finished run, rebuilt on the driver for export."""
-    import torch
-
     parts = stage_module(stage).init(spec)
-    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-    for name, module in trainable(parts).items():
-        module.load_state_dict(state["models"][name])
+    load_state(checkpoint_dir, trainable(parts))
     return parts
 
 
