@@ -4,6 +4,7 @@ checkpoint layout that vLLM and the pools load, the eval, and the committed defa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -116,14 +117,29 @@ def test_a_finished_stage_is_skipped_on_rerun(trained, stream):
     assert digest(out / WEIGHTS["visual"]) == stamp
 
 
+def recorded_checkpoint(run: Path) -> str | None:
+    """The checkpoint a resumed run would start from: the one Ray Train's run snapshot names.
+
+    A ``checkpoint_*`` folder appears while it is still being written, before the run records it;
+    a kill in that gap rightly resumes from step 0, so the test waits for the record instead.
+    """
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest and latest["checkpoint_dir_name"]
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_path):
-    """SIGKILL the `seedstory train` driver after its first checkpoint; the rerun continues the step count."""
+    """SIGKILL the `seedstory train` driver after its first recorded checkpoint; the rerun continues from it."""
     import ray
 
-    from training.train import train
+    from training.train import stage_specs, train
 
-    out, steps = tmp_path / "ckpt", 300
-    runs = tmp_path / "ckpt.runs" / "visual"
+    out, steps = tmp_path / "ckpt", 60
+    every = stage_specs("tiny", out, ["visual"], steps=steps)[0].checkpoint_every
+    run = tmp_path / "ckpt.runs" / "visual"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "cluster.cli", "train", "--data", str(stream), "--out", str(out), "--stages",
            "visual", "--steps", str(steps), "--batch-size", "4", "--workers", "2", "--cpus-per-worker", "0.5"]
@@ -131,9 +147,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_
                             start_new_session=True)
     try:
         deadline = time.time() + 240
-        while not list(runs.glob("checkpoint_*")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
+        while recorded_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be killed"
+        assert recorded_checkpoint(run) is not None, "no checkpoint recorded within 240 s"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
@@ -141,7 +158,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_
     summary = train("tiny", stream, out, stages=["visual"], steps=steps, batch_size=4, **WORKERS)
     metrics = summary["stages"]["visual"]["metrics"]
     assert metrics["step"] == steps
-    assert 0 < metrics["start_step"] < steps and metrics["start_step"] % 100 == 0  # a checkpoint's step
+    assert 0 < metrics["start_step"] < steps and metrics["start_step"] % every == 0  # a checkpoint's step
 
 
 def test_learning_rate_warms_up_then_decays():
