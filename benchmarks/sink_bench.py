@@ -139,7 +139,7 @@ def main() -> None:
         t = engine.tokens
         tok = load_text_tokenizer(part_dir(a.ckpt, "tokenizer"))
         prompt = [t.bos] + encode_segment(tok, t, OPENING, None)
-        policy = settings.with_ids(t.boi, t.eoi)
+        policy = engine.config.sink.with_ids(t.boi, t.eoi)  # neighbourhoods scaled to Q
         if name == "window-recompute":
             r = window_recompute_story(engine, prompt, a.segments, a.window)
         else:

@@ -6,7 +6,7 @@ from actors.checkpoint import part_dir
 from actors.mllm.engine import EngineConfig, Sampling, SegmentEvent, StoryEngine
 from actors.mllm.grammar import StoryRules
 from actors.mllm.model import load_mllm
-from actors.mllm.sink import SinkSettings, kept_blocks, kept_ranges, max_blocks
+from actors.mllm.sink import RELEASED, SinkSettings, kept_blocks, kept_ranges, max_blocks
 from actors.tokenizer.text import segment_ids
 from sink_reference import SinkReference
 
@@ -162,7 +162,8 @@ def test_bad_parameters_fail_at_construction(tiny_ckpt, engine):
 def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
     """A pool too small for four stories at once: vLLM preempts and recomputes, and the worker's
     per-request state and the sink must come back to the same tokens."""
-    settings = SinkSettings(mode="multimodal", window_segments=WINDOW)
+    # The released (Q=64) neighbourhoods: wider than tiny's scaled ones, so the pool overflows.
+    settings = SinkSettings(mode="multimodal", window_segments=WINDOW, **RELEASED)
     eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=24, max_segments=8,
                                    max_batched_tokens=64))
     try:
@@ -178,7 +179,7 @@ def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
         assert preempted, "the pool was meant to be too small to hold every story"
         assert eng.free_blocks() == eng.total_blocks()
         t, q = eng.tokens, eng.manifest.num_queries
-        ref = SinkReference(reference_model, settings.with_ids(t.boi, t.eoi), t)
+        ref = SinkReference(reference_model, eng.config.sink.with_ids(t.boi, t.eoi), t)
         for sid, prompt in prompts(eng).items():
             want = ref.generate(prompt, StoryRules(q, SEGMENTS[sid], eng.manifest.preset.max_caption_tokens))
             assert story_ids(eng, got[sid]) + [t.eos] == want, sid

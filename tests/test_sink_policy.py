@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from actors.mllm.sink import SinkParams, contains, count, kept_blocks, kept_ranges, positions
+from actors.mllm.sink import RELEASED, SinkParams, SinkSettings, contains, count, kept_blocks, kept_ranges, positions
 
 BOI, EOI, TEXT, VIS = 1, 2, 9, 5
 
@@ -46,7 +46,7 @@ def test_multimodal_keeps_the_neighbourhoods_of_evicted_images():
 
 
 def test_released_defaults_on_a_long_story():
-    p = SinkParams(boi_id=BOI, eoi_id=EOI)  # sink 4, BoI -4..+7, EoI -8..+3, window 8
+    p = SinkSettings().for_pictures(64).with_ids(BOI, EOI)  # sink 4, BoI -4..+7, EoI -8..+3, window 8
     ids = story(*[(20, 64)] * 10, tail=3)  # 86-token segments, like SEED-Story's 64-token pictures
     got = kept_ranges(ids, p)
     # Segments 1 and 2 left the window: <img> at 20 and 106, </img> at 85 and 171.
@@ -96,7 +96,19 @@ def test_kept_blocks_are_the_blocks_touching_kept_positions():
     (dict(window_segments=-1), "window_segments"),
     (dict(sink_tokens=-2), ">= 0"),
     (dict(eoi_id=BOI), "must differ"),
+    (dict(boi_after=None), "for_pictures"),
+    (dict(eoi_before=-1), ">= 0"),
 ])
 def test_bad_parameters_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         params(bad.pop("mode", "multimodal"), **bad)
+
+
+def test_unset_neighbourhoods_scale_with_the_pictures():
+    # SEED-Story's released counts are for Q=64; tiny's Q=16 keeps a quarter of each.
+    assert SinkSettings().for_pictures(64) == SinkSettings(**RELEASED)
+    assert SinkSettings().for_pictures(16).neighbourhoods() == [1, 2, 2, 1]
+    assert SinkSettings().for_pictures(2).neighbourhoods() == [1, 1, 1, 1]  # a sink never shrinks to nothing
+    # What a user sets stays as set, and resolving twice changes nothing.
+    mine = SinkSettings(boi_after=0, eoi_before=5).for_pictures(16)
+    assert mine.neighbourhoods() == [1, 0, 5, 1] and mine.for_pictures(64) == mine

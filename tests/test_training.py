@@ -17,6 +17,7 @@ import pytest
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.config import TINY
+from actors.mllm.sink import RELEASED
 from training.evaluate import EvalSettings, frechet, judge
 from training.loop import StageSpec, lr_at
 from training.storyworld import Segment, draw_segment
@@ -203,7 +204,12 @@ def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     for mode in results["modes"]:
         assert mode["summary"]["complete_stories"] == 2 and mode["summary"]["peak_kv_mib"] > 0
-        assert len(mode["per_segment"]["hero"]) == 3
+        assert len(mode["per_segment"]["hero"]) == 3 and len(mode["per_story"]["hero"]) == 2
+        assert mode["summary"]["se"]["fd"] >= 0 and None not in [mode["sink"][k] for k in RELEASED]
+    # multimodal minus window, story by story, computed from the per-story means it saved.
+    by_mode = {m["mode"]: m["per_story"]["hero"] for m in results["modes"]}
+    diff = np.mean(np.subtract(by_mode["multimodal"], by_mode["window"]))
+    assert f"| multimodal | {diff:+.3f} ± " in table
 
 
 @pytest.mark.skipif(not (EMBEDDED / "manifest.json").is_file(), reason="no embedded checkpoint")

@@ -32,6 +32,8 @@ from actors.mllm.sink import MODES
 from training.storyworld import CHARACTERS, PLACES, Segment, draw_segment, parse_caption
 
 FD_BIN = 5  # segments per bin of the per-segment Fréchet distance (50 pictures per index is too few)
+FD_RESAMPLES = 200  # story bootstrap for the Fréchet distance's standard error
+CHECKS = ("valid", "hero", "place")
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], s: EvalSettin
                     tokens += ev.output_tokens
             peak = max(peak, engine.blocks_in_use())
         seconds = time.perf_counter() - t0
-        return {"segments": segments, "seconds": seconds, "tokens": tokens,
+        return {"segments": segments, "seconds": seconds, "tokens": tokens, "sink": asdict(engine.config.sink),
                 "peak_kv_bytes": peak * engine.block_bytes()}
     finally:
         engine.shutdown()
@@ -160,13 +162,15 @@ def evaluate_mode(ckpt: Path, mode: str, held: HeldOut, builder, detok, s: EvalS
     codes = [ev.codes for evs in run["segments"].values() for ev in evs]
     # The same picture seed for the same (story, segment) in every mode.
     pictures, render_s = render_all(detok, codes, [s.seed * 100_003 + i * 1000 + k for i, k in keys], s)
-    per_seg = {k: {"valid": [], "hero": [], "place": []} for k in range(s.segments)}
+    per_seg = {k: {name: [] for name in CHECKS} for k in range(s.segments)}
+    per_story = {i: {name: [] for name in CHECKS} for i in range(len(prompts))}
     for (i, k), pic in zip(keys, pictures):
         ev = run["segments"][i][k]
         text = held.openings[i] if k == 0 else builder.text.decode(ev.caption_ids)
         for name, v in judge(text, np.asarray(pic), held.heroes[i]).items():
             per_seg[k][name].append(v)
-    return {"mode": mode, "pictures": pictures, "keys": keys, "per_segment": per_seg,
+            per_story[i][name].append(v)
+    return {"mode": mode, "sink": run["sink"], "pictures": pictures, "keys": keys, "per_segment": per_seg, "per_story": per_story,
             "seconds": run["seconds"], "render_seconds": render_s, "tokens": run["tokens"],
             "peak_kv_bytes": run["peak_kv_bytes"], "complete": sum(len(v) == s.segments
                                                                    for v in run["segments"].values())}
@@ -201,7 +205,7 @@ def run_eval(ckpt: Path, heldout: Path, out: Path, s: EvalSettings = EvalSetting
     for mode in s.modes:
         print(f"[eval] {mode}: {s.stories} stories x {s.segments} segments", flush=True)
         r = evaluate_mode(ckpt, mode, held, builder, detok, s)
-        r["fd"], r["fd_by_bin"] = fd_scores(builder.visual, r, real_feats, s)
+        r["fd"], r["fd_se"], r["fd_by_bin"] = fd_scores(builder.visual, r, real_feats, s)
         results.append(summarise(r, s))
         print(f"[eval] {mode}: {json.dumps(results[-1]['summary'])}", flush=True)
     table = write_outputs(out, results, s)
@@ -213,24 +217,49 @@ def run_eval(ckpt: Path, heldout: Path, out: Path, s: EvalSettings = EvalSetting
     return table
 
 
-def fd_scores(visual, r: dict, real_feats: np.ndarray, s: EvalSettings) -> tuple[float, list[float]]:
+def fd_scores(visual, r: dict, real_feats: np.ndarray, s: EvalSettings) -> tuple[float, float, list[float]]:
+    """The Fréchet distance over all pictures, its standard error over stories, and per bin of segments."""
     feats = image_features(visual, r["pictures"])
-    index = {key: n for n, key in enumerate(r["keys"])}
-    real_at = lambda ks: real_feats[[i * s.segments + k for i, k in ks]]  # noqa: E731
+    real = real_feats[[i * s.segments + k for i, k in r["keys"]]]  # the real picture at each generated key
     by_bin = []
     for lo in range(0, s.segments, FD_BIN):
-        ks = [key for key in r["keys"] if lo <= key[1] < lo + FD_BIN]
-        by_bin.append(frechet(feats[[index[k] for k in ks]], real_at(ks)) if len(ks) > 2 else float("nan"))
-    return frechet(feats, real_at(r["keys"])), by_bin
+        rows = [n for n, (_, k) in enumerate(r["keys"]) if lo <= k < lo + FD_BIN]
+        by_bin.append(frechet(feats[rows], real[rows]) if len(rows) > 2 else float("nan"))
+    return frechet(feats, real), fd_standard_error(feats, real, [i for i, _ in r["keys"]], s.seed), by_bin
+
+
+def fd_standard_error(feats: np.ndarray, real: np.ndarray, story_of: list[int], seed: int) -> float:
+    """Bootstrap over whole stories (a story's pictures are not independent of each other)."""
+    rows: dict[int, list[int]] = {}
+    for n, i in enumerate(story_of):
+        rows.setdefault(i, []).append(n)
+    stories = list(rows)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(FD_RESAMPLES):
+        pick = np.concatenate([rows[stories[j]] for j in rng.integers(0, len(stories), len(stories))])
+        draws.append(frechet(feats[pick], real[pick]))
+    return float(np.std(draws, ddof=1))
+
+
+def story_means(r: dict) -> dict[str, list[float]]:
+    """Each check averaged over each story's segments: the unit the standard errors count."""
+    return {name: [float(np.mean(v[name])) if v[name] else 0.0 for v in r["per_story"].values()] for name in CHECKS}
+
+
+def standard_error(values: list[float]) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def summarise(r: dict, s: EvalSettings) -> dict:
     per = {name: [float(np.mean(r["per_segment"][k][name])) if r["per_segment"][k][name] else 0.0
-                  for k in range(s.segments)] for name in ("valid", "hero", "place")}
+                  for k in range(s.segments)] for name in CHECKS}
     total = {name: float(np.mean([v for k in range(s.segments) for v in r["per_segment"][k][name]] or [0.0]))
-             for name in ("valid", "hero", "place")}
-    return {"mode": r["mode"], "per_segment": per, "fd_by_bin": r["fd_by_bin"],
-            "summary": {**total, "fd": r["fd"], "mllm_seconds": round(r["seconds"], 1),
+             for name in CHECKS}
+    by_story = story_means(r)
+    se = {name: standard_error(by_story[name]) for name in CHECKS} | {"fd": r["fd_se"]}
+    return {"mode": r["mode"], "sink": r["sink"], "per_segment": per, "per_story": by_story, "fd_by_bin": r["fd_by_bin"],
+            "summary": {**total, "fd": r["fd"], "se": se, "mllm_seconds": round(r["seconds"], 1),
                         "render_seconds": round(r["render_seconds"], 1), "output_tokens": r["tokens"],
                         "peak_kv_mib": round(r["peak_kv_bytes"] / 2**20, 2), "complete_stories": r["complete"]}}
 
@@ -245,14 +274,34 @@ def write_outputs(out: Path, results: list[dict], s: EvalSettings) -> str:
 
 def format_table(results: list[dict], s: EvalSettings) -> str:
     head = (f"{s.stories} held-out openings x {s.segments} segments, {s.steps} denoising steps at guidance "
-            f"{s.guidance:g}; "
-            "quality metrics averaged over all segments\n\n"
+            f"{s.guidance:g}; quality metrics averaged over all segments, ± one standard error over stories\n\n"
             "| attention | FD (visual features) ↓ | caption validity ↑ | hero consistency ↑ | place agreement ↑ "
             "| MLLM time (s) | render time (s) | peak KV (MiB) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = [f"| {r['mode']} | {m['fd']:.2f} | {m['valid']:.3f} | {m['hero']:.3f} | {m['place']:.3f} "
-            f"| {m['mllm_seconds']:.1f} | {m['render_seconds']:.1f} | {m['peak_kv_mib']:.1f} |"
-            for r in results for m in [r["summary"]]]
-    return "\n".join([head, *rows])
+    rows = [f"| {r['mode']} | {m['fd']:.2f} ± {e['fd']:.2f} | {m['valid']:.3f} | {m['hero']:.3f} ± {e['hero']:.3f} "
+            f"| {m['place']:.3f} ± {e['place']:.3f} | {m['mllm_seconds']:.1f} | {m['render_seconds']:.1f} "
+            f"| {m['peak_kv_mib']:.1f} |" for r in results for m in [r["summary"]] for e in [m["se"]]]
+    return "\n".join([head, *rows, *paired_table(results)])
+
+
+def paired_table(results: list[dict]) -> list[str]:
+    """Each mode minus dense and minus window, story by story: the same openings and seeds in every
+    mode make these differences far less noisy than the standard errors of the means above."""
+    by_mode = {r["mode"]: r["per_story"] for r in results}
+    bases = [b for b in ("dense", "window") if b in by_mode]
+    others = [m for m in by_mode if m not in bases[:1]]
+    if not bases or len(by_mode) < 2:
+        return []
+    cols = [(name, b) for name in ("hero", "place") for b in bases]
+    lines = ["", "Story-paired differences (mean ± standard error over stories):", "",
+             "| attention | " + " | ".join(f"{name} − {b}" for name, b in cols) + " |",
+             "| --- |" + " --- |" * len(cols)]
+    for mode in others:
+        cells = []
+        for name, b in cols:
+            d = np.subtract(by_mode[mode][name], by_mode[b][name])
+            cells.append("" if mode == b else f"{d.mean():+.3f} ± {standard_error(list(d)):.3f}")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: list[dict], s: EvalSettings, path: Path) -> None:

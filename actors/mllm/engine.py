@@ -8,7 +8,7 @@ ended stories. ``abort`` ends a story and returns its KV blocks at once.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.mllm.grammar import StoryRules
@@ -78,8 +78,10 @@ class _Story:
 
 class StoryEngine:
     def __init__(self, config: EngineConfig):
-        self.config = config
         self.manifest = read_manifest(config.checkpoint)
+        # From here on the sink's neighbourhoods are numbers, scaled to this checkpoint's pictures.
+        config = replace(config, sink=config.sink.for_pictures(self.manifest.num_queries))
+        self.config = config
         self.tokens = self.manifest.tokens
         if config.num_queries is not None and config.num_queries != self.manifest.num_queries:
             raise ValueError(f"num_queries={config.num_queries} but the checkpoint has Q={self.manifest.num_queries}")

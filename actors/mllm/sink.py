@@ -15,6 +15,11 @@ segments and a window of W, segments 1..m-W have left the window. Modes:
   that left the window, ``boi_before`` tokens before its ``<img>`` through ``boi_after`` after
   it, and ``eoi_before`` before its ``</img>`` through ``eoi_after`` after it; and the window.
 
+SEED-Story released 4/7/8/3 for pictures of 64 visual tokens. Left unset, the neighbourhoods
+are those counts scaled to the checkpoint's Q (``for_pictures``): at Q=16 the released counts
+would keep 15 of every old picture's 16 codes, i.e. nearly every picture whole and none of its
+caption, which is no longer a sink of a few tokens (README, "Evaluation", measures both).
+
 The policy is *monotone*: a token once evicted is never kept again, so the KV manager may
 free it at once and the worker (whose block table still names freed blocks) never reads
 it. To keep that true, a segment's BoI/EoI neighbourhoods never reach back before the
@@ -25,32 +30,47 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 MODES = ("dense", "window", "streaming", "multimodal")
 Ranges = list[tuple[int, int]]  # sorted, disjoint, half-open [lo, hi)
+NEIGHBOURHOODS = ("boi_before", "boi_after", "eoi_before", "eoi_after")
+RELEASED = {"boi_before": 4, "boi_after": 7, "eoi_before": 8, "eoi_after": 3}  # SEED-Story's, at Q=64
+RELEASED_QUERIES = 64
 
 
 @dataclass(frozen=True)
 class SinkSettings:
-    """The policy's parameters, without the token ids (those come from the checkpoint)."""
+    """The policy's parameters, without the token ids (those come from the checkpoint).
+
+    A neighbourhood left as None is resolved against the checkpoint by ``for_pictures``.
+    """
 
     mode: str = "multimodal"
     sink_tokens: int = 4
-    boi_before: int = 4
-    boi_after: int = 7
-    eoi_before: int = 8
-    eoi_after: int = 3
+    boi_before: int | None = None
+    boi_after: int | None = None
+    eoi_before: int | None = None
+    eoi_after: int | None = None
     window_segments: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"sink mode {self.mode!r} is not one of {MODES}")
-        counts = (self.sink_tokens, self.boi_before, self.boi_after, self.eoi_before, self.eoi_after)
+        counts = [self.sink_tokens] + [c for c in self.neighbourhoods() if c is not None]
         if min(counts) < 0:
             raise ValueError("sink token counts must be >= 0")
         if self.window_segments < 1:
             raise ValueError(f"window_segments must be >= 1, got {self.window_segments}")
+
+    def neighbourhoods(self) -> list[int | None]:
+        return [getattr(self, name) for name in NEIGHBOURHOODS]
+
+    def for_pictures(self, num_queries: int) -> SinkSettings:
+        """Every unset neighbourhood set to SEED-Story's released count scaled by Q/64 (at least 1)."""
+        scale = num_queries / RELEASED_QUERIES
+        unset = {name: max(1, round(RELEASED[name] * scale)) for name in NEIGHBOURHOODS if getattr(self, name) is None}
+        return replace(self, **unset)
 
     def with_ids(self, boi_id: int, eoi_id: int) -> SinkParams:
         return SinkParams(boi_id=boi_id, eoi_id=eoi_id, **asdict(self))
@@ -65,6 +85,8 @@ class SinkParams(SinkSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if None in self.neighbourhoods():
+            raise ValueError("sink neighbourhoods are unset: resolve them with for_pictures(Q) first")
         if self.boi_id == self.eoi_id:
             raise ValueError("boi_id and eoi_id must differ")
 
