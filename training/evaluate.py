@@ -208,7 +208,7 @@ def run_eval(ckpt: Path, heldout: Path, out: Path, s: EvalSettings = EvalSetting
         r["fd"], r["fd_se"], r["fd_by_bin"] = fd_scores(builder.visual, r, real_feats, s)
         results.append(summarise(r, s))
         print(f"[eval] {mode}: {json.dumps(results[-1]['summary'])}", flush=True)
-    table = write_outputs(out, results, s)
+    table = write_outputs(out, results, s, heldout_source(heldout))
     if card:
         from training.card import write_card
 
@@ -264,15 +264,25 @@ def summarise(r: dict, s: EvalSettings) -> dict:
                         "peak_kv_mib": round(r["peak_kv_bytes"] / 2**20, 2), "complete_stories": r["complete"]}}
 
 
-def write_outputs(out: Path, results: list[dict], s: EvalSettings) -> str:
-    (out / "results.json").write_text(json.dumps({"settings": asdict(s), "modes": results}, indent=2) + "\n")
-    table = format_table(results, s)
+def write_outputs(out: Path, results: list[dict], s: EvalSettings, source: str = "") -> str:
+    (out / "results.json").write_text(json.dumps({"settings": asdict(s), "heldout": source, "modes": results},
+                                                 indent=2) + "\n")
+    table = format_table(results, s, source)
     (out / "table.md").write_text(table + "\n")
     plot(results, s, out / "metrics.png")
     return table
 
 
-def format_table(results: list[dict], s: EvalSettings) -> str:
+def heldout_source(folder: Path) -> str:
+    """How the held-out stories were made, from the provenance ``seedstory data storyworld`` writes."""
+    path = folder / "storyworld.json"
+    if not path.is_file():
+        return f"held-out stories from {folder}"
+    world = json.loads(path.read_text())
+    return f"held-out StoryWorld stories, data seed {world['seed']}: `{world['command']}`"
+
+
+def format_table(results: list[dict], s: EvalSettings, source: str = "") -> str:
     head = (f"{s.stories} held-out openings x {s.segments} segments, {s.steps} denoising steps at guidance "
             f"{s.guidance:g}; quality metrics averaged over all segments, ± one standard error over stories\n\n"
             "| attention | FD (visual features) ↓ | caption validity ↑ | hero consistency ↑ | place agreement ↑ "
@@ -280,7 +290,15 @@ def format_table(results: list[dict], s: EvalSettings) -> str:
     rows = [f"| {r['mode']} | {m['fd']:.2f} ± {e['fd']:.2f} | {m['valid']:.3f} | {m['hero']:.3f} ± {e['hero']:.3f} "
             f"| {m['place']:.3f} ± {e['place']:.3f} | {m['mllm_seconds']:.1f} | {m['render_seconds']:.1f} "
             f"| {m['peak_kv_mib']:.1f} |" for r in results for m in [r["summary"]] for e in [m["se"]]]
-    return "\n".join([head, *rows, *paired_table(results)])
+    intro = [f"Data: {source}.", ""] if source else []
+    return "\n".join([*intro, head, *rows, "", sink_line(results[-1]["sink"]), *paired_table(results)])
+
+
+def sink_line(sink: dict) -> str:
+    """The settings every mode ran with (the modes use the parts that apply to them)."""
+    marks = "/".join(str(sink[k]) for k in ("boi_before", "boi_after", "eoi_before", "eoi_after"))
+    return (f"Sink settings: {sink['sink_tokens']} sink tokens, `<img>`/`</img>` neighbourhoods {marks} "
+            f"(before/after `<img>`, before/after `</img>`), a window of {sink['window_segments']} segments.")
 
 
 def paired_table(results: list[dict]) -> list[str]:
