@@ -85,7 +85,7 @@ class SinkParams(SinkSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if None in self.neighbourhoods():
+        if self.mode == "multimodal" and None in self.neighbourhoods():  # the only mode that reads them
             raise ValueError("sink neighbourhoods are unset: resolve them with for_pictures(Q) first")
         if self.boi_id == self.eoi_id:
             raise ValueError("boi_id and eoi_id must differ")
