@@ -79,7 +79,7 @@ def test_a_killed_bulk_job_rerun_ends_with_every_story_exactly_once(ray_cluster,
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "cluster.bulk", "--prompts", str(prompts), "--out", str(out), "--ckpt",
-           str(tiny_ckpt), "--segments", str(SEGMENTS), "--steps", "2", "--guidance", "1", "--stories-per-batch", "2"]
+           str(tiny_ckpt), "--segments", str(SEGMENTS), "--steps", "2", "--stories-per-batch", "2"]
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
