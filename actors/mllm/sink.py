@@ -17,8 +17,9 @@ segments and a window of W, segments 1..m-W have left the window. Modes:
 
 SEED-Story released 4/7/8/3 for pictures of 64 visual tokens. Left unset, the neighbourhoods
 are those counts scaled to the checkpoint's Q (``for_pictures``): at Q=16 the released counts
-would keep 15 of every old picture's 16 codes, i.e. nearly every picture whole and none of its
-caption, which is no longer a sink of a few tokens (README, "Evaluation", measures both).
+would keep 15 of every old picture's 16 codes, i.e. nearly every old picture whole between
+fragments of captions, which is no longer a sink of a few tokens (README, "Evaluation",
+measures both).
 
 The policy is *monotone*: a token once evicted is never kept again, so the KV manager may
 free it at once and the worker (whose block table still names freed blocks) never reads
