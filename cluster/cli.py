@@ -97,12 +97,21 @@ def _train(a: argparse.Namespace) -> None:
           + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary["stages"].items()))
 
 
-def _eval(a: argparse.Namespace) -> None:
-    from training.evaluate import EvalSettings, run_eval
+def eval_settings(a: argparse.Namespace):
+    """The eval's settings: what the command line gives, else EvalSettings' own defaults (one place)."""
+    from training.evaluate import EvalSettings
 
-    settings = EvalSettings(stories=a.stories, segments=a.segments, modes=tuple(a.modes.split(",")),
-                            steps=a.steps, guidance=a.guidance, seed=a.seed)
-    table = run_eval(Path(a.ckpt), Path(a.heldout), Path(a.out), settings, card=a.card)
+    given = {k: getattr(a, k) for k in ("stories", "segments", "steps", "guidance", "seed")
+             if getattr(a, k) is not None}
+    if a.modes is not None:
+        given["modes"] = tuple(a.modes.split(","))
+    return EvalSettings(**given)
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from training.evaluate import run_eval
+
+    table = run_eval(Path(a.ckpt), Path(a.heldout), Path(a.out), eval_settings(a), card=a.card)
     print(table)
 
 
@@ -191,12 +200,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True)
     e.add_argument("--heldout", required=True, help="a StoryWorld folder the model never saw (seedstory data storyworld)")
     e.add_argument("--out", required=True, help="folder for table.md, results.json and the plot")
-    e.add_argument("--stories", type=int, default=50)
-    e.add_argument("--segments", type=int, default=25)
-    e.add_argument("--modes", default="dense,window,streaming,multimodal")
-    e.add_argument("--steps", type=int, default=10, help="denoising steps per picture")
-    e.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the renders")
-    e.add_argument("--seed", type=int, default=0)
+    # Defaults live in training.evaluate.EvalSettings (50 stories, 25 segments, every mode, 10 steps,
+    # guidance 5, seed 0); the parser stays free of the eval's imports.
+    e.add_argument("--stories", type=int)
+    e.add_argument("--segments", type=int)
+    e.add_argument("--modes", help="comma-separated, among dense,window,streaming,multimodal (default: all)")
+    e.add_argument("--steps", type=int, help="denoising steps per picture")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance of the renders")
+    e.add_argument("--seed", type=int)
     e.add_argument("--card", action="store_true", help="also write the table into the checkpoint's model card")
     e.set_defaults(func=_eval)
     return p

@@ -190,6 +190,16 @@ def test_frechet_distance():
     assert frechet(a, b) < 0.5 < frechet(a, b + 1.0) == pytest.approx(8, rel=0.2)
 
 
+def test_eval_command_line_keeps_the_settings_defaults_it_is_not_given():
+    from cluster.cli import eval_settings, parser
+
+    base = ["eval", "--ckpt", "c", "--heldout", "h", "--out", "o"]
+    assert eval_settings(parser().parse_args(base)) == EvalSettings()
+    got = eval_settings(parser().parse_args(base + ["--modes", "window,multimodal", "--guidance", "2", "--stories", "3"]))
+    assert (got.modes, got.guidance, got.stories, got.segments) == (("window", "multimodal"), 2.0, 3,
+                                                                     EvalSettings().segments)
+
+
 def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
     from training.evaluate import run_eval
 

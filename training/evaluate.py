@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.mllm.sink import MODES
+from actors.mllm.sink import MODES, NEIGHBOURHOODS
 from training.storyworld import CHARACTERS, PLACES, Segment, draw_segment, parse_caption
 
 FD_BIN = 5  # segments per bin of the per-segment Fréchet distance (50 pictures per index is too few)
@@ -296,7 +296,7 @@ def format_table(results: list[dict], s: EvalSettings, source: str = "") -> str:
 
 def sink_line(sink: dict) -> str:
     """The settings every mode ran with (the modes use the parts that apply to them)."""
-    marks = "/".join(str(sink[k]) for k in ("boi_before", "boi_after", "eoi_before", "eoi_after"))
+    marks = "/".join(str(sink[k]) for k in NEIGHBOURHOODS)
     return (f"Sink settings: {sink['sink_tokens']} sink tokens, `<img>`/`</img>` neighbourhoods {marks} "
             f"(before/after `<img>`, before/after `</img>`), a window of {sink['window_segments']} segments.")
 
