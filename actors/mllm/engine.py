@@ -30,6 +30,10 @@ class EngineConfig:
     max_segments: int = 32          # longest story (prompt segments included) a request may hold
     max_batched_tokens: int | None = None  # tokens per engine step; long prompts are prefilled in chunks
     dtype: str = "float32"
+    # Admit a story only while every running story's worst-case (compacted) footprint still fits,
+    # so admitted stories are never preempted (actors/mllm/vllm_kv.py). False: vLLM's own
+    # admission, which takes a story whenever its first chunk fits and preempts when the pool runs out.
+    admit_on_footprint: bool = True
 
     def __post_init__(self) -> None:
         if self.max_stories < 1 or self.block_size % 32:
@@ -65,6 +69,7 @@ class StoryEnd:
     aborted: bool
     prompt_tokens: int
     output_tokens: int
+    truncated: bool = False  # stopped by the engine's length limit before its last segment
 
 
 @dataclass
@@ -87,6 +92,7 @@ class StoryEngine:
             raise ValueError(f"num_queries={config.num_queries} but the checkpoint has Q={self.manifest.num_queries}")
         self.engine = _build_engine(config, self.manifest)
         self.stories: dict[str, _Story] = {}
+        self._first_blocks: set[int] = set()  # live stories' first blocks, as the worker last heard
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, story_id: str, prompt_ids: list[int], segments: int, sampling: Sampling = Sampling()) -> None:
@@ -108,6 +114,7 @@ class StoryEngine:
         if story is None:
             return None
         self.engine.abort_request([story_id])
+        self._release_worker_state()
         return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen)
 
     def step(self) -> list[CaptionEvent | SegmentEvent | StoryEnd]:
@@ -121,8 +128,24 @@ class StoryEngine:
             story.seen = len(ids)
             if out.finished:
                 del self.stories[out.request_id]
-                events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids)))
+                # The grammar ends every complete story with </s> ("stop"); "length" means the
+                # engine's max_model_len (or max_tokens) cut it short.
+                truncated = out.outputs[0].finish_reason == "length"
+                events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids), truncated))
+        self._release_worker_state()
         return events
+
+    def _release_worker_state(self) -> None:
+        """Tell the worker which stories still live, when one has ended, been aborted or been
+        preempted since it last heard: it frees their per-story state (known by first block)."""
+        live = {blocks[0].block_id for blocks in self._manager.req_to_blocks.values() if blocks}
+        if self._first_blocks - live:
+            self.engine.collective_rpc("seedstory_retain", args=(sorted(live),))
+        self._first_blocks = live
+
+    def worker_states(self) -> int:
+        """Stories the worker keeps state for (tests: 0 once every story has ended)."""
+        return self.engine.collective_rpc("seedstory_states")[0]
 
     def _parse(self, story_id: str, story: _Story, ids: list[int]) -> list[CaptionEvent | SegmentEvent]:
         """New captions and pictures among the output ids; parsed only when a marker arrives."""
@@ -166,6 +189,10 @@ class StoryEngine:
     def _pool(self):
         return self.scheduler.kv_cache_manager.block_pool
 
+    @property
+    def _manager(self):
+        return self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+
     def block_bytes(self) -> int:
         """KV bytes one block holds, over all layers."""
         group = self.scheduler.kv_cache_config.kv_cache_groups[0]
@@ -183,8 +210,7 @@ class StoryEngine:
     def story_blocks(self, story_id: str) -> int:
         """Blocks a running story holds now (freed positions excluded)."""
         story = self.stories.get(story_id)
-        mgr = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-        return sum(not b.is_null for b in mgr.req_to_blocks.get(story.request_id, [])) if story else 0
+        return self._manager.held_blocks(story.request_id) if story else 0
 
     def abort_all(self) -> None:
         for sid in list(self.stories):
@@ -219,10 +245,14 @@ def _build_engine(config: EngineConfig, manifest):
         max_num_batched_tokens=config.max_batched_tokens,
         # Our attention is plain torch with per-request Python bookkeeping: run it eagerly.
         enforce_eager=True, seed=0,
-        scheduler_cls="actors.mllm.vllm_kv.SinkScheduler",
+        # Compaction frees blocks right after scheduling a step, which is safe only if the next
+        # step is scheduled after this one ran (actors/mllm/vllm_kv.py).
+        scheduler_cls="actors.mllm.vllm_kv.SinkScheduler", async_scheduling=False,
+        worker_extension_cls="actors.mllm.vllm_model.SinkWorkerExtension",
         logits_processors=["actors.mllm.vllm_logits:StoryGrammarProcessor"],
         hf_overrides={"architectures": [ARCHITECTURE], "seedstory_sink": asdict(config.sink),
                       "seedstory_tokens": asdict(manifest.tokens),
-                      "seedstory_story": {"longest_segment": longest, "max_segments": config.max_segments}},
+                      "seedstory_story": {"longest_segment": longest, "max_segments": config.max_segments,
+                                          "admit_on_footprint": config.admit_on_footprint}},
     )
     return LLMEngine.from_engine_args(args, enable_multiprocessing=False)

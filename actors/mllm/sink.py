@@ -25,13 +25,18 @@ The policy is *monotone*: a token once evicted is never kept again, so the KV ma
 free it at once and the worker (whose block table still names freed blocks) never reads
 it. To keep that true, a segment's BoI/EoI neighbourhoods never reach back before the
 segment's own first token (an earlier segment may already be gone).
+
+Two forms of the same policy live here: ``kept_ranges`` reads a whole sequence (the
+definition, and what tests compare against), and ``SinkTracker`` keeps a story's marks and
+updates them from new tokens only (what the engine runs every step). ``HeldBlocks`` is the
+compaction rule both sides of the engine replay to agree on which KV blocks a story holds.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 MODES = ("dense", "window", "streaming", "multimodal")
 Ranges = list[tuple[int, int]]  # sorted, disjoint, half-open [lo, hi)
@@ -134,7 +139,7 @@ def kept_ranges(ids: Sequence[int], p: SinkParams) -> Ranges:
         for j in range(max(gone, 0)):
             start = eois[j - 1] + 1 if j else 0  # neighbourhoods stay inside their own segment (monotone)
             if bois[j] is not None:
-                keep.append((max(start, bois[j] - p.boi_before), bois[j] + p.boi_after + 1))
+                keep.append((max(start, bois[j] - p.boi_before), min(n, bois[j] + p.boi_after + 1)))
             keep.append((max(start, eois[j] - p.eoi_before), min(n, eois[j] + p.eoi_after + 1)))
     return merge(keep)
 
@@ -152,30 +157,133 @@ def contains(ranges: Ranges, pos: int) -> bool:
     return k >= 0 and ranges[k][0] <= pos < ranges[k][1]
 
 
-def kept_blocks(ranges: Ranges, block_size: int) -> list[int]:
-    """Logical block indices that hold at least one kept position."""
-    blocks: list[int] = []
-    for lo, hi in ranges:
-        for b in range(lo // block_size, (hi - 1) // block_size + 1):
-            if not blocks or blocks[-1] != b:
-                blocks.append(b)
-    return blocks
+def neighbourhood_ranges(start: int, boi: int | None, eoi: int, p: SinkParams) -> Ranges:
+    """What the multimodal sink keeps of one segment [start, eoi] once it has left the window."""
+    out = [(max(start, eoi - p.eoi_before), eoi + p.eoi_after + 1)]
+    if boi is not None:
+        out.insert(0, (max(start, boi - p.boi_before), boi + p.boi_after + 1))
+    return out
 
 
-def max_blocks(s: SinkSettings, longest_segment: int, max_segments: int, max_len: int, block_size: int) -> int:
-    """Most blocks one request can hold under the policy: at most ``max_segments`` segments of at
-    most ``longest_segment`` tokens, and at most ``max_len`` tokens in all.
+def clip(ranges: Ranges, end: int) -> Ranges:
+    return [(lo, min(hi, end)) for lo, hi in ranges if lo < end]
 
-    Used to admit requests on their bounded footprint instead of on ``max_len``.
+
+@dataclass
+class SinkTracker:
+    """``kept_ranges`` in incremental form: one story's marks, updated from its new tokens only.
+
+    After ``extend`` has seen tokens 0..n-1, ``kept()`` equals ``kept_ranges(ids[:n], p)`` and
+    ``kept_count()`` its size. The kept set changes shape only when a ``</img>`` pushes a segment
+    out of the window; every other token just extends the window by one. So a step costs what it
+    adds, plus O(segments gone) once per picture, never a pass over the story's history.
     """
-    def touched(tokens: int) -> int:  # blocks a run of `tokens` positions can straddle
-        return -(-tokens // block_size) + 1
 
-    everything = -(-max_len // block_size)
+    p: SinkParams
+    n: int = 0                       # tokens seen
+    evictions: int = 0               # segments that have left the window so far
+    segment_start: int = 0           # first position of the open segment
+    open_boi: int | None = None      # <img> of the open segment, if written
+    window: list[tuple[int, int | None, int]] = field(default_factory=list)  # (start, <img>, </img>) in the window
+    gone: Ranges = field(default_factory=list)  # kept ranges of what left the window (and the sink), unclipped
+    window_start: int = 0
+    below: Ranges = field(default_factory=list)  # ``gone`` clipped to the window start
+    below_count: int = 0
+
+    def extend(self, ids: Sequence[int]) -> None:
+        p, base = self.p, self.n
+        marks = [(i, t) for i, t in enumerate(ids) if t == p.boi_id or t == p.eoi_id]  # C-speed scan
+        self.n += len(ids)
+        if p.mode == "dense":
+            return
+        for i, t in marks:
+            if t == p.boi_id:
+                self.open_boi = base + i
+            else:
+                self._close_segment(base + i)
+
+    def _close_segment(self, eoi: int) -> None:
+        self.window.append((self.segment_start, self.open_boi, eoi))
+        self.segment_start, self.open_boi = eoi + 1, None
+        if len(self.window) <= self.p.window_segments:
+            return
+        start, boi, last = self.window.pop(0)  # this segment leaves the window
+        self.evictions += 1
+        if self.p.mode in ("streaming", "multimodal") and self.evictions == 1:
+            self.gone.append((0, self.p.sink_tokens))
+        if self.p.mode == "multimodal":
+            self.gone = merge(self.gone + neighbourhood_ranges(start, boi, last, self.p))
+        self.window_start = last + 1
+        self.below = clip(self.gone, self.window_start)
+        self.below_count = count(self.below)
+
+    def kept(self) -> Ranges:
+        return merge(self.below + [(self.window_start, self.n)])
+
+    def kept_count(self) -> int:
+        return self.below_count + self.n - self.window_start
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class HeldBlocks:
+    """The compaction rule: which entries of a story's vLLM block list hold its KV.
+
+    vLLM's block list is positional: it always has ceil(tokens / block_size) entries, and new
+    blocks are appended at the end. Entries may be nulled (their block freed) but never removed.
+    Under compaction a story's kept tokens live densely *by rank* in the entries it still holds,
+    in list order: rank r is row r % block_size of entry ``entries[r // block_size]``.
+
+    The invariant both sides keep, without telling each other anything:
+      in every step in which a story is scheduled, with ``first`` tokens computed before the step,
+      ``scheduled`` tokens in it, and ``kept`` = |kept_ranges(ids[:first])|, the story holds the
+      first ceil((kept + scheduled) / block_size) + 1 entries of its held list, after appending
+      the entries vLLM allocated for this step. The rest are released.
+    The scheduler releases them (frees the blocks) right after scheduling the step; the worker
+    replays the same rule from the same numbers to know where each rank lives. Entry 0 is
+    never released, so a story is known in the worker by the block of its first entry.
+
+    Why the + 1 spare: vLLM appends blocks by position (ceil((first + s) / B) entries in all),
+    while the story needs room by rank (kept + s). With one spare held block the appended
+    blocks always cover the difference; without it, e.g. B=32 with 60 tokens of which 30 kept
+    and 3 new, they do not.
+    """
+
+    block_size: int
+    entries: list[int] = field(default_factory=list)
+
+    def step(self, first: int, scheduled: int, kept: int) -> list[int]:
+        """Apply one step; returns the entries to address this step's K/V by (this step's moves
+        still read rows of the entries released now, so they are included, at the end)."""
+        b = self.block_size
+        self.entries += range(cdiv(first, b), cdiv(first + scheduled, b))
+        visible = list(self.entries)
+        del self.entries[cdiv(kept + scheduled, b) + 1:]
+        return visible
+
+
+def max_kept(s: SinkSettings, longest_segment: int, max_segments: int, max_len: int) -> int:
+    """Most tokens the policy keeps of one request: at most ``max_segments`` segments of at most
+    ``longest_segment`` tokens, and at most ``max_len`` tokens in all."""
     if s.mode == "dense":
-        return everything
-    blocks = touched((s.window_segments + 1) * longest_segment) + 1  # the window, and block 0
+        return max_len
+    kept = (s.window_segments + 1) * longest_segment  # the window and the open segment
+    if s.mode in ("streaming", "multimodal"):
+        kept += s.sink_tokens
     if s.mode == "multimodal":
         gone = max(0, max_segments - s.window_segments)
-        blocks += gone * (touched(s.boi_before + s.boi_after + 1) + touched(s.eoi_before + s.eoi_after + 1))
-    return min(blocks, everything)
+        kept += gone * (s.boi_before + s.boi_after + 1 + s.eoi_before + s.eoi_after + 1)
+    return min(kept, max_len)
+
+
+def max_blocks(s: SinkSettings, longest_segment: int, max_segments: int, max_len: int, block_size: int,
+               step_tokens: int = 1) -> int:
+    """Most blocks one request holds under compaction (``HeldBlocks``): its most kept tokens plus
+    one step's tokens, and the spare block. Dense holds its whole length."""
+    if s.mode == "dense":
+        return cdiv(max_len, block_size)
+    return min(cdiv(max_kept(s, longest_segment, max_segments, max_len) + step_tokens, block_size) + 1,
+               cdiv(max_len, block_size))

@@ -1,23 +1,28 @@
 """Worker side of the sink: ``SeedStoryForCausalLM``, a vLLM Llama whose attention reads
-exactly the kept tokens of each request, at their positions inside the kept cache.
+exactly the kept tokens of each request, at their positions inside the kept cache, from a
+compacted cache.
 
-Positions are ranks in the kept set (StreamingLLM style). Keys are cached already rotated
-to their current rank and re-rotated in place when an eviction shifts ranks (once per
-picture, not once per token): RoPE rotations compose, so turning a key from rank r to
-rank r' is one rotation by r' - r.
+Positions are ranks in the kept set (StreamingLLM style). The cache is compacted: a story's
+kept tokens sit densely by rank in the blocks it holds (``sink.HeldBlocks``, the rule the
+scheduler replays to free the rest), and the key at storage index i is always rotated to rank i.
+RoPE rotations compose, so moving a key from storage index i to j is one rotation by j - i.
 
 Data flow of one forward step:
-  1. ``SeedStoryForCausalLM.forward`` appends this step's token ids to each request's
-     history and asks the sink policy which positions every query may see (``plan_request``),
-     then pads all groups into one ``StepBatch``.
-  2. Each ``SinkAttention`` writes this step's K (rotated to its rank) and V through
-     ``slot_mapping``, gathers the visible K/V rows, rotates any whose cached rank differs
-     from the rank this group sees, attends, and finally re-rotates the keys whose rank
-     the step's evictions changed.
+  1. ``SeedStoryForCausalLM.forward`` feeds each request's new token ids to its ``SinkTracker``
+     (incremental: the step costs what it adds) and plans the step (``plan_request``): the moves
+     that compact what the last step's evictions left, where the new tokens go, and which keys
+     every query sees. It pads all requests into one ``StepBatch``.
+  2. Each ``SinkAttention`` layer first moves the kept rows (re-rotating their keys), *then*
+     writes this step's K and V, gathers the visible rows, corrects ranks where a query group
+     sees a set an eviction inside this step changed, and attends. Moves come before writes
+     because rows may still sit in blocks the scheduler released this step, and because a
+     story's own new tokens land where its moved rows came from.
 
 Our cache layout: vLLM's CPU cache tensor ``[num_blocks, kv_heads, block_size, 2 * hd]``
 reinterpreted as one row per slot, ``(num_blocks * block_size, kv_heads, 2 * hd)``, K then V.
-vLLM's own cache write is never called and its kernels never read it (DESIGN.md §7).
+vLLM's own cache write is never called and its kernels never read it (``docs/architecture.md``).
+vLLM's ``slot_mapping`` is position-based and is not used: under compaction it points into
+blocks the story no longer holds.
 """
 
 from __future__ import annotations
@@ -31,65 +36,79 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from actors.mllm.sink import Ranges, SinkParams, kept_ranges, merge, positions
+from actors.mllm.sink import HeldBlocks, Ranges, SinkParams, SinkTracker, count, merge
 from actors.mllm.vllm_kv import SeedStorySinkSpec, sink_params
 
 
 # -- planning (per step, plain Python lists) -------------------------------------------------
 @dataclass
 class RequestState:
-    """What the worker knows of a request: its tokens, and the kept set its cached keys are
-    rotated for (``kept``, as of ``len(history)`` tokens)."""
+    """What the worker knows of a request: its policy marks, the block-list entries it holds, and
+    the positions its storage holds (storage index i holds the i-th, its key rotated to rank i)."""
 
-    history: list[int] = field(default_factory=list)
-    kept: Ranges = field(default_factory=list)
+    tracker: SinkTracker
+    held: HeldBlocks
+    stored: Ranges = field(default_factory=list)
+    laid_out: int = 0  # tracker.evictions when `stored` was laid out; if it moved on, compact
 
 
 @dataclass
 class QueryGroup:
     """Queries of one request that see the same kept set (it changes only at a </img>)."""
 
-    rows: range                # rows of this step's flattened tokens
-    keys: list[int]            # visible key positions, in order: key k has rank k
+    rows: range                  # rows of this step's flattened tokens
+    keys: range | list[int]      # storage indices of the visible keys, in rank order; the queries are the last
     key_delta: list[int] | None  # rank seen here minus rank cached, per key (None: all zero)
 
 
 @dataclass
 class RequestPlan:
     groups: list[QueryGroup]
-    write_ranks: list[int]      # rank each new token's key is cached at
-    fixups: list[tuple[int, int]]  # (position, rotation) to apply after attention
+    writes: range                      # storage indices of this step's tokens, their keys rotated to them
+    moves: list[tuple[int, int, int]]  # (from, to, length) runs of storage indices, done before any write
+    entries: list[int]                 # block-list entries that storage index i // block_size lives in
 
 
-def plan_request(st: RequestState, first: int, end: int, policy: SinkParams, row0: int) -> RequestPlan:
-    """Plan the queries at positions [first, end) of one request (history already appended).
+def rank_runs(outer: Ranges, inner: Ranges) -> list[tuple[int, int, int]]:
+    """For ``inner`` ⊆ ``outer`` (both merged): runs (rank in outer, rank in inner, length)."""
+    runs, i, base, rank = [], 0, 0, 0
+    for lo, hi in inner:
+        while outer[i][1] <= lo:  # a merged inner range lies inside one outer range
+            base += outer[i][1] - outer[i][0]
+            i += 1
+        runs.append((base + lo - outer[i][0], rank, hi - lo))
+        rank += hi - lo
+    return runs
 
-    Query i sees kept_ranges(history[:i+1]). That set changes only when history[i] is </img>,
-    so queries between two </img> form one group (causal masking by rank inside it).
+
+def plan_request(st: RequestState, first: int, new_ids: list[int], row0: int) -> RequestPlan:
+    """Plan the queries at positions [first, first + len(new_ids)) of one request.
+
+    Query i sees kept_ranges(ids[:i+1]). That set changes only when ids[i] is </img>, so the
+    queries between two </img> form one group (causal masking by rank inside it).
     """
-    h = st.history
-    cuts = [first] + [i for i in range(first + 1, end) if h[i] == policy.eoi_id] + [end]
-    epochs = [(s, t, merge(kept_ranges(h[:s + 1], policy) + [(s, t)])) for s, t in zip(cuts, cuts[1:])]
-    write_ranks = []
-    for s, t, rng in epochs:
-        n = sum(hi - lo for lo, hi in rng)
-        write_ranks += range(n - (t - s), n)
-    end_kept = epochs[-1][2]  # == kept_ranges(h[:end]): no </img> after the last cut
-    # Common case (no eviction since the cached assignment, one group): every cached rank is
-    # already the rank the queries see.
-    if len(epochs) == 1 and merge(st.kept + [(first, end)]) == end_kept:
-        st.kept = end_kept
-        return RequestPlan([QueryGroup(range(row0, row0 + end - first), positions(end_kept), None)], write_ranks, [])
-    cached = {p: r for r, p in enumerate(positions(st.kept))}
-    cached.update({first + j: r for j, r in enumerate(write_ranks)})
-    groups = []
-    for s, t, rng in epochs:
-        keys = positions(rng)
-        groups.append(QueryGroup(range(row0 + s - first, row0 + t - first), keys,
-                                 [r - cached[p] for r, p in enumerate(keys)]))
-    fixups = [(p, r - cached[p]) for r, p in enumerate(positions(end_kept)) if cached[p] != r]
-    st.kept = end_kept
-    return RequestPlan(groups, write_ranks, fixups)
+    t, s = st.tracker, len(new_ids)
+    kept, evictions = t.kept(), t.evictions  # as of `first`: what the storage must hold now
+    moves = [r for r in rank_runs(st.stored, kept) if r[0] != r[1]] if evictions != st.laid_out else []
+    k = count(kept)
+    entries = st.held.step(first, s, k)
+    layout = merge(kept + [(first, first + s)])  # storage after the moves and writes
+    eoi = t.p.eoi_id
+    cuts = [0] + [j for j in range(1, s) if new_ids[j] == eoi] + [s]
+    groups, seen = [], 0
+    for c, e in zip(cuts, cuts[1:]):
+        t.extend(new_ids[seen:c + 1])
+        seen = c + 1
+        rows = range(row0 + c, row0 + e)
+        if t.evictions == evictions:  # nothing evicted since `first`: storage order is rank order
+            groups.append(QueryGroup(rows, range(k + e), None))
+            continue
+        runs = rank_runs(layout, merge(t.kept() + [(first + c, first + e)]))
+        groups.append(QueryGroup(rows, [i for src, _, n in runs for i in range(src, src + n)],
+                                 [dst - src for src, dst, n in runs for _ in range(n)]))
+    t.extend(new_ids[seen:])
+    st.stored, st.laid_out = layout, evictions
+    return RequestPlan(groups, range(k, k + s), moves, entries)
 
 
 # -- the batched tensors every layer uses ----------------------------------------------------
@@ -105,36 +124,60 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
+def storage_slots(table_row: torch.Tensor, entries: list[int], block_size: int) -> torch.Tensor:
+    """Physical cache slot of every storage index of one request: index i lives in row
+    i % block_size of the block at entry ``entries[i // block_size]`` of its block table."""
+    blocks = table_row[torch.tensor(entries, dtype=torch.long, device=table_row.device)].long()
+    return (blocks[:, None] * block_size + torch.arange(block_size, device=table_row.device)).reshape(-1)
+
+
 @dataclass
 class StepBatch:
     """All query groups of a step, padded into one batch (G groups, N keys, Qm queries)."""
 
-    write_rot: tuple            # cos, sin per step token: (T, 1, hd/2)
-    slots: torch.Tensor         # (G, N) visible key slots (padding: slot 0, masked)
-    q_rows: torch.Tensor        # (G, Qm) rows of this step's tokens (padding: row 0, dropped)
-    q_valid: torch.Tensor       # (G, Qm)
-    q_rot: tuple                # cos, sin of query ranks: (G, Qm, 1, hd/2)
-    mask: torch.Tensor          # (G, 1, Qm, N) causal by rank, padding masked
-    key_rot: tuple | None       # cos, sin of key rank corrections (G, N, 1, hd/2), None if all zero
-    fix_slots: torch.Tensor | None  # slots re-rotated after attention, and by how much
-    fix_rot: tuple | None
+    move_src: torch.Tensor | None  # slots whose rows move (compaction), before any write
+    move_dst: torch.Tensor | None
+    move_rot: tuple | None         # cos, sin of each moved key's rank change: (M, 1, hd/2)
+    write_rows: torch.Tensor       # rows of this step's tokens, and the slots they are written to
+    write_slots: torch.Tensor
+    write_rot: tuple               # cos, sin of their ranks: (W, 1, hd/2)
+    slots: torch.Tensor            # (G, N) visible key slots (padding: slot 0, masked)
+    q_rows: torch.Tensor           # (G, Qm) rows of this step's tokens (padding: row 0, dropped)
+    q_valid: torch.Tensor          # (G, Qm)
+    q_rot: tuple                   # cos, sin of query ranks: (G, Qm, 1, hd/2)
+    mask: torch.Tensor             # (G, 1, Qm, N) causal by rank, padding masked
+    key_rot: tuple | None          # cos, sin of key rank corrections (G, N, 1, hd/2), None if all zero
 
 
-def build_batch(plans: list[RequestPlan], slot_fns: list, num_tokens: int, cos_sin: torch.Tensor) -> StepBatch:
-    groups = [(g, fn) for plan, fn in zip(plans, slot_fns) for g in plan.groups]
+def _index(idx: range | list[int], dev) -> torch.Tensor:
+    if isinstance(idx, range):
+        return torch.arange(idx.start, idx.stop, dtype=torch.long, device=dev)
+    return torch.tensor(idx, dtype=torch.long, device=dev)
+
+
+def build_batch(plans: list[RequestPlan], slot_maps: list[torch.Tensor], cos_sin: torch.Tensor) -> StepBatch:
+    dev = cos_sin.device
+    groups = [(g, sm) for plan, sm in zip(plans, slot_maps) for g in plan.groups]
     n = max(len(g.keys) for g, _ in groups)
     qm = max(len(g.rows) for g, _ in groups)
-    dev = cos_sin.device
 
     def pad(rows: list[list[int]], width: int) -> torch.Tensor:
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)
 
-    write = torch.zeros(num_tokens, dtype=torch.long, device=dev)
-    for plan in plans:
-        start = plan.groups[0].rows.start
-        write[start:start + len(plan.write_ranks)] = torch.tensor(plan.write_ranks, device=dev)
-    slots = torch.stack([torch.cat((fn(g.keys), torch.zeros(n - len(g.keys), dtype=torch.long, device=dev)))
-                         for g, fn in groups])
+    moves = [(sm, run) for plan, sm in zip(plans, slot_maps) for run in plan.moves]
+    move_src = move_dst = move_rot = None
+    if moves:
+        src = [_index(range(a, a + m), dev) for _, (a, _, m) in moves]
+        dst = [_index(range(d, d + m), dev) for _, (_, d, m) in moves]
+        move_src = torch.cat([sm[i] for (sm, _), i in zip(moves, src)])
+        move_dst = torch.cat([sm[i] for (sm, _), i in zip(moves, dst)])
+        move_rot = rope_of(cos_sin, torch.cat([d - i for i, d in zip(src, dst)]))
+    writes = [_index(plan.writes, dev) for plan in plans]
+    write_rows = torch.cat([_index(range(p.groups[0].rows.start, p.groups[0].rows.start + len(p.writes)), dev)
+                            for p in plans])
+    write_slots = torch.cat([sm[w] for sm, w in zip(slot_maps, writes)])
+    slots = torch.stack([torch.cat((sm[_index(g.keys, dev)], torch.zeros(n - len(g.keys), dtype=torch.long, device=dev)))
+                         for g, sm in groups])
     key_len = torch.tensor([len(g.keys) for g, _ in groups], device=dev)
     q_len = torch.tensor([len(g.rows) for g, _ in groups], device=dev)
     q_rows = pad([list(g.rows) for g, _ in groups], qm)
@@ -145,13 +188,8 @@ def build_batch(plans: list[RequestPlan], slot_fns: list, num_tokens: int, cos_s
     key_rot = None
     if any(g.key_delta for g, _ in groups):
         key_rot = rope_of(cos_sin, pad([g.key_delta or [0] * len(g.keys) for g, _ in groups], n))
-    fixes = [(fn, plan.fixups) for plan, fn in zip(plans, slot_fns) if plan.fixups]
-    fix_slots = fix_rot = None
-    if fixes:
-        fix_slots = torch.cat([fn([p for p, _ in fx]) for fn, fx in fixes])
-        fix_rot = rope_of(cos_sin, torch.tensor([d for _, fx in fixes for _, d in fx], device=dev))
-    return StepBatch(rope_of(cos_sin, write), slots, q_rows, q_valid,
-                     rope_of(cos_sin, q_ranks.clamp(min=0)), mask[:, None], key_rot, fix_slots, fix_rot)
+    return StepBatch(move_src, move_dst, move_rot, write_rows, write_slots, rope_of(cos_sin, torch.cat(writes)),
+                     slots, q_rows, q_valid, rope_of(cos_sin, q_ranks.clamp(min=0)), mask[:, None], key_rot)
 
 
 # -- the layers ------------------------------------------------------------------------------
@@ -176,12 +214,16 @@ class SinkAttention(Attention):
             return out
         hd, h, kvh = self.head_size, self.num_heads, self.num_kv_heads
         rows = self.kv_cache.view(-1, kvh, 2 * hd)  # (slots, kv_heads, 2 * hd)
+        # 0. Compaction: move kept rows down to their rank, re-rotating their keys. Before any
+        #    write: the rows may sit in blocks released this step, or where new tokens go.
+        if b.move_src is not None:
+            moved = rows[b.move_src]  # a copy: sources and destinations may overlap
+            moved[..., :hd] = rotate(moved[..., :hd], *b.move_rot)
+            rows[b.move_dst] = moved
         # 1. Write this step's keys, rotated to their rank, and values.
-        slots = self.step.slot_mapping
-        ok = slots >= 0
-        n = slots.shape[0]
-        k_new = rotate(key[:n].view(n, kvh, hd), *(x[:n] for x in b.write_rot))
-        rows[slots[ok]] = torch.cat((k_new[ok], value[:n].view(n, kvh, hd)[ok]), -1)
+        w = b.write_rows
+        k_new = rotate(key[w].view(-1, kvh, hd), *b.write_rot)
+        rows[b.write_slots] = torch.cat((k_new, value[w].view(-1, kvh, hd)), -1)
         # 2. Gather the visible rows of every group; correct ranks where this group sees others.
         g, nk, qm = b.slots.shape[0], b.slots.shape[1], b.q_rows.shape[1]
         kv = rows.view(rows.shape[0], -1).index_select(0, b.slots.reshape(-1)).view(g, nk, kvh, 2 * hd)
@@ -195,9 +237,6 @@ class SinkAttention(Attention):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=b.mask, scale=self.impl.scale)  # (G, h, Qm, hd)
         out[b.q_rows[b.q_valid]] = o.transpose(1, 2).reshape(g, qm, h * hd)[b.q_valid]
-        # 4. Keys whose rank this step's evictions shifted: rotate them to their new rank.
-        if b.fix_slots is not None:
-            rows[b.fix_slots, :, :hd] = rotate(rows[b.fix_slots, :, :hd], *b.fix_rot)
         return out
 
 
@@ -217,7 +256,6 @@ class SinkLlamaAttention(LlamaAttention):
 @dataclass
 class StepState:
     batch: StepBatch | None = None
-    slot_mapping: torch.Tensor | None = None
 
 
 class SeedStoryForCausalLM(LlamaForCausalLM):
@@ -234,12 +272,20 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         rope = self.model.layers[0].self_attn.rotary_emb
         assert rope.rotary_dim == rope.head_size and rope.is_neox_style
         # Attention metadata carries no request ids: requests are known by the physical id of
-        # their first block, which the KV manager pins for the request's life.
+        # their first block, which ``HeldBlocks`` never releases while the request lives.
         self.requests: dict[int, RequestState] = {}
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         self._plan(input_ids)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def retain(self, first_blocks: set[int]) -> int:
+        """Forget every request whose first block is not in ``first_blocks`` (the live ones);
+        returns how many are left. A finished, aborted or preempted story's first block was
+        freed, so its state is garbage: ``SinkWorkerExtension`` relays the live set."""
+        for key in set(self.requests) - set(first_blocks):
+            del self.requests[key]
+        return len(self.requests)
 
     def _plan(self, input_ids: torch.Tensor) -> None:
         ctx = get_forward_context()
@@ -248,31 +294,35 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
             self.step.batch = None
             return
         m = meta[self.layer_names[0]] if isinstance(meta, dict) else meta
-        self.step.slot_mapping = m.slot_mapping
         qsl, seq_lens, table = m.query_start_loc.tolist(), m.seq_lens.tolist(), m.block_table
         bs = ctx.no_compile_layers[self.layer_names[0]].kv_cache.shape[2]
         ids = input_ids.tolist()
-        plans, slot_fns = [], []
+        plans, slot_maps = [], []
         for r in range(len(seq_lens)):
             q0, q1, end = qsl[r], qsl[r + 1], seq_lens[r]
             first = end - (q1 - q0)
-            st = self._request(int(table[r, 0]), first)
-            st.history[first:end] = ids[q0:q1]
-            plans.append(plan_request(st, first, end, self.policy, q0))
-            slot_fns.append(functools.partial(_slots, table[r], bs))
+            st = self._request(int(table[r, 0]), first, bs)
+            plans.append(plan_request(st, first, ids[q0:q1], q0))
+            slot_maps.append(storage_slots(table[r], plans[-1].entries, bs))
         cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin_cache.to(self.lm_head.weight.dtype)
-        self.step.batch = build_batch(plans, slot_fns, len(ids), cos_sin)
+        self.step.batch = build_batch(plans, slot_maps, cos_sin)
 
-    def _request(self, first_block: int, first: int) -> RequestState:
+    def _request(self, first_block: int, first: int, block_size: int) -> RequestState:
         if first == 0:  # a new request (or a recomputed one) owns this first block now
-            self.requests[first_block] = RequestState()
+            self.requests[first_block] = RequestState(SinkTracker(self.policy), HeldBlocks(block_size))
         st = self.requests[first_block]
-        if len(st.history) != first:
-            raise RuntimeError(f"token history of block {first_block} has {len(st.history)} tokens, "
+        if st.tracker.n != first:
+            raise RuntimeError(f"the request of block {first_block} has seen {st.tracker.n} tokens, "
                                f"the step starts at {first}")
         return st
 
 
-def _slots(row: torch.Tensor, block_size: int, keys: list[int]) -> torch.Tensor:
-    pos = torch.tensor(keys, dtype=torch.long, device=row.device)
-    return row[pos // block_size].long() * block_size + pos % block_size
+class SinkWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``) so the engine can reach the model
+    through ``collective_rpc``, vLLM's public route for it."""
+
+    def seedstory_retain(self, first_blocks: list[int]) -> int:
+        return self.model_runner.get_model().retain(set(first_blocks))
+
+    def seedstory_states(self) -> int:
+        return len(self.model_runner.get_model().requests)
