@@ -71,6 +71,16 @@ def read_manifest(ckpt: str | Path) -> Manifest:
     return Manifest.from_dict(json.loads(path.read_text()))
 
 
+def checkpoint_name(ckpt: str | Path) -> str:
+    """What clients are told a story came from: the model card's title (``README.md``'s first
+    heading, Markdown code marks dropped), else the folder's name; never the path, which says
+    where the server keeps its files."""
+    card = Path(ckpt) / "README.md"
+    lines = card.read_text(encoding="utf-8").splitlines() if card.is_file() else []
+    title = next((line[2:].replace("`", "").strip() for line in lines if line.startswith("# ")), "")
+    return title or Path(ckpt).resolve().name
+
+
 def part_dir(ckpt: str | Path, part: str) -> Path:
     if part not in PARTS:
         raise ValueError(f"unknown checkpoint part {part!r}")

@@ -9,11 +9,15 @@
 If the client cancels, disconnects or runs out of deadline, Serve cancels this generator; the
 ``finally`` blocks cancel the MLLM stream (whose replica aborts the vLLM request and frees its
 KV blocks) and every render still pending.
+
+A client error (bad request, token, load, a truncated story) ends the stream with its status and
+one log line, never a traceback: see ``GenerateStory``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 import zlib
@@ -29,8 +33,15 @@ from cluster.app import AppSettings
 from cluster.requests import InvalidRequest, StorySpec, check_request
 
 
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, tagged with the request id
+
+
 class StoryError(Exception):
-    """Raised after the gRPC status is set on the context; Serve's proxy sends that status."""
+    """A client error, raised by ``_fail`` once its gRPC status is on the context."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 # Replicas, resources, autoscaling and max_ongoing_requests: ray_config.yaml.
@@ -51,6 +62,20 @@ class StoryIngress:
         self.pending_renders = 0
 
     async def GenerateStory(self, request, grpc_context) -> AsyncIterator[StoryEvent]:
+        """Client errors end the stream normally: raised out of here, each would be logged with a
+        traceback by this replica and by the proxy. The proxy takes the status from the context
+        that travels with each event, and one already sent may have left without it, so the stream
+        ends with an event that holds only the story id, sent after the status is set; without it
+        the client would see OK."""
+        story_id = uuid.uuid4().hex[:16]
+        try:
+            async for event in self._serve(request, story_id, grpc_context):
+                yield event
+        except StoryError as e:
+            log.warning(f"story {story_id}: {e.code.name}: {e}")
+            yield _event(story_id)
+
+    async def _serve(self, request, story_id: str, grpc_context) -> AsyncIterator[StoryEvent]:
         received = time.time()
         self._authorize(grpc_context)
         try:
@@ -65,7 +90,7 @@ class StoryIngress:
         self.m_active.set(self.active)
         outcome = "cancelled"  # stays so if Serve cancels us (client gone, deadline)
         try:
-            async for event in self._story(spec, uuid.uuid4().hex[:16], received, grpc_context):
+            async for event in self._story(spec, story_id, received, grpc_context):
                 yield event
             outcome = "ok"
         except StoryError:
@@ -79,6 +104,8 @@ class StoryIngress:
             self.m_active.set(self.active)
             if outcome:
                 self.m_stories.inc(tags={"outcome": outcome})
+            if outcome == "cancelled":
+                log.info(f"story {story_id}: CANCELLED: the client cancelled, disconnected or ran out of time")
 
     # -- checks ----------------------------------------------------------------------------
     def _authorize(self, ctx) -> None:
@@ -90,7 +117,7 @@ class StoryIngress:
         self.m_stories.inc(tags={"outcome": outcome})
         ctx.set_code(code)
         ctx.set_details(message)
-        raise StoryError(message)
+        raise StoryError(code, message)
 
     # -- one story -------------------------------------------------------------------------
     async def _story(self, spec: StorySpec, story_id: str, received: float, ctx) -> AsyncIterator[StoryEvent]:
@@ -108,6 +135,11 @@ class StoryIngress:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+            if run.end.get("truncated"):  # every segment written is delivered first, then the error
+                self._fail(ctx, grpc.StatusCode.OUT_OF_RANGE,
+                           f"segments: the MLLM's length limit ended the story after {len(run.renders)} of "
+                           f"{spec.segments} segments (dense attention keeps every token); ask for fewer "
+                           "segments or serve a sink mode", "truncated")
             yield run.stats(received, tokenized)
             self.m_stage.observe(time.time() - received, tags={"stage": "story"})
         finally:

@@ -3,7 +3,11 @@
 At every token it asks the sink policy which positions the token may see, rotates the
 cached pre-RoPE keys by their rank in that kept set (StreamingLLM positions), and attends
 with an explicit mask: exactly what "the transformers MLLM with the same policy" means in
-DESIGN.md §7. Greedy decoding under the same story grammar as the engine.
+the engine's design (docs/architecture.md). Greedy decoding under the same story grammar.
+
+Its kept set is computed here, from the policy's definition, as a per-token mask
+(``kept_mask``), not with ``actors.mllm.sink``: a bug in the policy module cannot then hide in
+both the engine and its reference.
 """
 
 from __future__ import annotations
@@ -13,8 +17,31 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from actors.mllm.grammar import StoryRules, start_state
-from actors.mllm.sink import SinkParams, kept_ranges, positions
+from actors.mllm.sink import SinkParams
 from actors.mllm.vllm_logits import choice_masks
+
+
+def kept_mask(ids: list[int], p: SinkParams) -> list[bool]:
+    """Which tokens of ``ids`` the policy keeps, straight from its definition: segments end at
+    </img>; the last ``window_segments`` complete ones and the open one stay whole; of the older
+    ones, the multimodal sink keeps the tokens near each <img> and </img> (never before the
+    segment's first token), and the sink modes keep the first ``sink_tokens`` of the story."""
+    n = len(ids)
+    if p.mode == "dense":
+        return [True] * n
+    ends = [i for i, t in enumerate(ids) if t == p.eoi_id]
+    old = max(0, len(ends) - p.window_segments)
+    keep = [i > ends[old - 1] if old else True for i in range(n)]
+    if p.mode in ("streaming", "multimodal"):
+        keep[:p.sink_tokens] = [True] * min(p.sink_tokens, n)
+    for j in range(old if p.mode == "multimodal" else 0):
+        start = ends[j - 1] + 1 if j else 0
+        bois = [i for i in range(start, ends[j]) if ids[i] == p.boi_id]
+        near = [(ends[j], p.eoi_before, p.eoi_after)] + [(bois[-1], p.boi_before, p.boi_after)] * bool(bois)
+        for mark, before, after in near:
+            for i in range(max(start, mark - before), min(n, mark + after + 1)):
+                keep[i] = True
+    return keep
 
 
 class SinkReference:
@@ -32,7 +59,7 @@ class SinkReference:
     @torch.no_grad()
     def _token(self, ids: list[int], cache: list[tuple[list, list]]) -> torch.Tensor:
         """Run the newest token ids[-1]; returns its logits."""
-        kept = positions(kept_ranges(ids, self.policy))
+        kept = [i for i, k in enumerate(kept_mask(ids, self.policy)) if k]
         ranks = list(range(len(kept)))
         x = self.m.model.embed_tokens(torch.tensor([ids[-1]]))  # (1, d)
         for layer, (ks, vs) in zip(self.m.model.layers, cache):

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from actors.mllm.sink import RELEASED, SinkParams, SinkSettings, contains, count, kept_blocks, kept_ranges, positions
+from actors.mllm.sink import (RELEASED, HeldBlocks, SinkParams, SinkSettings, SinkTracker, contains, count, kept_ranges,
+                              max_blocks, positions)
 
 BOI, EOI, TEXT, VIS = 1, 2, 9, 5
 
@@ -84,10 +85,74 @@ def test_policy_is_monotone_a_token_once_evicted_is_never_kept_again():
                 before = now
 
 
-def test_kept_blocks_are_the_blocks_touching_kept_positions():
-    assert kept_blocks([(0, 2), (22, 46)], 8) == [0, 2, 3, 4, 5]
-    assert kept_blocks([(0, 2), (4, 7), (9, 12), (15, 18), (20, 46)], 8) == [0, 1, 2, 3, 4, 5]
-    assert kept_blocks([(22, 46)], 4) == [5, 6, 7, 8, 9, 10, 11]
+def random_story(rng) -> list[int]:
+    segments = []
+    for _ in range(rng.randint(1, 14)):
+        boi = [BOI] if rng.random() < 0.9 else []  # now and then a picture without its <img>
+        segments += [TEXT] * rng.randint(0, 6) + boi + [VIS] * rng.randint(1, 6) + [EOI]
+    return segments + [TEXT] * rng.randint(0, 4)
+
+
+@pytest.mark.parametrize("mode", ["dense", "window", "streaming", "multimodal"])
+def test_incremental_marks_equal_the_whole_history_policy(mode):
+    """SinkTracker, fed in random chunks, agrees with kept_ranges over the whole prefix, always."""
+    rng = random.Random(f"tracker-{mode}")
+    for _ in range(200):
+        ids = random_story(rng)
+        p = params(mode, sink_tokens=rng.randint(0, 6), window_segments=rng.randint(1, 3),
+                   boi_before=rng.randint(0, 4), boi_after=rng.randint(0, 8), eoi_before=rng.randint(0, 4),
+                   eoi_after=rng.randint(0, 4))
+        tracker, n = SinkTracker(p), 0
+        while n < len(ids):
+            step = ids[n:n + rng.randint(1, 9)]
+            tracker.extend(step)
+            n += len(step)
+            want = kept_ranges(ids[:n], p)
+            assert (tracker.kept(), tracker.kept_count()) == (want, count(want)), (ids[:n], p)
+
+
+def test_the_tracker_counts_evictions_only_at_picture_ends():
+    tracker = SinkTracker(params("multimodal"))
+    tracker.extend(IDS[:43])  # up to the last </img>, exclusive: segments 1-3 complete, window 2
+    assert tracker.evictions == 1 and tracker.kept() == [(0, 2), (4, 7), (9, 43)]
+    tracker.extend(IDS[43:44])  # the fourth </img>: segment 2 leaves the window
+    assert tracker.evictions == 2 and tracker.kept() == [(0, 2), (4, 7), (9, 12), (15, 18), (20, 44)]
+    tracker.extend(IDS[44:])
+    assert tracker.evictions == 2 and tracker.kept_count() == 2 + 3 + 3 + 3 + 26
+
+
+def test_held_blocks_keep_ceil_kept_plus_step_plus_one_and_release_from_the_tail():
+    held = HeldBlocks(block_size=4)
+    assert held.step(first=0, scheduled=10, kept=0) == [0, 1, 2]   # prefill: 3 entries, all held
+    assert held.entries == [0, 1, 2]
+    assert held.step(first=10, scheduled=1, kept=10) == [0, 1, 2]  # 11 tokens fit the 3 entries
+    # An eviction left 3 of 11 tokens: hold ceil((3 + 1) / 4) + 1 = 2 entries, release entry 2.
+    assert held.step(first=11, scheduled=1, kept=3) == [0, 1, 2]
+    assert held.entries == [0, 1]
+    # Position 12 opens entry 3 (entry 2 stays released): ranks 0-7 live in entries 0, 1; rank 8 in 3.
+    assert held.step(first=12, scheduled=1, kept=4) == [0, 1, 3]
+    assert held.entries == [0, 1, 3]
+
+
+def test_held_blocks_always_have_room_for_the_kept_tokens_and_the_step():
+    """The + 1 spare covers the gap between positions (how vLLM appends) and ranks (how we store)."""
+    rng = random.Random(5)
+    for b in (4, 16, 32):
+        held, first, kept = HeldBlocks(b), 0, 0
+        for _ in range(400):
+            s = rng.choice([1, 1, 1, rng.randint(1, 3 * b)])
+            visible = held.step(first, s, kept)
+            assert len(visible) * b >= kept + s and len(held.entries) * b >= kept + s
+            assert len(held.entries) <= -(-(kept + s) // b) + 1
+            first, kept = first + s, rng.randint(max(1, (kept + s) // 2), kept + s)  # evictions shrink it
+
+
+def test_max_blocks_bounds_the_compacted_footprint():
+    s = SinkSettings(mode="multimodal", sink_tokens=4, window_segments=8).for_pictures(16)  # 1/2/2/1
+    # window + open segment 9 x 34, sink 4, 17 gone segments x 8 kept, one new token: 447 -> 14 + 1 blocks
+    assert max_blocks(s, 34, 25, 100_000, 32) == 15
+    assert max_blocks(SinkSettings(mode="dense"), 34, 25, 884, 32) == 28
+    assert max_blocks(SinkSettings(mode="window"), 34, 25, 100_000, 32, step_tokens=64) == -(-(9 * 34 + 64) // 32) + 1
 
 
 @pytest.mark.parametrize("bad, message", [

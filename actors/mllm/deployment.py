@@ -117,7 +117,7 @@ class MLLMPool:
             return {"kind": "segment", "story_id": ev.story_id, "index": ev.index, "at": now,
                     "codes": ev.codes}
         return {"kind": "end", "story_id": ev.story_id, "at": now, "aborted": ev.aborted,
-                "prompt_tokens": ev.prompt_tokens, "output_tokens": ev.output_tokens,
+                "prompt_tokens": ev.prompt_tokens, "output_tokens": ev.output_tokens, "truncated": ev.truncated,
                 "peak_blocks": self.peak.pop(ev.story_id, 0), "block_bytes": self.engine.block_bytes()}
 
     def _abort(self, story_id: str) -> None:
