@@ -90,7 +90,7 @@ class DetokenizerConfig:
     latent_channels: int = 4
     vae_scaling_factor: float = 1.0
     # Zero terminal SNR + v-prediction + trailing spacing: without it the model learns flat
-    # backgrounds from the noise instead of from the tokens (DESIGN.md §8).
+    # backgrounds from the noise instead of from the tokens: hence zero terminal SNR.
     prediction_type: str = "v_prediction"
     rescale_betas_zero_snr: bool = True
     timestep_spacing: str = "trailing"

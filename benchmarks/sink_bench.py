@@ -1,18 +1,18 @@
-"""Benchmark: 25-segment stories on the tiny checkpoint, three ways, plus throughput.
+"""Benchmark: what the sink holds and costs, per segment, and what a fixed KV pool serves.
 
-Methods (each writes the same 25 segments' worth of tokens, greedy):
-  dense             vLLM, one request per story, nothing evicted
-  window-recompute  SEED-Story's released inference: per segment a new request whose prompt is
-                    the last W segments, so the whole window is prefilled again every segment
-  streaming         vLLM with the StreamingLLM policy (first tokens + window), for reference
-  sink              vLLM with our multimodal sink, one request per story
+1. One story of ``--segments`` segments (greedy) in each attention mode (dense, window,
+   streaming, multimodal), one vLLM request per story. Per segment: the KV blocks the story
+   holds (bytes = blocks x block bytes), the tokens the policy keeps, and the time.
+2. A fixed pool: the KV pool is sized so that dense fits exactly 4 stories of 25 segments (their
+   worst case, as the engine admits on it). ``--pool-stories`` stories are submitted at once in
+   each mode; the engine admits a story only while every admitted story's worst-case compacted
+   footprint fits (``actors/mllm/vllm_kv.py``). Reported: the most stories running at once,
+   preemptions (0 by construction), and stories per minute.
+3. Stories per minute for 1, 4 and 8 concurrent multimodal stories against a sequential
+   transformers ``generate`` loop at batch size 1 that re-prefills the window every segment
+   (SEED-Story's released inference).
 
-Per segment it records the time, the KV blocks the story holds (bytes = blocks x block bytes),
-the tokens the policy keeps, and the prefill tokens computed. Then stories per minute for
-1, 4 and 8 concurrent sink stories against a sequential transformers ``generate`` loop at
-batch size 1 (window-recompute, the released script's way).
-
-    python benchmarks/sink_bench.py --ckpt CKPT --out benchmarks/results
+    python benchmarks/sink_bench.py --ckpt CKPT --segments 50 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -22,48 +22,70 @@ import json
 import time
 from pathlib import Path
 
-from actors.checkpoint import part_dir
-from actors.mllm.engine import EngineConfig, SegmentEvent, StoryEngine
+from actors.checkpoint import part_dir, read_manifest
+from actors.mllm.engine import EngineConfig, SegmentEvent, StoryEnd, StoryEngine
 from actors.mllm.grammar import CHOICES, StoryRules, allowed_ids, start_state
-from actors.mllm.sink import SinkSettings, count, kept_ranges
-from actors.tokenizer.text import encode_segment, load_text_tokenizer, segment_ids
+from actors.mllm.sink import MODES, SinkSettings, SinkTracker
+from actors.tokenizer.text import encode_segment, load_text_tokenizer
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 
 
-def one_request_story(engine, prompt, segments, policy) -> dict:
-    """dense / sink: one request writes every segment."""
+def one_request_story(engine, prompt, segments) -> dict:
+    """One request writes every segment. A row per segment: the time its picture ended, the tokens
+    the policy keeps then, and the blocks the story holds once that eviction is compacted. The
+    scheduler sees a </img> two steps after it is sampled (one to compute it, one to see it
+    computed), so the blocks come from the schedule two steps later (the story's last, if it ends)."""
     t0 = time.perf_counter()
+    held: list[int] = []
+    hook = lambda scheduler, output: held.append(engine.story_blocks("story"))  # noqa: E731
+    engine.scheduler.step_hooks.append(hook)
     engine.submit("story", prompt, segments)
-    ids, rows = list(prompt), []
+    tracker = SinkTracker(engine.config.sink.with_ids(engine.tokens.boi, engine.tokens.eoi))
+    tracker.extend(prompt)
+    rows, at = [], []
     while engine.has_work():
         for ev in engine.step():
             if isinstance(ev, SegmentEvent):
-                ids += segment_ids(engine.tokens, ev.caption_ids, ev.codes)
+                tracker.extend(ev.caption_ids + [engine.tokens.boi] + ev.codes + [engine.tokens.eoi])
                 rows.append({"segment": ev.index + 1, "t": time.perf_counter() - t0,
-                             "blocks": engine.story_blocks("story"), "kept_tokens": count(kept_ranges(ids, policy))})
-    return {"segments": rows, "prefill_tokens": len(prompt), "total_s": time.perf_counter() - t0}
+                             "kept_tokens": tracker.kept_count()})
+                at.append(len(held) - 1)
+    engine.scheduler.step_hooks.remove(hook)
+    for row, i in zip(rows, at):
+        row["blocks"] = held[min(i + 2, len(held) - 1)]
+    return {"segments": rows, "total_s": time.perf_counter() - t0}
 
 
-def window_recompute_story(engine, prompt, segments, window) -> dict:
-    """SEED-Story's released loop: each segment re-prefills the last `window` segments."""
-    t, t0 = engine.tokens, time.perf_counter()
-    history: list[list[int]] = []
-    rows, prefill = [], 0
-    for k in range(segments):
-        context = [t.bos] + sum(history[-window:], []) + (prompt[1:] if k == 0 else [])
-        prefill += len(context)
-        engine.submit(f"seg{k}", context, 1)
-        peak, seg = 0, None
+def story_prompt(ckpt: str, engine) -> list[int]:
+    t = engine.tokens
+    return [t.bos] + encode_segment(load_text_tokenizer(part_dir(ckpt, "tokenizer")), t, OPENING, None)
+
+
+def dense_pool(ckpt: str, stories: int, segments: int, prompt_len: int) -> int:
+    """KV blocks (plus vLLM's null block) in which dense fits exactly ``stories`` stories."""
+    m = read_manifest(ckpt)
+    per_segment = m.preset.max_caption_tokens + m.num_queries + 2
+    return stories * -(-(prompt_len + segments * per_segment + 1) // 32) + 1
+
+
+def fixed_pool(ckpt: str, mode: str, window: int, blocks: int, stories: int, segments: int) -> dict:
+    engine = StoryEngine(EngineConfig(ckpt, sink=SinkSettings(mode=mode, window_segments=window),
+                                      max_stories=stories, kv_blocks=blocks, max_segments=segments + 1))
+    try:
+        prompt, scheduler = story_prompt(ckpt, engine), engine.scheduler
+        for i in range(stories):
+            engine.submit(f"p{i}", prompt, segments)
+        most, done, t0 = 0, 0, time.perf_counter()
         while engine.has_work():
-            for ev in engine.step():
-                if isinstance(ev, SegmentEvent):
-                    seg = segment_ids(engine.tokens, ev.caption_ids, ev.codes)
-            peak = max(peak, engine.blocks_in_use())
-        history.append(seg)
-        rows.append({"segment": k + 1, "t": time.perf_counter() - t0, "blocks": peak,
-                     "kept_tokens": len(context) + len(seg)})
-    return {"segments": rows, "prefill_tokens": prefill, "total_s": time.perf_counter() - t0}
+            most = max(most, len(scheduler.running))
+            done += sum(isinstance(ev, StoryEnd) and not ev.truncated for ev in engine.step())
+        seconds = time.perf_counter() - t0
+        preempted = sum(r.num_preemptions for r in scheduler.requests.values())
+        return {"most_running": most, "completed": done, "preemptions": preempted,
+                "stories_per_min": done / (seconds / 60), "seconds": seconds}
+    finally:
+        engine.shutdown()
 
 
 def throughput(engine, prompt, segments, concurrency) -> float:
@@ -106,15 +128,17 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in results.items():
         seg = [row["segment"] for row in r["segments"]]
         times = [row["t"] for row in r["segments"]]
         a.plot(seg, [t1 - t0 for t0, t1 in zip([0.0] + times, times)], marker=".", label=name)
         b.plot(seg, [row["blocks"] * r["block_bytes"] / 2**20 for row in r["segments"]], marker=".", label=name)
+        c.plot(seg, [row["kept_tokens"] for row in r["segments"]], marker=".", label=name)
     a.set(xlabel="segment", ylabel="seconds per segment", title="time of each segment")
-    b.set(xlabel="segment", ylabel="KV MiB held", title="KV cache in use")
-    a.legend(), b.legend()
+    b.set(xlabel="segment", ylabel="KV MiB held", title="KV cache the story holds")
+    c.set(xlabel="segment", ylabel="tokens", title="tokens the policy keeps")
+    a.legend(), b.legend(), c.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -123,60 +147,70 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--segments", type=int, default=25)
+    ap.add_argument("--name", default="sink_bench", help="result files: NAME.json, NAME.png")
+    ap.add_argument("--segments", type=int, default=50)
     ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--pool-stories", type=int, default=16)
+    ap.add_argument("--pool-segments", type=int, default=25)
     ap.add_argument("--hf-stories", type=int, default=2)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results, rates = {}, {}
-    methods = (("dense", "dense"), ("window-recompute", "dense"), ("streaming", "streaming"), ("sink", "multimodal"))
-    for name, mode in methods:
-        settings = SinkSettings(mode=mode, window_segments=a.window)
-        engine = StoryEngine(EngineConfig(a.ckpt, sink=settings, max_stories=8, max_segments=a.segments + 1,
-                                          kv_blocks=1024))
-        t = engine.tokens
-        tok = load_text_tokenizer(part_dir(a.ckpt, "tokenizer"))
-        prompt = [t.bos] + encode_segment(tok, t, OPENING, None)
-        policy = engine.config.sink.with_ids(t.boi, t.eoi)  # neighbourhoods scaled to Q
-        if name == "window-recompute":
-            r = window_recompute_story(engine, prompt, a.segments, a.window)
-        else:
-            r = one_request_story(engine, prompt, a.segments, policy)
+    results, pools, rates = {}, {}, {}
+    for mode in MODES:
+        engine = StoryEngine(EngineConfig(a.ckpt, sink=SinkSettings(mode=mode, window_segments=a.window),
+                                          max_stories=8, max_segments=a.segments + 1, kv_blocks=1024))
+        prompt = story_prompt(a.ckpt, engine)
+        r = one_request_story(engine, prompt, a.segments)
         r["block_bytes"] = engine.block_bytes()
-        results[name] = r
-        print(f"{name}: {r['total_s']:.1f}s, prefill {r['prefill_tokens']} tokens, "
-              f"blocks at 10/{a.segments}: {r['segments'][9]['blocks']}/{r['segments'][-1]['blocks']}", flush=True)
-        if name == "sink":
+        results[mode] = r
+        print(f"{mode}: {r['total_s']:.1f}s, blocks at 10/25/{a.segments}: "
+              + "/".join(str(r["segments"][k - 1]["blocks"]) for k in sorted({10, min(25, a.segments), a.segments})), flush=True)
+        if mode == "multimodal":
             for c in (1, 4, 8):
-                rates[f"sink x{c}"] = throughput(engine, prompt, a.segments, c)
-                print(f"sink, {c} concurrent: {rates[f'sink x{c}']:.2f} stories/min", flush=True)
+                rates[f"multimodal x{c}"] = throughput(engine, prompt, 25, c)
+                print(f"multimodal, {c} concurrent: {rates[f'multimodal x{c}']:.2f} stories/min", flush=True)
         engine.shutdown()
-    from actors.checkpoint import read_manifest
-
-    rates["transformers sequential"] = hf_sequential(a.ckpt, read_manifest(a.ckpt), prompt, a.segments, a.window,
+    blocks = dense_pool(a.ckpt, 4, a.pool_segments, len(prompt))
+    for mode in MODES:
+        pools[mode] = fixed_pool(a.ckpt, mode, a.window, blocks, a.pool_stories, a.pool_segments)
+        print(f"fixed pool of {blocks} blocks, {mode}: {pools[mode]}", flush=True)
+    rates["transformers sequential"] = hf_sequential(a.ckpt, read_manifest(a.ckpt), prompt, 25, a.window,
                                                      a.hf_stories)
     print(f"transformers sequential: {rates['transformers sequential']:.2f} stories/min", flush=True)
-    (out / "sink_bench.json").write_text(json.dumps({"results": results, "stories_per_minute": rates}, indent=1))
-    plot(results, out / "sink_bench.png")
-    print(table(results, rates))
+    summary = {"results": results, "fixed_pool": {"blocks": blocks, "stories": a.pool_stories,
+                                                  "segments": a.pool_segments, "modes": pools},
+               "stories_per_minute": rates}
+    (out / f"{a.name}.json").write_text(json.dumps(summary, indent=1))
+    plot(results, out / f"{a.name}.png")
+    print(table(summary))
 
 
-def table(results: dict, rates: dict) -> str:
+def table(summary: dict) -> str:
+    results = summary["results"]
+
     def seg_time(r, k):
         ts = [row["t"] for row in r["segments"]]
         return ts[k - 1] - (ts[k - 2] if k > 1 else 0.0)
 
     last = len(next(iter(results.values()))["segments"])
-    lines = [f"| method | total s | prefill tokens | KV MiB @10 | KV MiB @{last} | kept tokens @{last} | s/segment @10 "
-             f"| s/segment @{last} |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    marks = sorted({10, min(25, last), last})
+    head = " | ".join(f"KV MiB / kept @{k}" for k in marks)
+    lines = [f"| mode | {head} | s/segment @10 | s/segment @{last} | @{last} / @10 |",
+             "| --- |" + " --- |" * (len(marks) + 3)]
     for name, r in results.items():
-        mib = [row["blocks"] * r["block_bytes"] / 2**20 for row in r["segments"]]
-        lines.append(f"| {name} | {r['total_s']:.1f} | {r['prefill_tokens']} | {mib[9]:.2f} | {mib[-1]:.2f} | "
-                     f"{r['segments'][-1]['kept_tokens']} | {seg_time(r, 10):.3f} | {seg_time(r, len(mib)):.3f} |")
-    lines += ["", "| stories per minute | |", "| --- | --- |"] + [f"| {k} | {v:.2f} |" for k, v in rates.items()]
+        cells = [f"{r['segments'][k - 1]['blocks'] * r['block_bytes'] / 2**20:.2f} / {r['segments'][k - 1]['kept_tokens']}"
+                 for k in marks]
+        t10, tl = seg_time(r, 10), seg_time(r, last)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t10:.3f} | {tl:.3f} | {tl / t10:.2f} |")
+    pool = summary["fixed_pool"]
+    lines += ["", f"| fixed pool: {pool['blocks']} blocks, {pool['stories']} stories of {pool['segments']} segments "
+              "| most running at once | preemptions | stories/min |", "| --- | --- | --- | --- |"]
+    lines += [f"| {m} | {p['most_running']} | {p['preemptions']} | {p['stories_per_min']:.2f} |"
+              for m, p in pool["modes"].items()]
+    lines += ["", "| stories per minute (25 segments) | |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in summary["stories_per_minute"].items()]
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ def storyworld(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the whole session (DESIGN.md §4: ray.init takes ~7 s)."""
+    """One real local Ray cluster for the whole session (ray.init takes about 7 s)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

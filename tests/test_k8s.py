@@ -1,5 +1,5 @@
 """The KubeRay manifests: generated from ray_config.yaml without drift, and valid against the
-KubeRay v1.7 CRD schemas (``../shared/kuberay-crds/``), checked strictly: unknown fields fail."""
+KubeRay v1.7 CRD schemas (the CRDs shipped beside the project, see below), checked strictly: unknown fields fail."""
 
 from __future__ import annotations
 

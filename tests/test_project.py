@@ -1,4 +1,4 @@
-"""The layout rules of DESIGN.md §3, the Serve config, and the main job (the demo)."""
+"""The layout rules of docs/architecture.md, the Serve config, and the main job (the demo)."""
 
 import ast
 import io

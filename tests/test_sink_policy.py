@@ -1,4 +1,4 @@
-"""Literal kept ranges for hand-built sequences, in every mode (DESIGN.md §6: cache tests are literal)."""
+"""Literal kept ranges for hand-built sequences, in every mode (cache tests are literal)."""
 
 import random
 

@@ -24,7 +24,7 @@ from training.storyworld import Segment, draw_segment
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "checkpoints" / "tiny"
-WORKERS = dict(workers=2, cpus_per_worker=0.5)  # DESIGN.md §4: 1 CPU per worker hangs on 2 cores
+WORKERS = dict(workers=2, cpus_per_worker=0.5)  # 1 CPU per worker, with read_parquet, hangs on 2 cores
 
 
 def digest(path: Path) -> str:

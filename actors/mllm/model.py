@@ -1,6 +1,6 @@
 """The MLLM: an ordinary Llama-architecture causal LM over text + <img>/</img> + K visual tokens.
 
-Because visual tokens are discrete (DESIGN.md §2), vLLM hosts this model natively; the
+Because visual tokens are discrete (docs/architecture.md, "Decisions"), vLLM hosts this model natively; the
 transformers module here is what training writes and what equivalence tests compare to.
 """
 

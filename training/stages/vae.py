@@ -1,7 +1,7 @@
 """Stage 2: the de-tokenizer's VAE (diffusers ``AutoencoderKL``), by reconstruction.
 
 The preset's VAE is small and trained from scratch on the story set's pictures. At export
-the latent scale is set from the measured latent std (DESIGN.md §8), so the UNet stage
+the latent scale is set from the measured latent std (1/std), so the UNet stage
 sees unit-variance latents.
 """
 
