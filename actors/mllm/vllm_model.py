@@ -36,7 +36,7 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from actors.mllm.sink import HeldBlocks, Ranges, SinkParams, SinkTracker, count, merge
+from actors.mllm.sink import HeldBlocks, Ranges, SinkTracker, merge
 from actors.mllm.vllm_kv import SeedStorySinkSpec, sink_params
 
 
@@ -88,9 +88,11 @@ def plan_request(st: RequestState, first: int, new_ids: list[int], row0: int) ->
     queries between two </img> form one group (causal masking by rank inside it).
     """
     t, s = st.tracker, len(new_ids)
-    kept, evictions = t.kept(), t.evictions  # as of `first`: what the storage must hold now
-    moves = [r for r in rank_runs(st.stored, kept) if r[0] != r[1]] if evictions != st.laid_out else []
-    k = count(kept)
+    k, evictions = t.kept_count(), t.evictions  # as of `first`: what the storage must hold now
+    kept, moves = st.stored, []
+    if evictions != st.laid_out:  # a </img> pushed a segment out since the storage was laid out
+        kept = t.kept()
+        moves = [r for r in rank_runs(st.stored, kept) if r[0] != r[1]]
     entries = st.held.step(first, s, k)
     layout = merge(kept + [(first, first + s)])  # storage after the moves and writes
     eoi = t.p.eoi_id
