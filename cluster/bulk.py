@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m cluster.bulk --prompts … --out …
 
     1. read the prompts (columns: caption, optional image bytes, optional story_id, optional seed)
-    2. skip the stories OUT already holds (exactly once: re-running resumes)
+    2. check the story ids across the file: the first row of an id wins, later ones are bad rows;
+       skip the rows OUT already holds (exactly once: re-running resumes)
     3. tokenizer actors: caption (+ image) -> prompt ids; bad rows carry their reason on
     4. MLLM actors (vLLM + sink): a batch of stories written together, continuous batching
     5. de-tokenizer actors: every picture of the batch -> PNG, then commit: the batch's whole
@@ -55,14 +56,13 @@ class BulkConfig:
 
 
 # -- 1-2. prompts, and what is already done ----------------------------------------------------
-def with_story_ids(batch):
-    """A prompt's story id: its own column if given, else a hash of its content, so reruns agree."""
-    n = len(batch)
-    given = batch["story_id"] if "story_id" in batch.columns else [None] * n
-    images = batch["image"] if "image" in batch.columns else [None] * n
-    batch["story_id"] = [sid if isinstance(sid, str) and sid else _digest(f"{_text(cap)}\0".encode() + _bytes(img))[:16]
-                         for sid, cap, img in zip(given, batch["caption"], images)]
-    return batch
+def story_ids(prompts: pa.Table) -> list[str]:
+    """Each prompt's story id: its own column if given, else a hash of its content, so reruns agree."""
+    def column(name: str) -> list:
+        return prompts.column(name).to_pylist() if name in prompts.column_names else [None] * prompts.num_rows
+
+    return [sid if isinstance(sid, str) and sid else _digest(f"{_text(cap)}\0".encode() + _bytes(img))[:16]
+            for sid, cap, img in zip(column("story_id"), column("caption"), column("image"))]
 
 
 def _text(value) -> str:
@@ -83,17 +83,49 @@ def _seed(text: str) -> int:
     return int(_digest(text.encode())[:12], 16)
 
 
-def done_story_ids(out: Path) -> set[str]:
-    """Story ids in committed files (stories and errors alike); half-written temporaries are removed
-    (one job writes into a folder at a time)."""
-    ids: set[str] = set()
-    for table in ("segments", "errors"):
-        folder = out / table
-        for tmp in folder.glob(".tmp-*"):
-            tmp.unlink()  # a commit that never reached its rename
-        for part in sorted(folder.glob("part-*.parquet")):
-            ids.update(pq.read_table(part, columns=["story_id"]).column("story_id").to_pylist())
-    return ids
+def committed(out: Path) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(story id, caption) pairs in committed files: the stories (with their opening) and the error rows."""
+    return _committed_pairs(out / "segments", "opening"), _committed_pairs(out / "errors", "caption")
+
+
+def _committed_pairs(folder: Path, caption: str) -> set[tuple[str, str]]:
+    """Half-written temporaries are removed (one job writes into a folder at a time)."""
+    for tmp in folder.glob(".tmp-*"):
+        tmp.unlink()  # a commit that never reached its rename
+    pairs: set[tuple[str, str]] = set()
+    for part in sorted(folder.glob("part-*.parquet")):
+        t = pq.read_table(part, columns=["story_id", caption])
+        pairs.update(zip(t.column("story_id").to_pylist(), map(_caption, t.column(caption).to_pylist())))
+    return pairs
+
+
+def _caption(value) -> str:
+    return _text(value).strip()
+
+
+def triage(ids: list[str], captions: list[str], stories: set, errors: set) -> tuple[list[int], list[int], list[dict]]:
+    """Rows to write, rows already done, and error rows for rows that may not take their story id.
+
+    The first row of an id in the file wins; a later row with that id is an error. A row whose id
+    and caption are committed is done (a rerun adds nothing); one that gives a committed id another
+    caption is an error, so an id never gets a second story. A repeat is done once its own error
+    row is committed, never by its first row's story: run_bulk commits these errors after the
+    stories, so a repeat of the first row's caption cannot hide that row from a resumed run."""
+    done_ids = {sid for sid, _ in stories | errors}
+    first: dict[str, int] = {}
+    todo, done, bad = [], [], []
+    for row, (sid, caption) in enumerate(zip(ids, map(_caption, captions))):
+        at = first.setdefault(sid, row)
+        if (sid, caption) in errors or (at == row and (sid, caption) in stories):
+            done.append(row)
+        elif at != row:
+            bad.append({"story_id": sid, "caption": caption, "reason": f"story_id: repeated (first at row {at})"})
+        elif sid in done_ids:
+            bad.append({"story_id": sid, "caption": caption,
+                        "reason": "story_id: already committed with another caption"})
+        else:
+            todo.append(row)
+    return todo, done, bad
 
 
 # -- 3-5. the actor stages --------------------------------------------------------------------------
@@ -220,32 +252,39 @@ def _atomic_write(folder: Path, table: pa.Table) -> None:
 
 # -- the pipeline -----------------------------------------------------------------------------------
 def run_bulk(c: BulkConfig) -> dict:
-    import ray
-    from ray.data import ActorPoolStrategy
-
     out = Path(c.out)
-    done = done_story_ids(out)
     t0 = time.time()
-    light = {"num_cpus": 0.1}  # ids and filtering: let the model actors have the cores
     # The driver reads the prompts (one small row each): read_parquet's file listing wants a whole
-    # CPU, which the actor pools hold on a small machine.
+    # CPU, which the actor pools hold on a small machine. Ids are checked here, across the file.
     prompts = pq.read_table(c.prompts)
     if "caption" not in prompts.column_names:
         raise ValueError(f"{c.prompts} has no 'caption' column (columns: {prompts.column_names})")
-    ds = ray.data.from_arrow(prompts).map_batches(with_story_ids, batch_format="pandas", **light)
-    if done:
-        ds = ds.filter(lambda row: row["story_id"] not in done, **light)
-    ds = (ds.map_batches(Tokenize, fn_constructor_args=(c.checkpoint,), batch_size=c.stories_per_batch,
-                         batch_format="pandas", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+    ids = story_ids(prompts)
+    todo, done, bad = triage(ids, prompts.column("caption").to_pylist(), *committed(out))
+    prompts = prompts.drop_columns([n for n in ("story_id",) if n in prompts.column_names])
+    prompts = prompts.append_column("story_id", pa.array(ids, pa.string())).take(pa.array(todo, pa.int64()))
+    written = _generate(c, prompts) if todo else {"stories": 0, "errors": 0}  # nothing to do: no actors
+    _atomic_write(out / "errors", pa.Table.from_pylist(bad, schema=ERRORS))  # after the stories: see triage
+    return {"skipped": len(done), "stories": written["stories"], "errors": written["errors"] + len(bad),
+            "seconds": time.time() - t0}
+
+
+def _generate(c: BulkConfig, prompts: pa.Table) -> dict:
+    """The Ray Data pipeline over the rows to write; returns how many stories and bad rows it committed."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = (ray.data.from_arrow(prompts)
+          .map_batches(Tokenize, fn_constructor_args=(c.checkpoint,), batch_size=c.stories_per_batch,
+                       batch_format="pandas", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
           .map_batches(Write, fn_constructor_args=(c.checkpoint, asdict(c.sink), c.segments, c.temperature, c.top_p),
                        batch_size=c.stories_per_batch, batch_format="pandas",
                        compute=ActorPoolStrategy(size=c.mllm_actors), num_cpus=1)
-          .map_batches(Render, fn_constructor_args=(c.checkpoint, c.steps, c.guidance, str(out), c.segments),
+          .map_batches(Render, fn_constructor_args=(c.checkpoint, c.steps, c.guidance, c.out, c.segments),
                        batch_size=c.stories_per_batch, batch_format="pandas",
                        compute=ActorPoolStrategy(size=c.render_actors), num_cpus=0.5))
     written = ds.to_pandas()
-    return {"skipped": len(done), "stories": int(written["stories"].sum()) if len(written) else 0,
-            "errors": int(written["errors"].sum()) if len(written) else 0, "seconds": time.time() - t0}
+    return {k: int(written[k].sum()) if len(written) else 0 for k in ("stories", "errors")}
 
 
 def read_stories(out: str | Path) -> pa.Table:

@@ -135,7 +135,8 @@ class AsyncStoryClient:
 
 
 def write_story(out: Path, story: Story, source: str = "") -> Path:
-    """PNGs, story.json and story.html (captions beside pictures) in ``out``; returns the page."""
+    """PNGs, story.json and story.html (captions beside pictures) in ``out``; returns the page.
+    ``source`` names the model (``actors.checkpoint.checkpoint_name``), never its path."""
     out.mkdir(parents=True, exist_ok=True)
     segments, figures = [], []
     for seg in story.segments:

@@ -46,6 +46,7 @@ def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4
     import ray
     from ray import serve
 
+    from actors.checkpoint import checkpoint_name
     from cluster.generate import generate_story
     from cluster.serving import grpc_target
 
@@ -54,7 +55,7 @@ def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4
     config = start_cluster(ckpt, grpc_port, http_port)
     print(f"story cluster up in {time.time() - t0:.1f}s; gRPC at {grpc_target(config)}")
     try:
-        return generate_story(grpc_target(config), prompt, segments, out, seed=seed, source=str(ckpt))
+        return generate_story(grpc_target(config), prompt, segments, out, seed=seed, source=checkpoint_name(ckpt))
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -20,7 +20,7 @@ def generate_story(target: str, prompt: str, segments: int, out: Path, image: Pa
         for ev in client.stream(request):
             story.add(ev)
             kind = ev.WhichOneof("event")
-            if kind != "done":
+            if kind in ("caption", "image"):  # an error's status comes after an event with the story id only
                 bar.set_description(f"segment {getattr(ev, kind).index + 1}/{request.segments}: {kind}")
                 bar.update()
     page = write_story(out, story, source)

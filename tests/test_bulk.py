@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from cluster.app import ROOT
-from cluster.bulk import BulkConfig, read_errors, read_stories, run_bulk, write_gallery
+from cluster.bulk import BulkConfig, read_errors, read_stories, run_bulk, triage, write_gallery
 
 GOOD, SEGMENTS = 20, 3
 
@@ -95,3 +96,48 @@ def test_a_killed_bulk_job_rerun_ends_with_every_story_exactly_once(ray_cluster,
                    stderr=subprocess.DEVNULL)
     assert_exactly_once(out)
     assert_bad_rows(out)
+
+
+def test_a_repeated_story_id_gets_one_story_and_the_repeats_go_to_the_errors_table(ray_cluster, tiny_ckpt, tmp_path):
+    caption = [f"Once upon a time, Milo the red circle walks in the park, day {i}." for i in range(4)]
+    rows = [("s1", caption[0]), ("s2", caption[1]), ("s3", caption[2]), ("s3", caption[3]), ("s1", caption[0])]
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"story_id": [i for i, _ in rows], "caption": [c for _, c in rows]}), prompts)
+    out = tmp_path / "out"
+    config = BulkConfig(str(prompts), str(out), str(tiny_ckpt), segments=SEGMENTS, steps=2, stories_per_batch=2)
+    assert counts(run_bulk(config)) == (3, 2, 0)
+    stories = read_stories(out)
+    keys = Counter(zip(stories.column("story_id").to_pylist(), stories.column("segment").to_pylist()))
+    assert sorted(keys) == [(sid, k) for sid in ("s1", "s2", "s3") for k in range(SEGMENTS)]
+    assert max(keys.values()) == 1
+    # The first row of an id wins.
+    assert {r["story_id"]: r["opening"] for r in stories.to_pylist()} == {"s1": caption[0], "s2": caption[1],
+                                                                         "s3": caption[2]}
+    assert error_rows(out) == [("s1", caption[0], "story_id: repeated (first at row 0)"),
+                               ("s3", caption[3], "story_id: repeated (first at row 2)")]
+    assert counts(run_bulk(config)) == (0, 0, 5)  # a rerun adds nothing
+    # A later run that gives a committed id another caption: a bad row, never a second story.
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"story_id": ["s2"], "caption": ["Kip jumps."]}), other)
+    assert counts(run_bulk(replace(config, prompts=str(other)))) == (0, 1, 0)
+    assert read_stories(out).equals(stories)
+    assert ("s2", "Kip jumps.", "story_id: already committed with another caption") in error_rows(out)
+    assert counts(run_bulk(replace(config, prompts=str(other)))) == (0, 0, 1)
+    assert counts(run_bulk(config)) == (0, 0, 5) and len(error_rows(out)) == 3
+
+
+def test_a_repeat_of_the_first_rows_caption_never_hides_that_row_from_a_resumed_run():
+    ids, captions = ["s1", "s1"], ["Milo walks.", "Milo walks."]
+    repeat = {"story_id": "s1", "caption": "Milo walks.", "reason": "story_id: repeated (first at row 0)"}
+    assert triage(ids, captions, set(), set()) == ([0], [], [repeat])
+    # Killed after the first row's story was committed, before the repeat's error row: reported now.
+    assert triage(ids, captions, {("s1", "Milo walks.")}, set()) == ([], [0], [repeat])
+    assert triage(ids, captions, {("s1", "Milo walks.")}, {("s1", "Milo walks.")}) == ([], [0, 1], [])
+
+
+def counts(summary: dict) -> tuple[int, int, int]:
+    return summary["stories"], summary["errors"], summary["skipped"]
+
+
+def error_rows(out) -> list[tuple]:
+    return sorted((r["story_id"], r["caption"], r["reason"]) for r in read_errors(out).to_pylist())

@@ -4,8 +4,11 @@ real gRPC over loopback (one app for the whole session, see conftest.story_servi
 from __future__ import annotations
 
 import io
+import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -98,6 +101,29 @@ def test_the_story_page_loads_every_image_in_headless_chromium(twelve, tmp_path)
     assert captions[0].endswith(OPENING)
 
 
+def test_story_json_names_the_model_never_its_path(story_service, tiny_ckpt, tmp_path):
+    from actors.checkpoint import checkpoint_name
+    from cluster.demo import EMBEDDED_CHECKPOINT
+    from cluster.generate import generate_story
+
+    # As the demo writes it: the checkpoint's name, from its card, else its folder.
+    assert checkpoint_name(EMBEDDED_CHECKPOINT) == "seedstory tiny checkpoint"
+    generate_story(story_service.target, OPENING, 1, tmp_path, token=story_service.token, steps=2,
+                   source=checkpoint_name(tiny_ckpt))
+    story = json.loads((tmp_path / "story.json").read_text())
+    assert story["source"] == "tiny"  # the session's random-init checkpoint has no card
+    strings = [v for v in _leaves(story) if isinstance(v, str)]
+    assert not [v for v in strings if v.startswith("/") or str(tiny_ckpt.parent) in v], strings
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
 def test_a_story_continues_from_the_story_so_far_and_a_start_image(client, twelve, tiny_ckpt):
     # The pictures so far are the served story's; the captions are a person's (a random-init model's
     # captions need not re-encode within the caption budget).
@@ -170,6 +196,38 @@ def test_after_a_burst_of_bad_input_nothing_leaked_and_the_service_still_serves(
     assert after["blocks_in_use"] == baseline["blocks_in_use"]
     assert after["running_stories"] == 0
     assert client.generate(OPENING, 1, steps=2).complete
+
+
+def test_a_bad_request_logs_one_line_and_no_traceback(client, tiny_ckpt):
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream(_bad_request(tiny_ckpt, caption="  ")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "caption: is empty"
+    replica, proxy = _serve_log_records(dict(err.value.trailing_metadata())["request_id"])
+    assert not [r for r in replica + proxy if "Traceback" in r or r.startswith("ERROR")], replica + proxy
+    [line] = [r for r in replica if "INVALID_ARGUMENT" in r]  # one line: story id, code and reason
+    assert re.search(r"story [0-9a-f]{16}: INVALID_ARGUMENT: caption: is empty$", line), line
+
+
+def _serve_log_records(request_id: str, timeout: float = 30) -> tuple[list[str], list[str]]:
+    """The records (a line, and any traceback under it) that the ingress replica and the proxy
+    logged for one request, once both have written their access line for it."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    logs = Path(ctx.get_temp_dir()) / ctx.get_session_name() / "logs" / "serve"
+    deadline = time.time() + timeout
+    while True:
+        found = [[r for f in sorted(logs.glob(pattern)) for r in _records(f.read_text()) if request_id in r]
+                 for pattern in ("replica_seedstory_StoryIngress_*.log", "proxy_*.log")]
+        if all(any("GenerateStory" in r or " CALL " in r for r in rs) for rs in found) or time.time() > deadline:
+            return found[0], found[1]
+        time.sleep(0.2)
+
+
+def _records(text: str) -> list[str]:
+    """Serve's log text, one string per record: a record starts with its level."""
+    return [r.rstrip() for r in re.split(r"\n(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-)", text) if r.strip()]
 
 
 def _swallow(client, request) -> None:
