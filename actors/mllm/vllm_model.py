@@ -54,13 +54,16 @@ class RequestState:
 
 @dataclass
 class QueryGroup:
-    """Queries of one request that see the same kept set (it changes only at a </img>)."""
+    """Queries of one request that see the same kept set (it changes only at a </img>).
 
-    rows: range                  # rows of this step's flattened tokens
-    keys: range | list[int]      # storage indices of the visible keys, in rank order; the queries are the last
-    key_delta: list[int] | None  # rank seen here minus rank cached, per key (None: all zero)
+    The group reads storage indices [0, extent); its queries are the last ``len(rows)`` of them.
+    ``runs`` is None when it sees all of them at rank = storage index; after an eviction inside
+    the step it sees only some, given as runs (storage index, rank seen here, length).
+    """
 
-
+    rows: range                             # rows of this step's flattened tokens
+    extent: int
+    runs: list[tuple[int, int, int]] | None
 @dataclass
 class RequestPlan:
     groups: list[QueryGroup]
@@ -102,12 +105,9 @@ def plan_request(st: RequestState, first: int, new_ids: list[int], row0: int) ->
         t.extend(new_ids[seen:c + 1])
         seen = c + 1
         rows = range(row0 + c, row0 + e)
-        if t.evictions == evictions:  # nothing evicted since `first`: storage order is rank order
-            groups.append(QueryGroup(rows, range(k + e), None))
-            continue
-        runs = rank_runs(layout, merge(t.kept() + [(first + c, first + e)]))
-        groups.append(QueryGroup(rows, [i for src, _, n in runs for i in range(src, src + n)],
-                                 [dst - src for src, dst, n in runs for _ in range(n)]))
+        seen_all = t.evictions == evictions  # nothing evicted since `first`: storage order is rank order
+        groups.append(QueryGroup(rows, k + e, None if seen_all else
+                                 rank_runs(layout, merge(t.kept() + [(first + c, first + e)]))))
     t.extend(new_ids[seen:])
     st.stored, st.laid_out = layout, evictions
     return RequestPlan(groups, range(k, k + s), moves, entries)
@@ -126,16 +126,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
-def storage_slots(table_row: torch.Tensor, entries: list[int], block_size: int) -> torch.Tensor:
-    """Physical cache slot of every storage index of one request: index i lives in row
+def storage_blocks(table_row: torch.Tensor, entries: list[int]) -> torch.Tensor:
+    """Physical block of every storage block of one request: storage index i lives in row
     i % block_size of the block at entry ``entries[i // block_size]`` of its block table."""
-    blocks = table_row[torch.tensor(entries, dtype=torch.long, device=table_row.device)].long()
-    return (blocks[:, None] * block_size + torch.arange(block_size, device=table_row.device)).reshape(-1)
+    return table_row[torch.tensor(entries, dtype=torch.long, device=table_row.device)].long()
 
 
 @dataclass
 class StepBatch:
-    """All query groups of a step, padded into one batch (G groups, N keys, Qm queries)."""
+    """All query groups of a step, padded into one batch (G groups, NB blocks of keys, Qm queries)."""
 
     move_src: torch.Tensor | None  # slots whose rows move (compaction), before any write
     move_dst: torch.Tensor | None
@@ -143,55 +142,65 @@ class StepBatch:
     write_rows: torch.Tensor       # rows of this step's tokens, and the slots they are written to
     write_slots: torch.Tensor
     write_rot: tuple               # cos, sin of their ranks: (W, 1, hd/2)
-    slots: torch.Tensor            # (G, N) visible key slots (padding: slot 0, masked)
+    blocks: torch.Tensor           # (G, NB) the blocks each group reads, in storage order (padding: 0, masked)
     q_rows: torch.Tensor           # (G, Qm) rows of this step's tokens (padding: row 0, dropped)
     q_valid: torch.Tensor          # (G, Qm)
     q_rot: tuple                   # cos, sin of query ranks: (G, Qm, 1, hd/2)
-    mask: torch.Tensor             # (G, 1, Qm, N) causal by rank, padding masked
+    mask: torch.Tensor             # (G, 1, Qm, NB * block_size) causal by rank, unseen and padding masked
     key_rot: tuple | None          # cos, sin of key rank corrections (G, N, 1, hd/2), None if all zero
 
 
-def _index(idx: range | list[int], dev) -> torch.Tensor:
-    if isinstance(idx, range):
-        return torch.arange(idx.start, idx.stop, dtype=torch.long, device=dev)
-    return torch.tensor(idx, dtype=torch.long, device=dev)
+def _runs_index(runs: list[tuple[int, int, int]], col: int, dev) -> torch.Tensor:
+    return torch.cat([torch.arange(r[col], r[col] + r[2], dtype=torch.long, device=dev) for r in runs])
 
 
-def build_batch(plans: list[RequestPlan], slot_maps: list[torch.Tensor], cos_sin: torch.Tensor) -> StepBatch:
+def _moves(plans: list[RequestPlan], slot_maps: list[torch.Tensor], cos_sin: torch.Tensor) -> tuple:
+    moving = [(plan.moves, sm) for plan, sm in zip(plans, slot_maps) if plan.moves]
+    if not moving:
+        return None, None, None
     dev = cos_sin.device
-    groups = [(g, sm) for plan, sm in zip(plans, slot_maps) for g in plan.groups]
-    n = max(len(g.keys) for g, _ in groups)
-    qm = max(len(g.rows) for g, _ in groups)
+    src = [_runs_index(runs, 0, dev) for runs, _ in moving]
+    dst = [_runs_index(runs, 1, dev) for runs, _ in moving]
+    return (torch.cat([sm[i] for (_, sm), i in zip(moving, src)]), torch.cat([sm[i] for (_, sm), i in zip(moving, dst)]),
+            rope_of(cos_sin, torch.cat([d - i for i, d in zip(src, dst)])))
 
-    def pad(rows: list[list[int]], width: int) -> torch.Tensor:
-        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)
 
-    moves = [(sm, run) for plan, sm in zip(plans, slot_maps) for run in plan.moves]
-    move_src = move_dst = move_rot = None
-    if moves:
-        src = [_index(range(a, a + m), dev) for _, (a, _, m) in moves]
-        dst = [_index(range(d, d + m), dev) for _, (_, d, m) in moves]
-        move_src = torch.cat([sm[i] for (sm, _), i in zip(moves, src)])
-        move_dst = torch.cat([sm[i] for (sm, _), i in zip(moves, dst)])
-        move_rot = rope_of(cos_sin, torch.cat([d - i for i, d in zip(src, dst)]))
-    writes = [_index(plan.writes, dev) for plan in plans]
-    write_rows = torch.cat([_index(range(p.groups[0].rows.start, p.groups[0].rows.start + len(p.writes)), dev)
+def build_batch(plans: list[RequestPlan], blocks: list[torch.Tensor], block_size: int,
+                cos_sin: torch.Tensor) -> StepBatch:
+    dev = cos_sin.device
+    slot_maps = [(b[:, None] * block_size + torch.arange(block_size, device=dev)).reshape(-1) for b in blocks]
+    move_src, move_dst, move_rot = _moves(plans, slot_maps, cos_sin)
+    writes = torch.cat([torch.arange(p.writes.start, p.writes.stop, device=dev) for p in plans])
+    write_rows = torch.cat([torch.arange(p.groups[0].rows.start, p.groups[0].rows.start + len(p.writes), device=dev)
                             for p in plans])
-    write_slots = torch.cat([sm[w] for sm, w in zip(slot_maps, writes)])
-    slots = torch.stack([torch.cat((sm[_index(g.keys, dev)], torch.zeros(n - len(g.keys), dtype=torch.long, device=dev)))
-                         for g, sm in groups])
-    key_len = torch.tensor([len(g.keys) for g, _ in groups], device=dev)
+    write_slots = torch.cat([sm[p.writes.start:p.writes.stop] for p, sm in zip(plans, slot_maps)])
+    # Every group reads whole blocks of its story's storage (cheaper than gathering rows one by one).
+    groups = [(g, b) for plan, b in zip(plans, blocks) for g in plan.groups]
+    nb = max(-(-g.extent // block_size) for g, _ in groups)
+    qm = max(len(g.rows) for g, _ in groups)
+    read = torch.stack([torch.cat((b[:-(-g.extent // block_size)], b.new_zeros(nb - -(-g.extent // block_size))))
+                        for g, b in groups])
+    n = nb * block_size
+    idx = torch.arange(n, device=dev)
+    extent = torch.tensor([g.extent for g, _ in groups], device=dev)
+    key_ok = idx[None, :] < extent[:, None]  # (G, N)
+    key_rank = idx[None, :].repeat(len(groups), 1)
+    for i, (g, _) in enumerate(groups):
+        if g.runs is not None:  # an eviction inside this step: this group sees a subset, at new ranks
+            key_ok[i] = False
+            key_ok[i, _runs_index(g.runs, 0, dev)] = True
+            key_rank[i, _runs_index(g.runs, 0, dev)] = _runs_index(g.runs, 1, dev)
     q_len = torch.tensor([len(g.rows) for g, _ in groups], device=dev)
-    q_rows = pad([list(g.rows) for g, _ in groups], qm)
-    q_ranks = (key_len - q_len)[:, None] + torch.arange(qm, device=dev)[None, :]  # queries are the last keys
+    q_store = (extent - q_len)[:, None] + torch.arange(qm, device=dev)[None, :]  # queries are the last keys
     q_valid = torch.arange(qm, device=dev)[None, :] < q_len[:, None]
-    key_idx = torch.arange(n, device=dev)
-    mask = (key_idx[None, None, :] <= q_ranks[:, :, None]) & (key_idx[None, None, :] < key_len[:, None, None])
+    q_rows = torch.stack([torch.arange(g.rows.start, g.rows.start + qm, device=dev) for g, _ in groups]) * q_valid
+    q_rank = key_rank.gather(1, q_store.clamp(0, n - 1))
+    mask = key_ok[:, None, :] & (idx[None, None, :] <= q_store[:, :, None])
     key_rot = None
-    if any(g.key_delta for g, _ in groups):
-        key_rot = rope_of(cos_sin, pad([g.key_delta or [0] * len(g.keys) for g, _ in groups], n))
-    return StepBatch(move_src, move_dst, move_rot, write_rows, write_slots, rope_of(cos_sin, torch.cat(writes)),
-                     slots, q_rows, q_valid, rope_of(cos_sin, q_ranks.clamp(min=0)), mask[:, None], key_rot)
+    if any(g.runs is not None for g, _ in groups):
+        key_rot = rope_of(cos_sin, (key_rank - idx[None, :]) * key_ok)
+    return StepBatch(move_src, move_dst, move_rot, write_rows, write_slots, rope_of(cos_sin, writes),
+                     read, q_rows, q_valid, rope_of(cos_sin, q_rank.clamp(min=0)), mask[:, None], key_rot)
 
 
 # -- the layers ------------------------------------------------------------------------------
@@ -227,8 +236,8 @@ class SinkAttention(Attention):
         k_new = rotate(key[w].view(-1, kvh, hd), *b.write_rot)
         rows[b.write_slots] = torch.cat((k_new, value[w].view(-1, kvh, hd)), -1)
         # 2. Gather the visible rows of every group; correct ranks where this group sees others.
-        g, nk, qm = b.slots.shape[0], b.slots.shape[1], b.q_rows.shape[1]
-        kv = rows.view(rows.shape[0], -1).index_select(0, b.slots.reshape(-1)).view(g, nk, kvh, 2 * hd)
+        (g, nb), qm, bs = b.blocks.shape, b.q_rows.shape[1], self.kv_cache.shape[2]
+        kv = rows.view(-1, bs, kvh, 2 * hd).index_select(0, b.blocks.reshape(-1)).view(g, nb * bs, kvh, 2 * hd)
         k, v = kv[..., :hd], kv[..., hd:]
         if b.key_rot is not None:
             k = rotate(k, *b.key_rot)
@@ -299,15 +308,15 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         qsl, seq_lens, table = m.query_start_loc.tolist(), m.seq_lens.tolist(), m.block_table
         bs = ctx.no_compile_layers[self.layer_names[0]].kv_cache.shape[2]
         ids = input_ids.tolist()
-        plans, slot_maps = [], []
+        plans, blocks = [], []
         for r in range(len(seq_lens)):
             q0, q1, end = qsl[r], qsl[r + 1], seq_lens[r]
             first = end - (q1 - q0)
             st = self._request(int(table[r, 0]), first, bs)
             plans.append(plan_request(st, first, ids[q0:q1], q0))
-            slot_maps.append(storage_slots(table[r], plans[-1].entries, bs))
+            blocks.append(storage_blocks(table[r], plans[-1].entries))
         cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin_cache.to(self.lm_head.weight.dtype)
-        self.step.batch = build_batch(plans, slot_maps, cos_sin)
+        self.step.batch = build_batch(plans, blocks, bs, cos_sin)
 
     def _request(self, first_block: int, first: int, block_size: int) -> RequestState:
         if first == 0:  # a new request (or a recomputed one) owns this first block now

@@ -1,4 +1,0 @@
-from cluster.api import generate
-
-for path in generate():
-    print(f"wrote {path}")
