@@ -56,7 +56,7 @@ def replicas() -> int:
 
 def load(target: str, a: argparse.Namespace, stop: threading.Event, in_flight: list[int]) -> None:
     """One thread per story slot: each writes stories back to back until told to stop."""
-    from cluster.client import StoryClient
+    from seedstory_client import StoryClient
 
     def slot(k: int) -> None:
         with StoryClient(target) as client:

@@ -53,7 +53,7 @@ def bulk(ckpt: Path, a: argparse.Namespace) -> dict:
 
 
 async def online_stories(target: str, a: argparse.Namespace) -> int:
-    from cluster.client import AsyncStoryClient
+    from seedstory_client import AsyncStoryClient
 
     gate = asyncio.Semaphore(IN_FLIGHT)
 

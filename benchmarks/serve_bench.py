@@ -105,7 +105,7 @@ def start_served(ckpt: Path, a: argparse.Namespace) -> tuple[str, dict]:
 
 async def timed_story(client, caption: str, segments: int, steps: int, seed: int) -> dict:
     """One story over gRPC, with the client's clock at send, first caption, first picture and done."""
-    from cluster.client import Story, build_request
+    from seedstory_client import Story, build_request
 
     request = build_request(caption, segments, temperature=TEMPERATURE, top_p=TOP_P, seed=seed, steps=steps,
                             render_seed=seed)
@@ -133,7 +133,7 @@ async def timed_story(client, caption: str, segments: int, steps: int, seed: int
 
 
 async def served_level(target: str, concurrency: int, segments: int, steps: int) -> dict:
-    from cluster.client import AsyncStoryClient
+    from seedstory_client import AsyncStoryClient
 
     async with AsyncStoryClient(target) as client:
         t0 = time.time()
@@ -179,7 +179,7 @@ def served(ckpt: Path, a: argparse.Namespace) -> dict:
 
 async def alone(target: str, a: argparse.Namespace) -> dict:
     """The overlap/overhead story: seed 0, nothing else running."""
-    from cluster.client import AsyncStoryClient
+    from seedstory_client import AsyncStoryClient
 
     async with AsyncStoryClient(target) as client:
         run = await timed_story(client, OPENING, a.pipeline_segments, a.steps, seed=0)

@@ -303,7 +303,7 @@ def write_gallery(out: Path, limit: int = 50) -> Path:
     """gallery/<story_id>/story.html for up to ``limit`` stories, and gallery.html linking them."""
     import html
 
-    from cluster.client import Story, StorySegment, write_story
+    from seedstory_client import Story, StorySegment, write_story
 
     stories: dict[str, Story] = {}
     for row in read_stories(out).to_pylist():

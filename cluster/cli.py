@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+from seedstory_client.cli import add_generate_arguments
 
 
 def _data_convert(a: argparse.Namespace) -> None:
@@ -59,11 +60,9 @@ def _serve(a: argparse.Namespace) -> None:
 
 
 def _generate(a: argparse.Namespace) -> None:
-    from cluster.generate import generate_story
+    from seedstory_client.cli import run_generate
 
-    page = generate_story(a.target, a.prompt, a.segments, Path(a.out), Path(a.image) if a.image else None,
-                          a.token, a.seed, a.steps, a.temperature)
-    print(f"story written: {page}")
+    print(f"story written: {run_generate(a)}")
 
 
 def _k8s(a: argparse.Namespace) -> None:
@@ -150,15 +149,7 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="write a story with a running service")
-    g.add_argument("--prompt", required=True, help="the opening caption")
-    g.add_argument("--image", help="start image (PNG or JPEG) for the opening caption")
-    g.add_argument("--segments", type=int, default=10)
-    g.add_argument("--out", default="story_out")
-    g.add_argument("--target", default="localhost:9000", help="the service's gRPC address")
-    g.add_argument("--token", help="bearer token, if the service asks for one")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
-    g.add_argument("--temperature", type=float, default=0.8)
+    add_generate_arguments(g)  # the client package's `seedstory-client generate`, option for option
     g.set_defaults(func=_generate)
 
     from cluster.bulk import parser as bulk_parser, run_cli as bulk_run

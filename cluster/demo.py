@@ -45,9 +45,9 @@ def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4
              grpc_port: int | None = None, http_port: int | None = None) -> Path:
     import ray
     from ray import serve
+    from seedstory_client.cli import generate_story
 
     from actors.checkpoint import checkpoint_name
-    from cluster.generate import generate_story
     from cluster.serving import grpc_target
 
     ckpt = ensure_checkpoint(ckpt, out, seed)

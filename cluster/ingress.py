@@ -26,9 +26,9 @@ from typing import AsyncIterator
 import grpc
 from ray import serve
 from ray.util import metrics
+from seedstory_client.v1.story_pb2 import CaptionEvent, ImageEvent, StoryEvent, StoryStats
 
 from actors.checkpoint import read_manifest
-from cluster.api.story_pb2 import CaptionEvent, ImageEvent, StoryEvent, StoryStats
 from cluster.app import AppSettings
 from cluster.requests import InvalidRequest, StorySpec, check_request
 

@@ -1,22 +1,36 @@
-"""The gRPC API's stubs and the request checks, without a cluster."""
+"""The gRPC API's stubs (in the client package) and the request checks, without a cluster."""
 
 from __future__ import annotations
 
-import pytest
+import runpy
+from pathlib import Path
 
-from cluster.api import STUBS, generate
-from cluster.client import build_request
+import pytest
+from seedstory_client import API_VERSION, __version__, build_request
+
 from cluster.requests import InvalidRequest, StoryLimits, check_request
 
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "clients" / "python"
 
-def test_generated_stubs_match_the_proto(tmp_path):
-    from cluster.api import ROOT
 
-    fresh = generate(tmp_path)
+def test_the_client_packages_stubs_match_the_proto(tmp_path):
+    """The only stubs in the project are the client package's; the server imports them from there."""
+    generator = runpy.run_path(str(CLIENT / "generate_stubs.py"))  # a checkout's tool, not an installed module
+    fresh = generator["generate"](tmp_path)
     for path in fresh:
-        committed = ROOT / "cluster" / "api" / path.name
-        assert committed.read_bytes() == path.read_bytes(), f"{path.name} is stale: run `python -m cluster.api`"
-    assert {p.name for p in fresh} == set(STUBS)
+        committed = CLIENT / "seedstory_client" / "v1" / path.name
+        assert committed.read_bytes() == path.read_bytes(), \
+            f"{path.name} is stale: run `python clients/python/generate_stubs.py`"
+    assert {p.name for p in fresh} == set(generator["STUBS"])
+    assert not [p for p in ROOT.glob("[!.]*/**/*_pb2*.py") if CLIENT not in p.parents], "a second copy of the stubs"
+
+
+def test_the_api_version_is_the_proto_package_and_the_client_major_version():
+    from seedstory_client.v1 import story_pb2
+
+    assert story_pb2.DESCRIPTOR.package == API_VERSION == "seedstory.v1"
+    assert f"v{__version__.split('.')[0]}" == API_VERSION.rsplit(".", 1)[1]
 
 
 def test_a_good_request_becomes_a_plain_spec_with_the_servers_defaults():

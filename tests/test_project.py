@@ -49,7 +49,7 @@ def test_ray_config_parses_with_serves_own_schema_and_our_settings():
     config = ServeDeploySchema.model_validate(raw)
     assert config.grpc_options.port == 9000 and config.http_options.port == 8000
     assert config.grpc_options.grpc_servicer_functions == [
-        "cluster.api.story_pb2_grpc.add_StoryServiceServicer_to_server"]
+        "seedstory_client.v1.story_pb2_grpc.add_StoryServiceServicer_to_server"]
     [app] = config.applications
     settings = AppSettings.from_args(app.args)
     assert settings.limits.max_segments >= 25 and settings.limits.default_segments == 10

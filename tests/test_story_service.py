@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
+from seedstory_client import AsyncStoryClient, Story, StoryClient, build_request, write_story
 
 from actors.checkpoint import read_manifest
-from cluster.client import AsyncStoryClient, Story, StoryClient, build_request, write_story
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 
@@ -102,9 +102,10 @@ def test_the_story_page_loads_every_image_in_headless_chromium(twelve, tmp_path)
 
 
 def test_story_json_names_the_model_never_its_path(story_service, tiny_ckpt, tmp_path):
+    from seedstory_client.cli import generate_story
+
     from actors.checkpoint import checkpoint_name
     from cluster.demo import EMBEDDED_CHECKPOINT
-    from cluster.generate import generate_story
 
     # As the demo writes it: the checkpoint's name, from its card, else its folder.
     assert checkpoint_name(EMBEDDED_CHECKPOINT) == "seedstory tiny checkpoint"
@@ -286,7 +287,7 @@ def test_admission_refuses_stories_beyond_the_replica_limit(client, story_servic
 
 
 def test_a_story_object_rejects_events_out_of_order():
-    from cluster.api.story_pb2 import CaptionEvent, ImageEvent, StoryEvent
+    from seedstory_client.v1.story_pb2 import CaptionEvent, ImageEvent, StoryEvent
 
     story = Story()
     story.add(StoryEvent(caption=CaptionEvent(index=0, caption="a")))

@@ -1,0 +1,3 @@
+from seedstory_client.cli import main
+
+main()
