@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from actors.checkpoint import read_manifest
@@ -23,8 +24,14 @@ def write_card(ckpt: str | Path) -> Path:
     lines += _training_lines(training)
     lines += ["## Evaluation", "", evaluation.rstrip(), ""]
     path = ckpt / "README.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(portable("\n".join(lines)) + "\n")
     return path
+
+
+def portable(text: str) -> str:
+    """Paths as a reader of the card would type them, never the training machine's: an absolute
+    path to a ``data/`` or ``checkpoints/`` folder is shown from that folder on."""
+    return re.sub(r"/[^\s`'\"]*?/((?:data|checkpoints)/[^\s`'\"]+)", r"\1", text)
 
 
 def _training_lines(t: dict) -> list[str]:

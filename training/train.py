@@ -74,7 +74,7 @@ def train(preset: str, data: str | Path, out: str | Path, stages=STAGES, workers
     runs.mkdir(parents=True, exist_ok=True)
     ensure_checkpoint(preset, data, out, seed)
     summary = read_summary(runs)
-    summary.update(command=command or summary.get("command", ""), data=str(Path(data).resolve()),
+    summary.update(command=command or summary.get("command", ""), data=str(data),
                    provenance=read_provenance(data), seed=seed, preset=preset)
     threads = threads or max(1, int(cpus_per_worker))
     for spec in stage_specs(preset, out, [s for s in STAGES if s in stages], steps, batch_size, threads, seed):
