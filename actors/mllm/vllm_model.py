@@ -147,7 +147,8 @@ class StepBatch:
     q_valid: torch.Tensor          # (G, Qm)
     q_rot: tuple                   # cos, sin of query ranks: (G, Qm, 1, hd/2)
     mask: torch.Tensor             # (G, 1, Qm, NB * block_size) causal by rank, unseen and padding masked
-    key_rot: tuple | None          # cos, sin of key rank corrections (G, N, 1, hd/2), None if all zero
+    rot_groups: torch.Tensor | None  # (S,) groups that saw an eviction inside this step, and
+    key_rot: tuple | None            # cos, sin of their key rank corrections (S, N, 1, hd/2)
 
 
 def _runs_index(runs: list[tuple[int, int, int]], col: int, dev) -> torch.Tensor:
@@ -196,11 +197,15 @@ def build_batch(plans: list[RequestPlan], blocks: list[torch.Tensor], block_size
     q_rows = torch.stack([torch.arange(g.rows.start, g.rows.start + qm, device=dev) for g, _ in groups]) * q_valid
     q_rank = key_rank.gather(1, q_store.clamp(0, n - 1))
     mask = key_ok[:, None, :] & (idx[None, None, :] <= q_store[:, :, None])
-    key_rot = None
-    if any(g.runs is not None for g, _ in groups):
-        key_rot = rope_of(cos_sin, (key_rank - idx[None, :]) * key_ok)
+    # Only the groups that saw an eviction inside this step read keys at other ranks (rare: one
+    # step per picture per story), so only they pay for the correction.
+    rot_groups = key_rot = None
+    slow = [i for i, (g, _) in enumerate(groups) if g.runs is not None]
+    if slow:
+        rot_groups = torch.tensor(slow, dtype=torch.long, device=dev)
+        key_rot = rope_of(cos_sin, ((key_rank - idx[None, :]) * key_ok)[rot_groups])
     return StepBatch(move_src, move_dst, move_rot, write_rows, write_slots, rope_of(cos_sin, writes),
-                     read, q_rows, q_valid, rope_of(cos_sin, q_rank.clamp(min=0)), mask[:, None], key_rot)
+                     read, q_rows, q_valid, rope_of(cos_sin, q_rank.clamp(min=0)), mask[:, None], rot_groups, key_rot)
 
 
 # -- the layers ------------------------------------------------------------------------------
@@ -240,7 +245,7 @@ class SinkAttention(Attention):
         kv = rows.view(-1, bs, kvh, 2 * hd).index_select(0, b.blocks.reshape(-1)).view(g, nb * bs, kvh, 2 * hd)
         k, v = kv[..., :hd], kv[..., hd:]
         if b.key_rot is not None:
-            k = rotate(k, *b.key_rot)
+            k[b.rot_groups] = rotate(k[b.rot_groups], *b.key_rot)  # in the gathered copy, not the cache
         q = rotate(query[b.q_rows].view(g, qm, h, hd), *b.q_rot)
         if h != kvh:
             k, v = (x.repeat_interleave(h // kvh, dim=2) for x in (k, v))
