@@ -49,7 +49,7 @@ def one_request_story(engine, prompt, segments) -> dict:
             if isinstance(ev, SegmentEvent):
                 tracker.extend(ev.caption_ids + [engine.tokens.boi] + ev.codes + [engine.tokens.eoi])
                 rows.append({"segment": ev.index + 1, "t": time.perf_counter() - t0,
-                             "kept_tokens": tracker.kept_count()})
+                             "tokens": len(ev.caption_ids) + len(ev.codes) + 2, "kept_tokens": tracker.kept_count()})
                 at.append(len(held) - 1)
     engine.scheduler.step_hooks.remove(hook)
     for row, i in zip(rows, at):
@@ -194,16 +194,23 @@ def table(summary: dict) -> str:
         ts = [0.0] + [row["t"] for row in r["segments"]]
         return (ts[k] - ts[k - 5]) / 5
 
+    def ms_per_token(r, k):  # the same 5 segments, per token written (captions differ in length)
+        ts = [0.0] + [row["t"] for row in r["segments"]]
+        return 1000 * (ts[k] - ts[k - 5]) / sum(row["tokens"] for row in r["segments"][k - 5:k])
+
     last = len(next(iter(results.values()))["segments"])
     marks = sorted({10, min(25, last), last})
     head = " | ".join(f"KV MiB / kept @{k}" for k in marks)
-    lines = [f"| mode | {head} | s/segment, 6-10 | s/segment, {last - 4}-{last} | ratio |",
-             "| --- |" + " --- |" * (len(marks) + 3)]
+    lines = [f"| mode | {head} | s/segment, 6-10 | s/segment, {last - 4}-{last} | ratio "
+             f"| ms/token, 6-10 | ms/token, {last - 4}-{last} | ratio |",
+             "| --- |" + " --- |" * (len(marks) + 6)]
     for name, r in results.items():
         cells = [f"{r['segments'][k - 1]['blocks'] * r['block_bytes'] / 2**20:.2f} / {r['segments'][k - 1]['kept_tokens']}"
                  for k in marks]
         t10, tl = seg_time(r, 10), seg_time(r, last)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t10:.3f} | {tl:.3f} | {tl / t10:.2f} |")
+        m10, ml = ms_per_token(r, 10), ms_per_token(r, last)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t10:.3f} | {tl:.3f} | {tl / t10:.2f} "
+                     f"| {m10:.2f} | {ml:.2f} | {ml / m10:.2f} |")
     pool = summary["fixed_pool"]
     lines += ["", f"| fixed pool: {pool['blocks']} blocks, {pool['stories']} stories of {pool['segments']} segments "
               "| most running at once | preemptions | stories/min |", "| --- | --- | --- | --- |"]
