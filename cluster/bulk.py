@@ -261,7 +261,8 @@ def run_bulk(c: BulkConfig) -> dict:
         raise ValueError(f"{c.prompts} has no 'caption' column (columns: {prompts.column_names})")
     ids = story_ids(prompts)
     todo, done, bad = triage(ids, prompts.column("caption").to_pylist(), *committed(out))
-    prompts = prompts.drop_columns([n for n in ("story_id",) if n in prompts.column_names])
+    if "story_id" in prompts.column_names:
+        prompts = prompts.drop_columns(["story_id"])
     prompts = prompts.append_column("story_id", pa.array(ids, pa.string())).take(pa.array(todo, pa.int64()))
     written = _generate(c, prompts) if todo else {"stories": 0, "errors": 0}  # nothing to do: no actors
     _atomic_write(out / "errors", pa.Table.from_pylist(bad, schema=ERRORS))  # after the stories: see triage

@@ -33,15 +33,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from actors.mllm.sink import HeldBlocks, SinkParams, SinkSettings, SinkTracker, cdiv, max_blocks, max_kept
-
-
-def most_kept(vllm_config) -> int:
-    """Most tokens the engine's policy keeps of one story (``hf_overrides`` carry the limits)."""
-    hf = vllm_config.model_config.hf_config
-    story = hf.seedstory_story
-    return max_kept(SinkSettings(**hf.seedstory_sink), story["longest_segment"], story["max_segments"],
-                    vllm_config.model_config.max_model_len)
+from actors.mllm.sink import HeldBlocks, SinkParams, SinkSettings, SinkTracker, max_blocks
 
 
 def footprint_blocks(vllm_config, block_size: int) -> int:
@@ -72,6 +64,7 @@ class StoryKV:
 class SinkKVManager(FullAttentionManager):
     # Set by SinkScheduler after construction: vLLM builds managers from the spec alone.
     policy: SinkParams | None = None
+    stories: dict[str, StoryKV]
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -79,7 +72,7 @@ class SinkKVManager(FullAttentionManager):
 
     def compact(self, request_id: str, token_ids, first: int, scheduled: int) -> None:
         """Apply ``HeldBlocks`` for a story scheduled with ``first`` tokens computed before the step."""
-        stories = self.__dict__.setdefault("stories", {})
+        stories = self.stories
         if first == 0 or request_id not in stories:  # a new story, or one recomputed after preemption
             stories[request_id] = StoryKV(SinkTracker(self.policy), HeldBlocks(self.block_size))
         story = stories[request_id]
@@ -97,7 +90,7 @@ class SinkKVManager(FullAttentionManager):
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
 
     def free(self, request_id: str) -> None:
-        self.__dict__.get("stories", {}).pop(request_id, None)
+        self.stories.pop(request_id, None)
         super().free(request_id)
 
 
@@ -115,11 +108,11 @@ class SinkScheduler(Scheduler):
         self.sink_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
                               if isinstance(m, SinkKVManager)]
         for manager in self.sink_managers:
-            manager.policy = policy
+            manager.policy, manager.stories = policy, {}
         self.max_stories = self.max_num_active_reqs
-        self.most_kept = most_kept(self.vllm_config)
+        hf = self.vllm_config.model_config.hf_config
+        self.settings, self.story = SinkSettings(**hf.seedstory_sink), hf.seedstory_story
         self.chunk = self.scheduler_config.max_num_batched_tokens
-        self.admit_on_footprint = self.vllm_config.model_config.hf_config.seedstory_story["admit_on_footprint"]
         self.step_hooks: list = []  # called as hook(scheduler, output) after every schedule (tests)
 
     def schedule(self, *args, **kwargs):
@@ -137,7 +130,7 @@ class SinkScheduler(Scheduler):
     def _admissible(self) -> int:
         """How many stories may run: the running ones, plus waiting ones while the pool still
         holds every story's worst case (what it may still grow to), the new ones' included."""
-        if not self.sink_managers or not self.admit_on_footprint:
+        if not self.sink_managers or not self.story["admit_on_footprint"]:
             return self.max_stories
         manager = self.sink_managers[0]
         growth = sum(max(0, self._worst_case(r) - manager.held_blocks(r.request_id)) for r in self.running)
@@ -151,8 +144,8 @@ class SinkScheduler(Scheduler):
         return min(self.max_stories, len(self.running) + admit)
 
     def _worst_case(self, request) -> int:
-        """Most blocks this story can hold: ``HeldBlocks`` keeps ceil((kept + step) / B) + 1, and
-        never more than its block list's length. Its biggest step is its first prompt chunk."""
-        length = cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
-        step = min(request.num_tokens, self.chunk)
-        return min(length, cdiv(self.most_kept + step, self.block_size) + 1)
+        """Most blocks this story can hold (``sink.max_blocks`` over its own length); its biggest
+        step is its first prompt chunk."""
+        return max_blocks(self.settings, self.story["longest_segment"], self.story["max_segments"],
+                          request.num_prompt_tokens + request.max_tokens, self.block_size,
+                          step_tokens=min(request.num_tokens, self.chunk))
