@@ -27,28 +27,32 @@ class Rendering(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("caption", "visual_codes")
+    __slots__ = ("caption", "visual_codes", "caption_ids")
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     VISUAL_CODES_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_IDS_FIELD_NUMBER: _ClassVar[int]
     caption: str
     visual_codes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, caption: _Optional[str] = ..., visual_codes: _Optional[_Iterable[int]] = ...) -> None: ...
+    caption_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, caption: _Optional[str] = ..., visual_codes: _Optional[_Iterable[int]] = ..., caption_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StoryRequest(_message.Message):
-    __slots__ = ("caption", "start_image", "segments", "sampling", "rendering", "story_so_far")
+    __slots__ = ("caption", "start_image", "segments", "sampling", "rendering", "story_so_far", "caption_ids")
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     START_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RENDERING_FIELD_NUMBER: _ClassVar[int]
     STORY_SO_FAR_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_IDS_FIELD_NUMBER: _ClassVar[int]
     caption: str
     start_image: bytes
     segments: int
     sampling: Sampling
     rendering: Rendering
     story_so_far: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, caption: _Optional[str] = ..., start_image: _Optional[bytes] = ..., segments: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., rendering: _Optional[_Union[Rendering, _Mapping]] = ..., story_so_far: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    caption_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, caption: _Optional[str] = ..., start_image: _Optional[bytes] = ..., segments: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., rendering: _Optional[_Union[Rendering, _Mapping]] = ..., story_so_far: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., caption_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CaptionEvent(_message.Message):
     __slots__ = ("index", "caption", "caption_ids", "written_at")
@@ -83,7 +87,7 @@ class ImageEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., visual_codes: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., codes_at: _Optional[float] = ..., render_start: _Optional[float] = ..., render_end: _Optional[float] = ...) -> None: ...
 
 class StoryStats(_message.Message):
-    __slots__ = ("prompt_tokens", "output_tokens", "peak_kv_blocks", "kv_block_bytes", "tokenize_s", "mllm_s", "render_s", "total_s", "tokens_per_s")
+    __slots__ = ("prompt_tokens", "output_tokens", "peak_kv_blocks", "kv_block_bytes", "tokenize_s", "mllm_s", "render_s", "total_s", "tokens_per_s", "resumes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PEAK_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +97,7 @@ class StoryStats(_message.Message):
     RENDER_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     output_tokens: int
     peak_kv_blocks: int
@@ -102,7 +107,8 @@ class StoryStats(_message.Message):
     render_s: float
     total_s: float
     tokens_per_s: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., peak_kv_blocks: _Optional[int] = ..., kv_block_bytes: _Optional[int] = ..., tokenize_s: _Optional[float] = ..., mllm_s: _Optional[float] = ..., render_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    resumes: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., peak_kv_blocks: _Optional[int] = ..., kv_block_bytes: _Optional[int] = ..., tokenize_s: _Optional[float] = ..., mllm_s: _Optional[float] = ..., render_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., resumes: _Optional[int] = ...) -> None: ...
 
 class StoryEvent(_message.Message):
     __slots__ = ("story_id", "sent_at", "caption", "image", "done")
