@@ -6,6 +6,7 @@ each pool's replicas, autoscaling and resources live in the config's ``deploymen
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,15 +23,30 @@ class AppSettings:
     limits: StoryLimits = field(default_factory=StoryLimits)
     max_stories_per_replica: int = 8                  # admission: beyond it, RESOURCE_EXHAUSTED
     auth_token: str = ""                              # non-empty: require "authorization: Bearer <token>"
+    auth_token_env: str = ""                          # or: the environment variable that holds the token
     engine_max_stories: int = 8                       # stories one MLLM replica batches (vLLM max_num_seqs)
     kv_blocks: int | None = None                      # KV blocks per MLLM replica (default: what memory allows)
     torch_threads: int = 1                            # per tokenizer / de-tokenizer replica
 
     def __post_init__(self) -> None:
+        if self.auth_token and self.auth_token_env:
+            raise ValueError("give auth_token or auth_token_env, not both")
         if self.max_stories_per_replica < 1 or self.engine_max_stories < 1 or self.torch_threads < 1:
             raise ValueError("max_stories_per_replica, engine_max_stories and torch_threads must be >= 1")
         path = Path(self.checkpoint)
         object.__setattr__(self, "checkpoint", str(path if path.is_absolute() else ROOT / path))
+
+    def token(self) -> str:
+        """The bearer token clients must send ("" = none). Read from the replica's environment when
+        ``auth_token_env`` names a variable, so that the token never sits in the config (on
+        Kubernetes it comes from a Secret); a named variable that is unset fails the replica's start
+        rather than serving without auth."""
+        if not self.auth_token_env:
+            return self.auth_token
+        value = os.environ.get(self.auth_token_env, "")
+        if not value:
+            raise ValueError(f"auth_token_env: the environment variable {self.auth_token_env} is unset or empty")
+        return value
 
     @classmethod
     def from_args(cls, args: dict) -> "AppSettings":

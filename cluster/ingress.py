@@ -17,6 +17,7 @@ one log line, never a traceback: see ``GenerateStory``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -49,6 +50,7 @@ class StoryError(Exception):
 class StoryIngress:
     def __init__(self, tokenizer, mllm, detokenizer, settings: dict):
         self.settings = AppSettings.from_args(settings)
+        self.token = self.settings.token()
         manifest = read_manifest(self.settings.checkpoint)
         self.shape = (manifest.num_queries, manifest.codebook_size)
         self.tokenizer, self.mllm, self.detokenizer = tokenizer, mllm, detokenizer
@@ -109,8 +111,9 @@ class StoryIngress:
 
     # -- checks ----------------------------------------------------------------------------
     def _authorize(self, ctx) -> None:
-        token = self.settings.auth_token
-        if token and dict(ctx.invocation_metadata()).get("authorization") != f"Bearer {token}":
+        # compare_digest: the time taken must not tell how much of a guessed token was right.
+        sent = dict(ctx.invocation_metadata()).get("authorization", "")
+        if self.token and not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
             self._fail(ctx, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", "unauthenticated")
 
     def _fail(self, ctx, code: grpc.StatusCode, message: str, outcome: str):
