@@ -22,7 +22,7 @@ def _data_storyworld(a: argparse.Namespace) -> None:
     from training.storyworld import write_storyworld
 
     t0 = time.time()
-    path = write_storyworld(a.out, a.stories, a.segments, a.seed, a.size)
+    path = write_storyworld(a.out, a.stories, a.segments, a.seed, a.size, world=a.world)
     print(f"wrote {a.stories} stories to {path} in {time.time() - t0:.1f}s")
 
 
@@ -132,6 +132,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--segments", type=int, default=30)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--size", type=int, default=128, help="picture size in pixels")
+    w.add_argument("--world", choices=("classic", "returning"), default="classic",
+                   help="classic: fixed looks, the hero in every caption; returning: random looks said only "
+                        "in the opening, friends who leave and come back after 10+ segments")
     w.add_argument("--out", required=True)
     w.set_defaults(func=_data_storyworld)
 

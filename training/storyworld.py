@@ -1,25 +1,51 @@
-"""StoryWorld: a procedural story world written in the official StoryStream layout.
+"""StoryWorld: procedural story worlds written in the official StoryStream layout.
 
-Characters have fixed looks (colour + shape), places have distinct backgrounds, actions
-set where the hero stands. Captions come from a small grammar and always name the hero.
-Pictures are drawn with PIL from the ground truth, so ``draw_segment`` doubles as the
-ground-truth renderer that evaluation uses to judge consistency.
+Both worlds share the places, the actions, the caption grammar and the renderer. Pictures are
+drawn with PIL from the ground truth, so ``draw_segment`` doubles as the ground-truth renderer
+that evaluation uses to judge consistency.
+
+``classic`` (the default): six characters with fixed looks (colour + shape); places have
+distinct backgrounds; actions set where the hero stands. Every caption names the hero with its
+look. Its output for a given seed never changes (a test pins it), so old data stays reproducible.
+
+``returning`` exists so that an evaluation can tell SEED-Story's multimodal attention sink
+(which keeps the boundary tokens of every old picture) from a plain sliding window of 8
+segments. In the classic world it cannot: every caption repeats the hero's look and the hero is
+in every picture, so the last few segments always hold all that is needed to draw the next one.
+In the returning world:
+
+- each story draws its cast's looks at random (colour, shape, plain or striped), so a look
+  cannot be learnt from a name;
+- only the opening shows them: the opening caption names each character with its look
+  ("Milo the striped red circle"), the first pictures draw them all; later captions name
+  characters by name only;
+- the hero stays; the friends leave and come back after at least ``AWAY`` (10) segments, several
+  times a story, so drawing a returning friend right needs something seen more than 8 segments
+  back: the opening, or the last picture that showed it.
 
 Output (``OUT/``):
     storyworld.jsonl      one story a line: {"id", "images", "captions", "orders"}
     images/SSSSSS/SSSSSS_keyframe_K.jpg
-    truth.jsonl           sidecar: {"id", "hero", "segments": [{"hero", "others", "place", "action"}]}
+    truth.jsonl           sidecar, one story a line:
+        classic:   {"id", "hero", "segments": [{"hero", "others", "place", "action"}]}
+        returning: {"id", "world", "hero", "looks": {name: {"colour", "shape", "pattern"}},
+                    "segments": [{"hero", "others", "place", "action", "present", "returning"}]}
+        where ``present`` is [hero, *others] and ``returning`` the names back in that segment
+        after at least ``AWAY`` segments away.
+    storyworld.json       provenance: the arguments and the command that wrote the folder
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 
 @dataclass(frozen=True)
@@ -28,6 +54,15 @@ class Character:
     colour: tuple[int, int, int]
     colour_name: str
     shape: str
+    pattern: str = "plain"  # or "striped": dark bands across the shape (the returning world)
+
+    @property
+    def look(self) -> str:
+        """The look as captions say it: "red circle", "striped red circle"."""
+        return " ".join(w for w in (self.pattern, self.colour_name, self.shape) if w != "plain")
+
+    def look_record(self) -> dict[str, str]:
+        return {"colour": self.colour_name, "shape": self.shape, "pattern": self.pattern}
 
 
 @dataclass(frozen=True)
@@ -63,9 +98,20 @@ ACTIONS = {
     "wave": ("waves", "wave", (0.5, 0.68), 1.1),
     "rest": ("takes a rest", "take a rest", (0.2, 0.78), 0.7),
 }
+OPENING = "Once upon a time, "
 OPENERS = ("", "Then ", "Later, ", "Soon ", "After that, ", "Suddenly ")
 _BY_NAME = {c.name: c for c in CHARACTERS}
 _PLACE_BY_NAME = {p.name: p for p in PLACES}
+
+# The returning world dresses the same six names in the classic palette and shapes, at random.
+NAMES = tuple(c.name for c in CHARACTERS)
+COLOURS = {c.colour_name: c.colour for c in CHARACTERS}
+SHAPES = tuple(c.shape for c in CHARACTERS)
+PATTERNS = ("plain", "striped")
+STRIPE = (25, 25, 25)  # far from every sky, ground and palette colour: it reads as stripes, nothing else
+CAST = 4               # the hero and three friends
+AWAY = 10              # segments a friend stays away: more than the sink's window of 8
+STAY = (2, 6)          # segments a friend stays before it leaves; >= 2 so the first pictures show everyone
 
 
 @dataclass(frozen=True)
@@ -76,56 +122,172 @@ class Segment:
     action: str
 
 
-def caption(seg: Segment, index: int, rng: random.Random) -> str:
-    hero = _BY_NAME[seg.hero]
+def _there(seg: Segment) -> list[str]:
+    """Who is in a segment, hero first."""
+    return [seg.hero, *seg.others]
+
+
+def cast_from_looks(looks: dict[str, dict[str, str]]) -> tuple[Character, ...]:
+    """A returning-world story's characters from its truth record's ``looks``, hero first."""
+    return tuple(Character(name, COLOURS[lk["colour"]], lk["colour"], lk["shape"], lk["pattern"])
+                 for name, lk in looks.items())
+
+
+# -- captions ------------------------------------------------------------------------------------
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def caption(seg: Segment, index: int, rng: random.Random, cast: tuple[Character, ...] = CHARACTERS,
+            described: Collection[str] | None = None) -> str:
+    """A segment's caption. ``described``: the names said with their look (by default the hero,
+    as the classic world says it in every caption)."""
+    looks = {c.name: c for c in cast}
+    described = (seg.hero,) if described is None else described
+    who = _join([f"{n} the {looks[n].look}" if n in described else n for n in _there(seg)])
     verb = ACTIONS[seg.action][1 if seg.others else 0]
-    who = " and ".join((f"{seg.hero} the {hero.colour_name} {hero.shape}",) + seg.others)
     if index == 0:
-        return f"Once upon a time, {who} {verb} in the {seg.place}."
+        return f"{OPENING}{who} {verb} in the {seg.place}."
     opener = rng.choice(OPENERS)
     text = f"{opener}{who} {verb} in the {seg.place}."
     return text[0].upper() + text[1:]
 
 
+def _alternatives(words) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest first
+
+
+_LOOK = rf"(?:(?:{_alternatives(PATTERNS[1:])}) )?(?:{_alternatives(COLOURS)}) (?:{_alternatives(SHAPES)})"
+_NAMED = re.compile(rf"(?P<name>[A-Z][a-z]+)(?: the (?P<look>{_LOOK}))?")
 _CAPTION = re.compile(
-    r"^(?:Once upon a time, |Then |Later, |Soon |After that, |Suddenly )?"
-    r"(?P<hero>[A-Z][a-z]+) the (?P<colour>[a-z]+) (?P<shape>[a-z]+)(?: and (?P<other>[A-Z][a-z]+))? "
-    r"(?P<verb>[a-z ]+?) in the (?P<place>[a-z ]+)\.$")
+    rf"^(?:{_alternatives([OPENING, *OPENERS[1:]])})?(?P<who>.+?) "
+    rf"(?P<verb>{_alternatives(v for a in ACTIONS.values() for v in a[:2])}) "
+    rf"in the (?P<place>{_alternatives(_PLACE_BY_NAME)})\.$")
 
 
-def parse_caption(text: str) -> Segment | None:
-    """The segment a caption describes, if the caption is a sentence of the StoryWorld grammar
-    (the hero's colour and shape as the world has them, a verb agreeing with the number of
-    characters, a known place); otherwise None. The inverse of ``caption``."""
+def read_caption(text: str) -> tuple[Segment, dict[str, str]] | None:
+    """What a caption says, at the grammar's level, whatever the world: the segment (the first
+    name is the hero) and the look words it gives each name it describes. None if the caption is
+    not a sentence of the grammar (names named twice, a verb not agreeing with their number...)."""
     m = _CAPTION.match(text.strip())
-    if not m or m["hero"] not in _BY_NAME or m["place"] not in _PLACE_BY_NAME:
+    if not m:
         return None
-    hero = _BY_NAME[m["hero"]]
-    if (m["colour"], m["shape"]) != (hero.colour_name, hero.shape):
+    parts = re.split(r", | and ", m["who"])
+    named = [_NAMED.fullmatch(p) for p in parts]
+    if not all(named) or _join(parts) != m["who"]:  # "A, B" or "A and B and C" are not the grammar's
         return None
-    others = (m["other"],) if m["other"] else ()
-    if others and (others[0] not in _BY_NAME or others[0] == hero.name):
+    names = [n["name"] for n in named]
+    action = next((a for a, v in ACTIONS.items() if v[1 if len(names) > 1 else 0] == m["verb"]), None)
+    if action is None or len(set(names)) < len(names):
         return None
-    action = next((a for a, v in ACTIONS.items() if v[1 if others else 0] == m["verb"]), None)
-    return Segment(hero.name, others, m["place"], action) if action else None
+    looks = {n["name"]: n["look"] for n in named if n["look"]}
+    return Segment(names[0], tuple(names[1:]), m["place"], action), looks
+
+
+def parse_caption(text: str, cast: tuple[Character, ...] | None = None) -> Segment | None:
+    """The segment a caption describes if it is a caption of the world, otherwise None: the
+    inverse of ``caption``. Without ``cast``, the classic world: the hero with its classic look,
+    at most one friend, by name. With ``cast`` (a returning-world story's characters, e.g.
+    ``cast_from_looks``): any of them, each by name or with its own look."""
+    read = read_caption(text)
+    if read is None:
+        return None
+    seg, looks = read
+    if cast is None:
+        classic = seg.hero in _BY_NAME and looks == {seg.hero: _BY_NAME[seg.hero].look}
+        return seg if classic and len(seg.others) <= 1 and set(seg.others) <= set(_BY_NAME) else None
+    by_name = {c.name: c for c in cast}
+    known = all(n in by_name for n in _there(seg))
+    return seg if known and all(by_name[n].look == words for n, words in looks.items()) else None
+
+
+# -- planning stories ----------------------------------------------------------------------------
+
+def _wander(rng: random.Random, place: str) -> str:
+    return rng.choice([p.name for p in PLACES if p.name != place]) if rng.random() < 0.3 else place
 
 
 def plan_story(rng: random.Random, segments: int) -> list[Segment]:
+    """A classic story: one hero, now and then one friend."""
     hero = rng.choice(CHARACTERS).name
     friends = [c.name for c in CHARACTERS if c.name != hero]
     place = rng.choice(PLACES).name
     story = []
     for _ in range(segments):
-        if rng.random() < 0.3:
-            place = rng.choice([p.name for p in PLACES if p.name != place])
+        place = _wander(rng, place)
         others = (rng.choice(friends),) if rng.random() < 0.4 else ()
         story.append(Segment(hero, others, place, rng.choice(list(ACTIONS))))
     return story
 
 
-def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    import math
+def random_cast(rng: random.Random) -> tuple[Character, ...]:
+    """``CAST`` characters with random looks, hero first. Colours and shapes differ within a
+    story, so either tells two characters apart."""
+    names, colours, shapes = rng.sample(NAMES, CAST), rng.sample(list(COLOURS), CAST), rng.sample(SHAPES, CAST)
+    return tuple(Character(n, COLOURS[c], c, s, rng.choice(PATTERNS)) for n, c, s in zip(names, colours, shapes))
 
+
+def _comings_and_goings(rng: random.Random, segments: int) -> list[bool]:
+    """Whether a friend is there, segment by segment: there from the opening, then away for
+    AWAY..AWAY+3 segments and back for a STAY, over and over."""
+    here: list[bool] = []
+    while len(here) < segments:
+        here += [True] * rng.randint(*STAY) + [False] * rng.randint(AWAY, AWAY + 3)
+    return here[:segments]
+
+
+def plan_returning(rng: random.Random, segments: int) -> tuple[tuple[Character, ...], list[Segment]]:
+    """A returning-world story: its cast and its segments (the friends there, in cast order)."""
+    cast = random_cast(rng)
+    friends = [c.name for c in cast[1:]]
+    here = {f: _comings_and_goings(rng, segments) for f in friends}
+    place = rng.choice(PLACES).name
+    story = []
+    for k in range(segments):
+        place = _wander(rng, place)
+        others = tuple(f for f in friends if here[f][k])
+        story.append(Segment(cast[0].name, others, place, rng.choice(list(ACTIONS))))
+    return cast, story
+
+
+def returning_in(plan: list[Segment], k: int) -> list[str]:
+    """The names in segment k that were seen before but not in the ``AWAY`` segments before it."""
+    long_ago = {n for seg in plan[:max(0, k - AWAY)] for n in _there(seg)}
+    lately = {n for seg in plan[max(0, k - AWAY):k] for n in _there(seg)}
+    return [n for n in _there(plan[k]) if n in long_ago - lately]
+
+
+@dataclass(frozen=True)
+class Story:
+    cast: tuple[Character, ...]
+    plan: list[Segment]
+    captions: list[str]
+    truth: dict  # the story's truth.jsonl record, less its id
+
+
+def classic_story(rng: random.Random, segments: int) -> Story:
+    plan = plan_story(rng, segments)
+    caps = [caption(seg, k, rng) for k, seg in enumerate(plan)]
+    return Story(CHARACTERS, plan, caps, {"hero": plan[0].hero, "segments": [asdict(s) for s in plan]})
+
+
+def returning_story(rng: random.Random, segments: int) -> Story:
+    cast, plan = plan_returning(rng, segments)
+    everyone = [c.name for c in cast]  # all there in the opening, which alone says their looks
+    caps = [caption(seg, k, rng, cast, everyone if k == 0 else ()) for k, seg in enumerate(plan)]
+    segs = [{**asdict(seg), "present": _there(seg), "returning": returning_in(plan, k)}
+            for k, seg in enumerate(plan)]
+    return Story(cast, plan, caps, {"world": "returning", "hero": cast[0].name,
+                                    "looks": {c.name: c.look_record() for c in cast}, "segments": segs})
+
+
+WORLDS: dict[str, Callable[[random.Random, int], Story]] = {"classic": classic_story, "returning": returning_story}
+
+
+# -- pictures ------------------------------------------------------------------------------------
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "diamond":
@@ -140,57 +302,89 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
-def draw_character(draw: ImageDraw.ImageDraw, ch: Character, cx: float, cy: float, r: float) -> None:
+def _fill_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, outline=None) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
-    if ch.shape == "circle":
-        draw.ellipse(box, fill=ch.colour, outline=(0, 0, 0))
-    elif ch.shape == "square":
-        draw.rectangle(box, fill=ch.colour, outline=(0, 0, 0))
+    if shape == "circle":
+        draw.ellipse(box, fill=fill, outline=outline)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill, outline=outline)
     else:
-        draw.polygon(_shape_points(ch.shape, cx, cy, r), fill=ch.colour, outline=(0, 0, 0))
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=fill, outline=outline)
 
 
-def draw_segment(seg: Segment, size: int = 128) -> Image.Image:
-    """The ground-truth picture of a segment: background of the place, hero posed by the action."""
+def _stripe(img: Image.Image, shape: str, cx: float, cy: float, r: float) -> None:
+    """Dark bands across the shape's inside, two or three whatever its size: bands of 3 px and
+    more keep both the stripes and the colour between them on a friend at 64 px after JPEG."""
+    inside, bands = Image.new("L", img.size), Image.new("L", img.size)
+    _fill_shape(ImageDraw.Draw(inside), shape, cx, cy, r, 255)
+    band, draw = max(2, round(r / 2.5)), ImageDraw.Draw(bands)
+    for y in range(int(cy - r) + band, math.ceil(cy + r), 2 * band):
+        draw.rectangle((0, y, img.width, y + band - 1), fill=255)
+    img.paste(STRIPE, mask=ImageChops.multiply(inside, bands))
+
+
+def draw_character(img: Image.Image, ch: Character, cx: float, cy: float, r: float) -> None:
+    _fill_shape(ImageDraw.Draw(img), ch.shape, cx, cy, r, ch.colour, (0, 0, 0))
+    if ch.pattern == "striped":
+        _stripe(img, ch.shape, cx, cy, r)
+
+
+def layout(seg: Segment, size: int) -> dict[str, tuple[float, float, float]]:
+    """Where each character of a segment stands: name -> (centre x, centre y, radius). The hero
+    is posed by the action; friends stand in a column on the other side, smaller, spaced so that
+    three do not overlap (classic stories have at most one)."""
+    _, _, (fx, fy), scale = ACTIONS[seg.action]
+    spots = {seg.hero: (fx * size, fy * size, 0.16 * size * scale)}
+    ox = 0.2 if fx > 0.5 else 0.8
+    for k, other in enumerate(seg.others):
+        spots[other] = (ox * size, 0.72 * size - k * 0.21 * size, 0.1 * size)
+    return spots
+
+
+def draw_segment(seg: Segment, size: int = 128, cast: tuple[Character, ...] = CHARACTERS) -> Image.Image:
+    """The ground-truth picture of a segment: background of the place, every character there
+    with its look in ``cast`` (the classic characters by default), the hero posed by the action."""
     place = _PLACE_BY_NAME[seg.place]
     img = Image.new("RGB", (size, size), place.sky)
-    draw = ImageDraw.Draw(img)
-    draw.rectangle((0, int(size * 0.6), size, size), fill=place.ground)
-    _, _, (fx, fy), scale = ACTIONS[seg.action]
-    draw_character(draw, _BY_NAME[seg.hero], fx * size, fy * size, 0.16 * size * scale)
-    for k, other in enumerate(seg.others):  # friends stand on the other side, smaller
-        ox = 0.2 if fx > 0.5 else 0.8
-        draw_character(draw, _BY_NAME[other], ox * size, 0.72 * size - k * 0.1 * size, 0.1 * size)
+    ImageDraw.Draw(img).rectangle((0, int(size * 0.6), size, size), fill=place.ground)
+    looks = {c.name: c for c in cast}
+    for name, (cx, cy, r) in layout(seg, size).items():
+        draw_character(img, looks[name], cx, cy, r)
     return img
 
 
-def write_storyworld(out: str | Path, stories: int, segments: int = 30, seed: int = 0, size: int = 128) -> Path:
-    """Write ``stories`` stories; deterministic for a given seed. Returns the JSONL path."""
+# -- writing -------------------------------------------------------------------------------------
+
+def _story(world: str, seed: int, sid: int, segments: int) -> Story:
+    if world not in WORLDS:
+        raise ValueError(f"unknown StoryWorld world {world!r}; choose from {sorted(WORLDS)}")
+    return WORLDS[world](random.Random(f"{seed}:{sid}"), segments)  # per story: independent of the others
+
+
+def write_storyworld(out: str | Path, stories: int, segments: int = 30, seed: int = 0, size: int = 128,
+                     world: str = "classic") -> Path:
+    """Write ``stories`` stories of ``world``; deterministic for a given seed. Returns the JSONL path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jsonl, truth = out / "storyworld.jsonl", out / "truth.jsonl"
     with jsonl.open("w") as fj, truth.open("w") as ft:
         for sid in range(stories):
-            rng = random.Random(f"{seed}:{sid}")  # per story, so a story does not depend on the others
-            plan = plan_story(rng, segments)
+            story = _story(world, seed, sid, segments)
             rel = [f"{sid:06d}/{sid:06d}_keyframe_{k}.jpg" for k in range(segments)]
             (out / "images" / f"{sid:06d}").mkdir(exist_ok=True)
-            for seg, path in zip(plan, rel):
-                draw_segment(seg, size).save(out / "images" / path, quality=95)
-            caps = [caption(seg, k, rng) for k, seg in enumerate(plan)]
-            fj.write(json.dumps({"id": sid, "images": rel, "captions": caps, "orders": list(range(segments))}) + "\n")
-            ft.write(json.dumps({"id": sid, "hero": plan[0].hero, "segments": [asdict(s) for s in plan]}) + "\n")
-    meta = {"stories": stories, "segments": segments, "seed": seed, "size": size,
+            for seg, path in zip(story.plan, rel):
+                draw_segment(seg, size, story.cast).save(out / "images" / path, quality=95)
+            fj.write(json.dumps({"id": sid, "images": rel, "captions": story.captions,
+                                 "orders": list(range(segments))}) + "\n")
+            ft.write(json.dumps({"id": sid, **story.truth}) + "\n")
+    flag = "" if world == "classic" else f" --world {world}"  # the classic command reads as it always did
+    meta = {"stories": stories, "segments": segments, "seed": seed, "size": size, "world": world,
             "command": f"seedstory data storyworld --stories {stories} --segments {segments} --seed {seed} "
-                       f"--size {size} --out {out}"}
+                       f"--size {size}{flag} --out {out}"}
     (out / "storyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
     return jsonl
 
 
-def sample_captions(stories: int, segments: int = 30, seed: int = 0) -> list[str]:
+def sample_captions(stories: int, segments: int = 30, seed: int = 0, world: str = "classic") -> list[str]:
     """Captions only (no pictures), e.g. to train the BPE for a fresh checkpoint."""
-    caps = []
-    for sid in range(stories):
-        rng = random.Random(f"{seed}:{sid}")
-        caps += [caption(seg, k, rng) for k, seg in enumerate(plan_story(rng, segments))]
-    return caps
+    return [c for sid in range(stories) for c in _story(world, seed, sid, segments).captions]
