@@ -225,7 +225,7 @@ def bare(ckpt: Path, config_args: dict, a: argparse.Namespace) -> list[dict]:
 
 def bare_story(engine, detok, tok, pool, segments: int, steps: int, guidance: float, seed: int) -> dict:
     """Write on this thread, render on the pool's: what the ingress does with two pools, minus Ray and gRPC."""
-    from actors.mllm.engine import CaptionEvent, Sampling, SegmentEvent, StoryEnd
+    from actors.mllm.engine import CaptionWritten, Sampling, PictureWritten, StoryEnd
     from actors.tokenizer.text import encode_segment
 
     t0 = time.time()
@@ -237,9 +237,9 @@ def bare_story(engine, detok, tok, pool, segments: int, steps: int, guidance: fl
     while engine.has_work():
         for ev in engine.step():
             now = time.time()
-            if isinstance(ev, CaptionEvent):
+            if isinstance(ev, CaptionWritten):
                 rows.append({"written_at": now})
-            elif isinstance(ev, SegmentEvent):
+            elif isinstance(ev, PictureWritten):
                 rows[ev.index]["codes_at"] = now
                 # The ingress's render seed: the request's render_seed + the segment index.
                 renders.append(pool.submit(render, detok, ev.codes, steps, guidance, (seed + ev.index) % (1 << 63)))

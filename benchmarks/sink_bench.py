@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from actors.checkpoint import part_dir, read_manifest
-from actors.mllm.engine import EngineConfig, SegmentEvent, StoryEnd, StoryEngine
+from actors.mllm.engine import EngineConfig, PictureWritten, StoryEnd, StoryEngine
 from actors.mllm.grammar import CHOICES, StoryRules, allowed_ids, start_state
 from actors.mllm.sink import MODES, SinkSettings, SinkTracker
 from actors.tokenizer.text import encode_segment, load_text_tokenizer
@@ -46,7 +46,7 @@ def one_request_story(engine, prompt, segments) -> dict:
     rows, at = [], []
     while engine.has_work():
         for ev in engine.step():
-            if isinstance(ev, SegmentEvent):
+            if isinstance(ev, PictureWritten):
                 tracker.extend(ev.caption_ids + [engine.tokens.boi] + ev.codes + [engine.tokens.eoi])
                 rows.append({"segment": ev.index + 1, "t": time.perf_counter() - t0,
                              "tokens": len(ev.caption_ids) + len(ev.codes) + 2, "kept_tokens": tracker.kept_count()})

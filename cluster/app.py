@@ -27,12 +27,17 @@ class AppSettings:
     engine_max_stories: int = 8                       # stories one MLLM replica batches (vLLM max_num_seqs)
     kv_blocks: int | None = None                      # KV blocks per MLLM replica (default: what memory allows)
     torch_threads: int = 1                            # per tokenizer / de-tokenizer replica
+    max_resumes: int = 3                              # replicas of one pool a story may lose and go on
+    resume_deadline_s: float = 180.0                  # wait at most this for a replica after a loss
+    health_stall_s: float = 120.0                     # a pool busy this long without progress is unhealthy
 
     def __post_init__(self) -> None:
         if self.auth_token and self.auth_token_env:
             raise ValueError("give auth_token or auth_token_env, not both")
         if self.max_stories_per_replica < 1 or self.engine_max_stories < 1 or self.torch_threads < 1:
             raise ValueError("max_stories_per_replica, engine_max_stories and torch_threads must be >= 1")
+        if self.max_resumes < 0 or self.resume_deadline_s <= 0 or self.health_stall_s <= 0:
+            raise ValueError("max_resumes must be >= 0, resume_deadline_s and health_stall_s > 0")
         path = Path(self.checkpoint)
         object.__setattr__(self, "checkpoint", str(path if path.is_absolute() else ROOT / path))
 
@@ -78,6 +83,7 @@ def build_app(args: dict):
         raise FileNotFoundError(f"no checkpoint at {s.checkpoint}: train one (seedstory train) or "
                                 f"build a random-init one (seedstory init --out {s.checkpoint})")
     tokenizer = TokenizerPool.bind(s.checkpoint, s.torch_threads)
-    mllm = MLLMPool.bind(s.checkpoint, asdict(s.sink), s.engine_max_stories, s.engine_segments, s.kv_blocks)
-    detokenizer = DetokenizerPool.bind(s.checkpoint, s.torch_threads)
+    mllm = MLLMPool.bind(s.checkpoint, asdict(s.sink), s.engine_max_stories, s.engine_segments, s.kv_blocks,
+                         s.health_stall_s)
+    detokenizer = DetokenizerPool.bind(s.checkpoint, s.torch_threads, s.health_stall_s)
     return StoryIngress.bind(tokenizer, mllm, detokenizer, s.to_args())

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.mllm.sink import SinkSettings
+from actors.tokenizer.text import caption_text
 
 SEGMENTS = pa.schema([("story_id", pa.string()), ("segment", pa.int32()), ("caption", pa.string()),
                       ("png", pa.binary()), ("visual_codes", pa.list_(pa.int32())), ("opening", pa.string())])
@@ -136,7 +137,7 @@ class Tokenize:
         self.builder = PromptBuilder(checkpoint)
 
     def __call__(self, batch):
-        from actors.tokenizer.prompts import InputError
+        from actors.errors import InputError
 
         captions = [_text(c).strip() for c in batch["caption"]]
         images = list(batch["image"]) if "image" in batch.columns else [None] * len(batch)
@@ -180,9 +181,7 @@ class Write:
         captions, codes = [], []
         for sid, opening in zip(batch["story_id"], batch["caption"]):
             events = written.get(sid, [])
-            # An empty caption is the prompt's own: the opening's picture comes first.
-            captions.append([self.text.decode(ev.caption_ids).strip() if ev.caption_ids else opening
-                             for ev in events])
+            captions.append([caption_text(self.text, ev.caption_ids, opening) for ev in events])
             codes.append([ev.codes for ev in events])
         batch["captions"], batch["codes"] = captions, codes
         return batch.drop(columns=["prompt_ids"])

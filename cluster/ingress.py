@@ -6,12 +6,20 @@
        codes to the DetokenizerPool at once, while the MLLM goes on with the next segment
     4. deliver the rendered pictures in order, then the story's stats
 
+A lost replica does not end the story (``cluster/recovery.py`` holds the policy). The ingress keeps
+the story's exact state, the tokens the MLLM wrote for every event it passed on, so when the
+MLLMPool replica dies or its engine breaks, it resumes the story on a live replica from
+prompt + those tokens, and the client's stream goes on: every segment once, in order. Renders
+lost with a DetokenizerPool replica are sent again (a picture depends only on its codes and seed),
+and a lost tokenizer call is retried. Past ``max_resumes`` losses, or with no replica back within
+``resume_deadline_s``, the story ends with UNAVAILABLE naming the stage.
+
 If the client cancels, disconnects or runs out of deadline, Serve cancels this generator; the
 ``finally`` blocks cancel the MLLM stream (whose replica aborts the vLLM request and frees its
 KV blocks) and every render still pending.
 
-A client error (bad request, token, load, a truncated story) ends the stream with its status and
-one log line, never a traceback: see ``GenerateStory``.
+Every error ends the stream with a status and a short message, logged once with the story id;
+a client never sees a traceback, an address or an actor id (see ``GenerateStory``).
 """
 
 from __future__ import annotations
@@ -30,15 +38,19 @@ from ray.util import metrics
 from seedstory_client.v1.story_pb2 import CaptionEvent, ImageEvent, StoryEvent, StoryStats
 
 from actors.checkpoint import read_manifest
+from actors.errors import InputError
+from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
+from actors.tokenizer.text import segment_ids
 from cluster.app import AppSettings
-from cluster.requests import InvalidRequest, StorySpec, check_request
+from cluster.recovery import Recovery, StageUnavailable, within
+from cluster.requests import StorySpec, check_request
 
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, tagged with the request id
 
 
 class StoryError(Exception):
-    """A client error, raised by ``_fail`` once its gRPC status is on the context."""
+    """Ends a story with a status: raised by ``_fail`` once the status is on the context."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -53,22 +65,26 @@ class StoryIngress:
         self.token = self.settings.token()
         manifest = read_manifest(self.settings.checkpoint)
         self.shape = (manifest.num_queries, manifest.codebook_size)
+        self.layout = manifest.tokens
         self.tokenizer, self.mllm, self.detokenizer = tokenizer, mllm, detokenizer
         self.active = 0
         self.m_stage = metrics.Histogram("seedstory_stage_seconds", "per-stage latency",
                                          boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120],
                                          tag_keys=("stage",))
         self.m_stories = metrics.Counter("seedstory_stories", "stories by outcome", tag_keys=("outcome",))
+        self.m_resumes = metrics.Counter("seedstory_resumes", "pool replicas lost under a running story, "
+                                         "by stage (each one resumed or retried elsewhere)", tag_keys=("stage",))
         self.m_active = metrics.Gauge("seedstory_stories_active", "stories in flight at this ingress replica")
         self.m_renders = metrics.Gauge("seedstory_render_queue", "pictures sent to the de-tokenizer, not yet back")
         self.pending_renders = 0
 
     async def GenerateStory(self, request, grpc_context) -> AsyncIterator[StoryEvent]:
-        """Client errors end the stream normally: raised out of here, each would be logged with a
-        traceback by this replica and by the proxy. The proxy takes the status from the context
-        that travels with each event, and one already sent may have left without it, so the stream
-        ends with an event that holds only the story id, sent after the status is set; without it
-        the client would see OK."""
+        """Every error ends the stream normally, with its status on the context: raised out of here,
+        it would be logged with a traceback by this replica and by the proxy, and the proxy would
+        send the client the exception's text (a traceback, with addresses and actor ids). The
+        proxy takes the status from the context that travels with each event, and one already
+        sent may have left without it, so the stream ends with an event that holds only the story
+        id, sent after the status is set; without it the client would see OK."""
         story_id = uuid.uuid4().hex[:16]
         try:
             async for event in self._serve(request, story_id, grpc_context):
@@ -82,7 +98,7 @@ class StoryIngress:
         self._authorize(grpc_context)
         try:
             spec = check_request(request, self.settings.limits, *self.shape)
-        except InvalidRequest as e:
+        except InputError as e:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         if self.active >= self.settings.max_stories_per_replica:
             self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -98,9 +114,15 @@ class StoryIngress:
         except StoryError:
             outcome = ""  # counted by _fail
             raise
-        except Exception:
-            outcome = "error"
-            raise
+        except StageUnavailable as e:
+            outcome = ""
+            self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, f"{e}; the segments sent so far are final, "
+                       "continue the story with story_so_far", "unavailable")
+        except Exception as e:
+            outcome = ""
+            log.error(f"story {story_id}: INTERNAL: {type(e).__name__}", exc_info=e)  # the details stay here
+            self._fail(grpc_context, grpc.StatusCode.INTERNAL,
+                       f"story {story_id} failed inside the service; its log has the details", "error")
         finally:
             self.active -= 1
             self.m_active.set(self.active)
@@ -116,6 +138,10 @@ class StoryIngress:
         if self.token and not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
             self._fail(ctx, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", "unauthenticated")
 
+    def _lost(self, story_id: str, stage: str) -> None:
+        log.warning(f"story {story_id}: {stage}: a replica was lost under it; going on with another")
+        self.m_resumes.inc(tags={"stage": stage})
+
     def _fail(self, ctx, code: grpc.StatusCode, message: str, outcome: str):
         self.m_stories.inc(tags={"outcome": outcome})
         ctx.set_code(code)
@@ -124,23 +150,26 @@ class StoryIngress:
 
     # -- one story -------------------------------------------------------------------------
     async def _story(self, spec: StorySpec, story_id: str, received: float, ctx) -> AsyncIterator[StoryEvent]:
-        prep = await self.tokenizer.prompt.remote(spec.caption, spec.start_image, spec.story_so_far)
+        s = self.settings
+        recovery = Recovery(s.max_resumes, s.resume_deadline_s, on_loss=lambda stage: self._lost(story_id, stage))
+        prep = await recovery.call("tokenizer", lambda timeout: within(self.tokenizer.prompt.remote(
+            spec.caption, spec.caption_ids, spec.start_image, spec.story_so_far), timeout))
         tokenized = time.time()
         self.m_stage.observe(tokenized - received, tags={"stage": "tokenize"})
         if "error" in prep:
             err = prep["error"]
             self._fail(ctx, grpc.StatusCode.INVALID_ARGUMENT, f"{err['field']}: {err['message']}", "invalid")
         out: asyncio.Queue = asyncio.Queue()
-        run = _StoryRun(self, spec, story_id, out)
-        writer = asyncio.create_task(run.write(prep["prompt_ids"]))
+        run = _StoryRun(self, spec, story_id, prep, recovery, out)
+        writer = asyncio.create_task(run.write())
         try:
             while (item := await out.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-            if run.end.get("truncated"):  # every segment written is delivered first, then the error
+            if run.end is not None and run.end.truncated:  # every segment written is delivered first
                 self._fail(ctx, grpc.StatusCode.OUT_OF_RANGE,
-                           f"segments: the MLLM's length limit ended the story after {len(run.renders)} of "
+                           f"segments: the MLLM's length limit ended the story after {run.pictures} of "
                            f"{spec.segments} segments (dense attention keeps every token); ask for fewer "
                            "segments or serve a sink mode", "truncated")
             yield run.stats(received, tokenized)
@@ -155,26 +184,37 @@ def _event(story_id: str, **kind) -> StoryEvent:
 
 
 class _StoryRun:
-    """The two halves of one story's pipeline: writing (MLLM) and rendering (de-tokenizer)."""
+    """The two halves of one story's pipeline, writing (MLLM) and rendering (de-tokenizer), and
+    the story's exact state: the tokens the MLLM wrote for every event passed on, from which a
+    lost MLLM replica's story resumes."""
 
-    def __init__(self, ingress: StoryIngress, spec: StorySpec, story_id: str, out: asyncio.Queue):
-        self.ingress, self.spec, self.story_id, self.out = ingress, spec, story_id, out
-        self.renders: list[tuple] = []  # (index, DeploymentResponse, codes_at, codes), in segment order
-        self.sent = 0                   # renders delivered to the client
-        self.ready = asyncio.Event()   # set when a render is added or the writing ends
+    def __init__(self, ingress: StoryIngress, spec: StorySpec, story_id: str, prep: dict,
+                 recovery: Recovery, out: asyncio.Queue):
+        self.ingress, self.spec, self.story_id, self.recovery, self.out = ingress, spec, story_id, recovery, out
+        self.prompt_ids: list[int] = prep["prompt_ids"]
+        self.opening = (prep["caption_ids"], prep["caption"])  # the request's own caption, for event 0
+        self.output: list[int] = []      # tokens written for the events passed on (caption ids, pictures)
+        self.captions = 0                # captions sent to the client
+        self.renders: list[tuple] = []   # (index, render task, codes_at, codes), in segment order
+        self.sent = 0                    # pictures sent to the client
+        self.ready = asyncio.Event()     # set when a render is added or the writing ends
         self.written = False
+        self.attempts = 0
         self.stream = None
-        self.end: dict = {}
+        self.end: StoryEnd | None = None
+        self.tokens_before = 0           # output tokens of the attempts before the last
         self.render_s = 0.0
         self.last_at = 0.0
 
-    async def write(self, prompt_ids: list[int]) -> None:
+    @property
+    def pictures(self) -> int:
+        return len(self.renders)
+
+    # -- writing ---------------------------------------------------------------------------
+    async def write(self) -> None:
         deliver = asyncio.create_task(self.deliver())
         try:
-            self.stream = self.ingress.mllm.options(stream=True).generate.remote(
-                self.story_id, prompt_ids, self.spec.segments, self.spec.sampling)
-            async for ev in self.stream:
-                self.on_mllm(ev)
+            await self.recovery.call("mllm", self.write_attempt)
             self.written = True
             self.ready.set()
             await deliver
@@ -182,39 +222,80 @@ class _StoryRun:
         except asyncio.CancelledError:
             deliver.cancel()
             raise
-        except Exception as e:  # a pool failed: the client gets the error, not a hang
+        except Exception as e:  # the client gets the error at once, not a hang
             deliver.cancel()
             self.out.put_nowait(e)
 
-    def on_mllm(self, ev: dict) -> None:
-        if ev["kind"] == "caption":
-            caption = ev["caption"] if ev["caption_ids"] else self.spec.caption  # empty: the client's own
-            self.out.put_nowait(_event(self.story_id, caption=CaptionEvent(
-                index=ev["index"], caption=caption, caption_ids=ev["caption_ids"], written_at=ev["at"])))
-            if self.last_at:
-                self.ingress.m_stage.observe(ev["at"] - self.last_at, tags={"stage": "segment"})
-            self.last_at = ev["at"]
-        elif ev["kind"] == "segment":
-            job = {"codes": ev["codes"], "steps": self.spec.steps, "guidance": self.spec.guidance,
-                   "seed": self.seed(ev["index"])}
-            self.renders.append((ev["index"], self.ingress.detokenizer.render.remote(job), ev["at"], ev["codes"]))
-            self.ingress.pending_renders += 1
-            self.ingress.m_renders.set(self.ingress.pending_renders)
-            self.ready.set()
-        else:
+    async def write_attempt(self, timeout: float | None) -> None:
+        """Stream the rest of the story from one MLLM replica: from the prompt plus every token
+        already passed on, so a resumed story continues exactly where the client's stream is."""
+        base, left = self.pictures, self.spec.segments - self.pictures
+        self.tokens_before = len(self.output)
+        if left == 0:  # the replica was lost after the last picture, before the end: nothing to resume
+            return
+        request_id = self.story_id if not self.attempts else f"{self.story_id}.r{self.attempts}"
+        self.attempts += 1
+        if self.stream is not None:
+            self.stream.cancel()  # the lost attempt's, in case its replica still runs it
+        self.stream = self.ingress.mllm.options(stream=True).generate.remote(
+            request_id, self.prompt_ids + self.output, left, self.spec.sampling)
+        events = aiter(self.stream)
+        self.on_mllm(await within(anext(events), timeout), base)  # a resume waits at most `timeout`
+        self.recovery.recovered("mllm")
+        async for ev in events:
+            self.on_mllm(ev, base)
+
+    def on_mllm(self, ev: Event, base: int) -> None:
+        """One engine event of an attempt that began after ``base`` pictures."""
+        if isinstance(ev, CaptionWritten):
+            self.on_caption(ev, base + ev.index)
+        elif isinstance(ev, PictureWritten):
+            self.output += segment_ids(self.ingress.layout, [], ev.codes)
+            self.start_render(base + ev.index, ev.codes, ev.at)
+        elif isinstance(ev, StoryEnd):
             self.end = ev
+
+    def on_caption(self, ev: CaptionWritten, index: int) -> None:
+        self.output += ev.caption_ids  # empty for a caption the prompt ended with
+        if index < self.captions:      # a resume whose prompt ended with it: the client has it
+            return
+        ids, text = (ev.caption_ids, ev.caption) if ev.caption_ids else self.opening
+        self.out.put_nowait(_event(self.story_id, caption=CaptionEvent(
+            index=index, caption=text, caption_ids=ids, written_at=ev.at)))
+        self.captions += 1
+        if self.last_at:
+            self.ingress.m_stage.observe(ev.at - self.last_at, tags={"stage": "segment"})
+        self.last_at = ev.at
+
+    # -- rendering -------------------------------------------------------------------------
+    def start_render(self, index: int, codes: list[int], codes_at: float) -> None:
+        job = {"codes": codes, "steps": self.spec.steps, "guidance": self.spec.guidance, "seed": self.seed(index)}
+        task = asyncio.create_task(self.recovery.call(
+            "detokenizer", lambda timeout: within(self.ingress.detokenizer.render.remote(job), timeout)))
+        task.add_done_callback(self.render_done)
+        self.renders.append((index, task, codes_at, codes))
+        self.ingress.pending_renders += 1
+        self.ingress.m_renders.set(self.ingress.pending_renders)
+        self.ready.set()
+
+    def render_done(self, task: asyncio.Task) -> None:
+        self.ingress.pending_renders -= 1
+        self.ingress.m_renders.set(self.ingress.pending_renders)
+        if not task.cancelled() and task.exception() is not None:
+            self.out.put_nowait(task.exception())  # at once, not when delivery reaches this picture
 
     async def deliver(self) -> None:
         """Await the renders in segment order and send each picture as it comes back."""
-        while not (self.written and self.sent == len(self.renders)):
-            if self.sent == len(self.renders):
+        while not (self.written and self.sent == self.pictures):
+            if self.sent == self.pictures:
                 self.ready.clear()
                 await self.ready.wait()
                 continue
-            index, response, codes_at, codes = self.renders[self.sent]
-            img = await response
-            self.ingress.pending_renders -= 1
-            self.ingress.m_renders.set(self.ingress.pending_renders)
+            index, task, codes_at, codes = self.renders[self.sent]
+            try:
+                img = await task
+            except Exception:
+                return  # render_done has passed the error on
             self.ingress.m_stage.observe(img["end"] - img["start"], tags={"stage": "render"})
             self.render_s += (img["end"] - img["start"]) / img["batch"]
             self.out.put_nowait(_event(self.story_id, image=ImageEvent(
@@ -227,21 +308,20 @@ class _StoryRun:
         return (base + index) % (1 << 63)
 
     def stats(self, received: float, tokenized: float) -> StoryEvent:
-        end = self.end
-        mllm_s = end.get("at", tokenized) - tokenized
-        out_tokens = end.get("output_tokens", 0)
+        end = self.end or StoryEnd(self.story_id, False, len(self.prompt_ids), 0, at=time.time())
+        mllm_s = end.at - tokenized
+        out_tokens = self.tokens_before + end.output_tokens
         return _event(self.story_id, done=StoryStats(
-            prompt_tokens=end.get("prompt_tokens", 0), output_tokens=out_tokens,
-            peak_kv_blocks=end.get("peak_blocks", 0), kv_block_bytes=end.get("block_bytes", 0),
+            prompt_tokens=len(self.prompt_ids), output_tokens=out_tokens,
+            peak_kv_blocks=end.peak_blocks, kv_block_bytes=end.block_bytes,
             tokenize_s=tokenized - received, mllm_s=mllm_s, render_s=self.render_s,
-            total_s=time.time() - received, tokens_per_s=out_tokens / mllm_s if mllm_s > 0 else 0.0))
+            total_s=time.time() - received, tokens_per_s=out_tokens / mllm_s if mllm_s > 0 else 0.0,
+            resumes=self.recovery.resumes))
 
     def cancel(self) -> None:
         """Drop everything still in flight: the MLLM stream (frees the KV blocks) and pending renders."""
         if self.stream is not None:
             self.stream.cancel()
-        for _, response, _, _ in self.renders[self.sent:]:
-            response.cancel()
-        self.ingress.pending_renders -= len(self.renders) - self.sent
-        self.ingress.m_renders.set(self.ingress.pending_renders)
-        self.sent = len(self.renders)
+        for _, task, _, _ in self.renders[self.sent:]:
+            task.cancel()
+        self.sent = self.pictures

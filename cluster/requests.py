@@ -1,7 +1,7 @@
 """What a story request may ask for, checked once at the ingress.
 
 ``check_request`` turns a ``StoryRequest`` message into a plain ``StorySpec`` or raises
-``InvalidRequest`` naming the field. Caption token counts and image decoding are checked
+``InputError`` naming the field. Caption token counts and image decoding are checked
 where the ids are made, in the TokenizerPool.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from actors.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -29,50 +31,54 @@ class StoryLimits:
             raise ValueError("limits: need 1 <= default_steps <= max_steps")
 
 
-class InvalidRequest(ValueError):
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
 @dataclass(frozen=True)
 class StorySpec:
-    caption: str
+    caption: str          # "" with no caption_ids: continuing a story, the MLLM writes the next caption
     start_image: bytes | None
     segments: int
     sampling: dict        # engine Sampling fields
     steps: int
     guidance: float
     render_seed: int | None
-    story_so_far: list[dict] = field(default_factory=list)  # [{"caption", "visual_codes"}]
+    story_so_far: list[dict] = field(default_factory=list)  # [{"caption", "caption_ids", "visual_codes"}]
+    caption_ids: list[int] = field(default_factory=list)    # the opening caption as exact ids, if given
 
 
 def check_request(req, limits: StoryLimits, num_queries: int, codebook_size: int) -> StorySpec:
-    """StoryRequest message -> StorySpec, or InvalidRequest for the first bad field."""
+    """StoryRequest message -> StorySpec, or InputError for the first bad field."""
+    story_so_far = _story_so_far(req.story_so_far, limits, num_queries, codebook_size)
+    start_image = _image(req.start_image, limits)
     return StorySpec(
-        caption=_caption(req.caption, "caption", limits),
-        start_image=_image(req.start_image, limits),
+        caption=_opening(req, limits, continuing=bool(story_so_far) and start_image is None),
+        caption_ids=list(req.caption_ids),
+        start_image=start_image,
         segments=_segments(req.segments, limits),
         sampling=_sampling(req.sampling),
         steps=_int_or_default(req.rendering.steps, limits.default_steps, 1, limits.max_steps, "rendering.steps"),
         guidance=_guidance(req.rendering.guidance, limits),
         render_seed=req.rendering.seed if req.rendering.HasField("seed") else None,
-        story_so_far=_story_so_far(req.story_so_far, limits, num_queries, codebook_size),
+        story_so_far=story_so_far,
     )
 
 
-def _caption(text: str, name: str, limits: StoryLimits) -> str:
+def _opening(req, limits: StoryLimits, continuing: bool) -> str:
+    """The opening caption's text. Exact ids (``caption_ids``) stand in for it, and a story that is
+    continued without a start image may leave both empty: the MLLM writes the next caption."""
+    return _caption(req.caption, "caption", limits, optional=bool(req.caption_ids) or continuing)
+
+
+def _caption(text: str, name: str, limits: StoryLimits, optional: bool = False) -> str:
     text = text.strip()
-    if not text:
-        raise InvalidRequest(name, "is empty")
+    if not text and not optional:
+        raise InputError(name, "is empty")
     if len(text) > limits.max_caption_chars:
-        raise InvalidRequest(name, f"is {len(text)} characters, more than {limits.max_caption_chars}")
+        raise InputError(name, f"is {len(text)} characters, more than {limits.max_caption_chars}")
     return text
 
 
 def _image(data: bytes, limits: StoryLimits) -> bytes | None:
     if len(data) > limits.max_image_bytes:
-        raise InvalidRequest("start_image", f"is {len(data)} bytes, more than {limits.max_image_bytes}")
+        raise InputError("start_image", f"is {len(data)} bytes, more than {limits.max_image_bytes}")
     return bytes(data) or None
 
 
@@ -80,7 +86,7 @@ def _segments(n: int, limits: StoryLimits) -> int:
     if n == 0:
         return limits.default_segments
     if not 1 <= n <= limits.max_segments:
-        raise InvalidRequest("segments", f"must be between 1 and {limits.max_segments}, got {n}")
+        raise InputError("segments", f"must be between 1 and {limits.max_segments}, got {n}")
     return n
 
 
@@ -88,7 +94,7 @@ def _int_or_default(value: int, default: int, low: int, high: int, name: str) ->
     if value == 0:
         return default
     if not low <= value <= high:
-        raise InvalidRequest(name, f"must be between {low} and {high}, got {value}")
+        raise InputError(name, f"must be between {low} and {high}, got {value}")
     return value
 
 
@@ -96,30 +102,32 @@ def _guidance(value: float, limits: StoryLimits) -> float:
     if value == 0:
         return limits.default_guidance
     if not math.isfinite(value) or not 0 < value <= 30:
-        raise InvalidRequest("rendering.guidance", f"must be in (0, 30], got {value}")
+        raise InputError("rendering.guidance", f"must be in (0, 30], got {value}")
     return value
 
 
 def _sampling(s) -> dict:
     if not math.isfinite(s.temperature) or not 0 <= s.temperature <= 5:
-        raise InvalidRequest("sampling.temperature", f"must be in [0, 5], got {s.temperature}")
+        raise InputError("sampling.temperature", f"must be in [0, 5], got {s.temperature}")
     top_p = s.top_p or 1.0
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
-        raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+        raise InputError("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     return {"temperature": s.temperature, "top_p": top_p, "seed": s.seed if s.HasField("seed") else None}
 
 
 def _story_so_far(segments, limits: StoryLimits, num_queries: int, codebook_size: int) -> list[dict]:
     if len(segments) > limits.max_story_so_far:
-        raise InvalidRequest("story_so_far", f"has {len(segments)} segments, more than {limits.max_story_so_far}")
+        raise InputError("story_so_far", f"has {len(segments)} segments, more than {limits.max_story_so_far}")
     out = []
     for i, seg in enumerate(segments):
         codes = list(seg.visual_codes)
         if len(codes) != num_queries:
-            raise InvalidRequest(f"story_so_far[{i}].visual_codes", f"has {len(codes)} codes, need {num_queries}")
+            raise InputError(f"story_so_far[{i}].visual_codes", f"has {len(codes)} codes, need {num_queries}")
         bad = [c for c in codes if not 0 <= c < codebook_size]
         if bad:
-            raise InvalidRequest(f"story_so_far[{i}].visual_codes",
+            raise InputError(f"story_so_far[{i}].visual_codes",
                                  f"code {bad[0]} is outside [0, {codebook_size})")
-        out.append({"caption": _caption(seg.caption, f"story_so_far[{i}].caption", limits), "visual_codes": codes})
+        ids = list(seg.caption_ids)  # exact ids stand in for the text (checked by the tokenizer)
+        text = _caption(seg.caption, f"story_so_far[{i}].caption", limits, optional=bool(ids))
+        out.append({"caption": text, "caption_ids": ids, "visual_codes": codes})
     return out

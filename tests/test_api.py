@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from seedstory_client import API_VERSION, __version__, build_request
 
-from cluster.requests import InvalidRequest, StoryLimits, check_request
+from actors.errors import InputError
+from cluster.requests import StoryLimits, check_request
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "clients" / "python"
@@ -39,7 +40,8 @@ def test_a_good_request_becomes_a_plain_spec_with_the_servers_defaults():
     assert spec.caption == "Milo walks." and spec.segments == limits.default_segments
     assert spec.steps == limits.default_steps and spec.guidance == limits.default_guidance
     assert spec.sampling == {"temperature": pytest.approx(0.8), "top_p": pytest.approx(0.95), "seed": None}
-    assert spec.start_image is None and spec.story_so_far == [{"caption": "Milo sits.", "visual_codes": [1] * 16}]
+    assert spec.start_image is None and spec.caption_ids == []
+    assert spec.story_so_far == [{"caption": "Milo sits.", "caption_ids": [], "visual_codes": [1] * 16}]
 
 
 @pytest.mark.parametrize("request_kwargs,field", [
@@ -52,6 +54,18 @@ def test_a_good_request_becomes_a_plain_spec_with_the_servers_defaults():
     (dict(caption="x", story_so_far=[("a", [256] * 16)]), "story_so_far[0].visual_codes"),
 ])
 def test_each_bad_field_is_named(request_kwargs, field):
-    with pytest.raises(InvalidRequest) as err:
+    with pytest.raises(InputError) as err:
         check_request(build_request(**request_kwargs), StoryLimits(), 16, 256)
     assert err.value.field == field and str(err.value).startswith(field + ":")
+
+
+def test_a_continued_story_may_leave_its_next_caption_to_the_mllm():
+    from seedstory_client.v1.story_pb2 import Segment, StoryRequest
+
+    earlier = Segment(caption_ids=[300, 301], visual_codes=[1] * 16)  # exact ids stand in for the text
+    spec = check_request(StoryRequest(story_so_far=[earlier]), StoryLimits(), 16, 256)
+    assert spec.caption == "" and spec.caption_ids == []
+    assert spec.story_so_far == [{"caption": "", "caption_ids": [300, 301], "visual_codes": [1] * 16}]
+    with pytest.raises(InputError) as err:  # a start image is the opening caption's picture: it needs one
+        check_request(StoryRequest(story_so_far=[earlier], start_image=b"\x89PNG"), StoryLimits(), 16, 256)
+    assert err.value.field == "caption"

@@ -3,7 +3,7 @@
 import pytest
 
 from actors.checkpoint import part_dir
-from actors.mllm.engine import EngineConfig, Sampling, SegmentEvent, StoryEngine
+from actors.mllm.engine import EngineConfig, Sampling, PictureWritten, StoryEngine
 from actors.mllm.grammar import StoryRules
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import RELEASED, SinkSettings, max_blocks
@@ -15,7 +15,7 @@ SEGMENTS = {"s5": 5, "s6": 6, "s7": 7, "s8": 8}  # 3 to 6 evictions
 POOL = 16  # KV blocks: too few for the four stories at once, even compacted
 
 
-def story_ids(engine, events: list[SegmentEvent]) -> list[int]:
+def story_ids(engine, events: list[PictureWritten]) -> list[int]:
     return [i for ev in events for i in segment_ids(engine.tokens, ev.caption_ids, ev.codes)]
 
 
@@ -71,14 +71,14 @@ class HeldBlocksCheck:
         self.engine.scheduler.step_hooks.remove(self)
 
 
-def run_concurrently(engine) -> dict[str, list[SegmentEvent]]:
+def run_concurrently(engine) -> dict[str, list[PictureWritten]]:
     ps = prompts(engine)
     for sid, p in ps.items():
         engine.submit(sid, p, SEGMENTS[sid])
     out = {sid: [] for sid in ps}
     while engine.has_work():
         for ev in engine.step():
-            if isinstance(ev, SegmentEvent):
+            if isinstance(ev, PictureWritten):
                 out[ev.story_id].append(ev)
     return out
 
@@ -126,7 +126,7 @@ def test_blocks_return_after_aborts_mid_story(engine):
     seen = {sid: 0 for sid in ps}
     while min(seen["s5"], seen["s6"]) < 2:
         for ev in engine.step():
-            if isinstance(ev, SegmentEvent):
+            if isinstance(ev, PictureWritten):
                 seen[ev.story_id] += 1
     assert engine.blocks_in_use() > 0
     engine.abort("s5")
@@ -200,7 +200,7 @@ def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
         got, preempted = {sid: [] for sid in SEGMENTS}, set()
         while eng.has_work():
             for ev in eng.step():
-                if isinstance(ev, SegmentEvent):
+                if isinstance(ev, PictureWritten):
                     got[ev.story_id].append(ev)
             preempted |= {rid for rid, r in scheduler.requests.items() if r.num_preemptions}
         assert preempted, "the pool was meant to be too small to hold every story"
@@ -228,7 +228,7 @@ def test_admission_on_the_footprint_never_preempts(tiny_ckpt):
         while eng.has_work():
             held_back = max(held_back, len(scheduler.waiting) if scheduler.running else 0)
             for ev in eng.step():
-                if isinstance(ev, SegmentEvent):
+                if isinstance(ev, PictureWritten):
                     got[ev.story_id] += 1
             assert not any(r.num_preemptions for r in scheduler.requests.values())
         assert held_back > 0, "the pool was meant to be too small to admit every story at once"

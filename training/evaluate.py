@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.mllm.sink import MODES, NEIGHBOURHOODS
+from actors.tokenizer.text import caption_text
 from training.storyworld import CHARACTERS, PLACES, Segment, draw_segment, parse_caption
 
 FD_BIN = 5  # segments per bin of the per-segment Fréchet distance (50 pictures per index is too few)
@@ -122,7 +123,7 @@ def read_heldout(folder: Path, stories: int, segments: int) -> HeldOut:
 
 def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], s: EvalSettings) -> dict:
     """All stories under one sink mode, batched in one engine: codes, caption ids, time, peak KV."""
-    from actors.mllm.engine import EngineConfig, Sampling, SegmentEvent, StoryEnd, StoryEngine
+    from actors.mllm.engine import EngineConfig, Sampling, PictureWritten, StoryEnd, StoryEngine
     from actors.mllm.sink import SinkSettings
 
     engine = StoryEngine(EngineConfig(checkpoint=str(ckpt), sink=SinkSettings(mode=mode), max_stories=len(prompts),
@@ -134,7 +135,7 @@ def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], s: EvalSettin
         peak, tokens, t0 = 0, 0, time.perf_counter()
         while engine.has_work():
             for ev in engine.step():
-                if isinstance(ev, SegmentEvent):
+                if isinstance(ev, PictureWritten):
                     segments[int(ev.story_id)].append(ev)
                 elif isinstance(ev, StoryEnd):
                     tokens += ev.output_tokens
@@ -166,7 +167,7 @@ def evaluate_mode(ckpt: Path, mode: str, held: HeldOut, builder, detok, s: EvalS
     per_story = {i: {name: [] for name in CHECKS} for i in range(len(prompts))}
     for (i, k), pic in zip(keys, pictures):
         ev = run["segments"][i][k]
-        text = held.openings[i] if k == 0 else builder.text.decode(ev.caption_ids)
+        text = caption_text(builder.text, ev.caption_ids, held.openings[i])
         for name, v in judge(text, np.asarray(pic), held.heroes[i]).items():
             per_seg[k][name].append(v)
             per_story[i][name].append(v)

@@ -17,15 +17,18 @@ from ray.util import metrics
 
 from actors.checkpoint import part_dir
 from actors.detokenizer.model import Detokenizer
+from actors.health import Liveness
 from actors.imageio import to_png
 
 
-# Replicas, resources, autoscaling and max_ongoing_requests: ray_config.yaml.
+# Replicas, resources, autoscaling, max_ongoing_requests and health checks: ray_config.yaml.
 @serve.deployment(name="DetokenizerPool")
 class DetokenizerPool:
-    def __init__(self, checkpoint: str, threads: int = 1):
+    def __init__(self, checkpoint: str, threads: int = 1, stall_s: float = 120.0):
         torch.set_num_threads(threads)
         self.model = Detokenizer.from_pretrained(part_dir(checkpoint, "detokenizer"))
+        self.liveness = Liveness("detokenizer", stall_s)
+        self.busy = 0  # pipeline calls running
         self.m_batch = metrics.Histogram("seedstory_render_batch_size", "pictures per pipeline call",
                                          boundaries=[1, 2, 4, 8])
         self.m_seconds = metrics.Histogram("seedstory_render_seconds", "pipeline call time",
@@ -40,7 +43,13 @@ class DetokenizerPool:
         for (steps, guidance), group in groupby(order, key=lambda i: (jobs[i]["steps"], jobs[i]["guidance"])):
             idx = list(group)
             start = time.time()
-            images = await asyncio.to_thread(self._render, [jobs[i] for i in idx], steps, guidance)
+            self.liveness.work_arrived(was_idle=not self.busy)
+            self.busy += 1
+            try:
+                images = await asyncio.to_thread(self._render, [jobs[i] for i in idx], steps, guidance)
+            finally:
+                self.busy -= 1
+                self.liveness.progressed()
             end = time.time()
             self.m_batch.observe(len(idx))
             self.m_seconds.observe(end - start)
@@ -48,6 +57,10 @@ class DetokenizerPool:
                 results[i] = {"png": to_png(img), "width": img.width, "height": img.height,
                               "start": start, "end": end, "batch": len(idx)}
         return [results[i] for i in range(len(jobs))]
+
+    async def check_health(self) -> None:
+        """Serve replaces this replica if a pipeline call hangs for stall_s."""
+        self.liveness.check(pending=self.busy > 0)
 
     def _render(self, jobs: list[dict], steps: int, guidance: float) -> list:
         return self.model.render_seeded([job["codes"] for job in jobs], [job["seed"] for job in jobs], steps, guidance)

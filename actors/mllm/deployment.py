@@ -13,6 +13,7 @@ that thread, so they never interleave, and the asyncio loop stays free to stream
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
@@ -21,16 +22,20 @@ from ray import serve
 from ray.util import metrics
 
 from actors.checkpoint import part_dir
-from actors.mllm.engine import CaptionEvent, EngineConfig, Sampling, SegmentEvent, StoryEnd, StoryEngine
+from actors.errors import PoolFailure
+from actors.health import Faults, Liveness
+from actors.mllm.engine import CaptionWritten, EngineConfig, Event, Sampling, StoryEnd, StoryEngine
 from actors.mllm.sink import SinkSettings
-from actors.tokenizer.text import load_text_tokenizer
+from actors.tokenizer.text import caption_text, load_text_tokenizer
+
+log = logging.getLogger("ray.serve")
 
 
-# Replicas, resources, autoscaling and max_ongoing_requests: ray_config.yaml.
+# Replicas, resources, autoscaling, max_ongoing_requests and health checks: ray_config.yaml.
 @serve.deployment(name="MLLMPool")
 class MLLMPool:
     def __init__(self, checkpoint: str, sink: dict, max_stories: int = 8, max_segments: int = 32,
-                 kv_blocks: int | None = None):
+                 kv_blocks: int | None = None, stall_s: float = 120.0):
         config = EngineConfig(checkpoint, SinkSettings(**sink), max_stories=max_stories,
                               max_segments=max_segments, kv_blocks=kv_blocks)
         self.engine = StoryEngine(config)
@@ -39,6 +44,8 @@ class MLLMPool:
         self.queues: dict[str, asyncio.Queue] = {}
         self.peak: dict[str, int] = {}
         self.driver: asyncio.Task | None = None
+        self.liveness = Liveness("mllm", stall_s)
+        self.faults = Faults()
         self.m_blocks = metrics.Gauge("seedstory_kv_blocks_in_use", "KV blocks held by running stories")
         self.m_stories = metrics.Gauge("seedstory_mllm_stories", "stories running in the engine")
         self.m_tokens = metrics.Counter("seedstory_mllm_output_tokens", "tokens written by the MLLM")
@@ -46,23 +53,26 @@ class MLLMPool:
 
     # -- the API ---------------------------------------------------------------------------
     async def generate(self, story_id: str, prompt_ids: list[int], segments: int,
-                       sampling: dict) -> AsyncIterator[dict]:
-        """Stream one story: {"kind": "caption" | "segment" | "end", ...} dicts, in order."""
+                       sampling: dict) -> AsyncIterator[Event]:
+        """Stream one story's events (engine.CaptionWritten, PictureWritten, then StoryEnd), in order.
+        Raises ``PoolFailure`` if the engine breaks (``refused`` if it was broken already)."""
+        self.liveness.refuse_if_broken()
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[story_id] = queue  # before submit: the driver may step before we return
         ended = False
         try:
+            self.liveness.work_arrived(was_idle=not self.engine.has_work())
             await self._call(self.engine.submit, story_id, prompt_ids, segments, Sampling(**sampling))
             self._drive()
             while not ended:
                 event = await queue.get()
                 if isinstance(event, BaseException):
                     raise event
-                ended = event["kind"] == "end"
+                ended = isinstance(event, StoryEnd)
                 yield event
         finally:
             self.queues.pop(story_id, None)
-            if not ended:
+            if not ended and not self.liveness.broken:
                 # Cancelled (client gone) or failed: free the story's KV blocks. Not awaited, so
                 # it runs even while this task is being cancelled; the engine thread orders it.
                 self.thread.submit(self._abort, story_id)
@@ -70,6 +80,14 @@ class MLLMPool:
     async def kv_stats(self) -> dict:
         """Block accounting, read on the engine thread."""
         return await self._call(self._stats)
+
+    async def check_health(self) -> None:
+        """Serve replaces this replica if its engine broke or stopped stepping with stories waiting."""
+        self.liveness.check(pending=bool(self.queues))
+
+    def arm_fault(self, steps: int = 1) -> None:
+        """Test-only (SEEDSTORY_TEST_FAULTS=1): the steps-th next engine step raises."""
+        self.faults.arm(steps)
 
     # -- the engine thread -----------------------------------------------------------------
     async def _call(self, fn, *args):
@@ -83,21 +101,30 @@ class MLLMPool:
         while self.engine.has_work():
             try:
                 events = await self._call(self._step)
-            except Exception as e:  # the engine broke: every waiting story fails with the cause
-                for queue in self.queues.values():
-                    queue.put_nowait(RuntimeError(f"MLLM engine step failed: {e!r}"))
-                self.thread.submit(self.engine.abort_all)
+            except Exception as e:
+                self._break(e)
                 return
+            self.liveness.progressed()
             for event in events:
-                queue = self.queues.get(event["story_id"])
+                queue = self.queues.get(event.story_id)
                 if queue is not None:
                     queue.put_nowait(event)
 
-    def _step(self) -> list[dict]:
+    def _break(self, error: Exception) -> None:
+        """The engine raised: its state is unknown, so this replica takes no more stories. Every
+        running story fails with PoolFailure (the ingress resumes it elsewhere), and the next
+        health check asks Serve for a fresh replica."""
+        log.error(f"MLLM engine step failed; replica out of service: {error!r}")
+        self.liveness.fail(f"engine step failed: {type(error).__name__}")
+        for queue in self.queues.values():
+            queue.put_nowait(PoolFailure("mllm", "engine step failed"))
+
+    def _step(self) -> list[Event]:
+        self.faults.tick()
         seen = {sid: story.seen for sid, story in self.engine.stories.items()}
         t0 = time.perf_counter()
         events = self.engine.step()
-        now, seconds = time.time(), time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         written = sum(story.seen - seen.get(sid, 0) for sid, story in self.engine.stories.items())
         written += sum(ev.output_tokens - seen.get(ev.story_id, 0) for ev in events if isinstance(ev, StoryEnd))
         for sid in self.engine.stories:
@@ -107,18 +134,16 @@ class MLLMPool:
         self.m_tps.set(written / seconds if seconds > 0 else 0.0)
         if written > 0:
             self.m_tokens.inc(written)
-        return [self._as_dict(ev, now) for ev in events]
+        for ev in events:
+            self._fill(ev)
+        return events
 
-    def _as_dict(self, ev: CaptionEvent | SegmentEvent | StoryEnd, now: float) -> dict:
-        if isinstance(ev, CaptionEvent):
-            return {"kind": "caption", "story_id": ev.story_id, "index": ev.index, "at": now,
-                    "caption_ids": ev.caption_ids, "caption": self.text.decode(ev.caption_ids).strip()}
-        if isinstance(ev, SegmentEvent):
-            return {"kind": "segment", "story_id": ev.story_id, "index": ev.index, "at": now,
-                    "codes": ev.codes}
-        return {"kind": "end", "story_id": ev.story_id, "at": now, "aborted": ev.aborted,
-                "prompt_tokens": ev.prompt_tokens, "output_tokens": ev.output_tokens, "truncated": ev.truncated,
-                "peak_blocks": self.peak.pop(ev.story_id, 0), "block_bytes": self.engine.block_bytes()}
+    def _fill(self, ev: Event) -> None:
+        """What the engine cannot know: a caption's text, and the story's KV footprint."""
+        if isinstance(ev, CaptionWritten):
+            ev.caption = caption_text(self.text, ev.caption_ids)
+        elif isinstance(ev, StoryEnd):
+            ev.peak_blocks, ev.block_bytes = self.peak.pop(ev.story_id, 0), self.engine.block_bytes()
 
     def _abort(self, story_id: str) -> None:
         self.engine.abort(story_id)

@@ -8,9 +8,11 @@ ended stories. ``abort`` ends a story and returns its KV blocks at once.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 
 from actors.checkpoint import part_dir, read_manifest
+from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
 from actors.mllm.grammar import StoryRules
 from actors.mllm.sink import SinkSettings
 from actors.mllm.vllm_logits import EXTRA_KEY
@@ -45,31 +47,6 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-
-
-@dataclass
-class CaptionEvent:
-    """A caption is final: its picture has begun (an empty caption is the prompt's own)."""
-    story_id: str
-    index: int
-    caption_ids: list[int]
-
-
-@dataclass
-class SegmentEvent:
-    story_id: str
-    index: int               # 0-based index of the segment within this request
-    caption_ids: list[int]
-    codes: list[int]
-
-
-@dataclass
-class StoryEnd:
-    story_id: str
-    aborted: bool
-    prompt_tokens: int
-    output_tokens: int
-    truncated: bool = False  # stopped by the engine's length limit before its last segment
 
 
 @dataclass
@@ -115,10 +92,10 @@ class StoryEngine:
             return None
         self.engine.abort_request([story_id])
         self._release_worker_state()
-        return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen)
+        return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen, at=time.time())
 
-    def step(self) -> list[CaptionEvent | SegmentEvent | StoryEnd]:
-        events: list[CaptionEvent | SegmentEvent | StoryEnd] = []
+    def step(self) -> list[Event]:
+        events: list[Event] = []
         for out in self.engine.step():
             story = self.stories.get(out.request_id)
             if story is None:
@@ -133,6 +110,9 @@ class StoryEngine:
                 truncated = out.outputs[0].finish_reason == "length"
                 events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids), truncated))
         self._release_worker_state()
+        now = time.time()
+        for ev in events:
+            ev.at = now
         return events
 
     def _release_worker_state(self) -> None:
@@ -147,17 +127,17 @@ class StoryEngine:
         """Stories the worker keeps state for (tests: 0 once every story has ended)."""
         return self.engine.collective_rpc("seedstory_states")[0]
 
-    def _parse(self, story_id: str, story: _Story, ids: list[int]) -> list[CaptionEvent | SegmentEvent]:
+    def _parse(self, story_id: str, story: _Story, ids: list[int]) -> list[CaptionWritten | PictureWritten]:
         """New captions and pictures among the output ids; parsed only when a marker arrives."""
-        events: list[CaptionEvent | SegmentEvent] = []
+        events: list[CaptionWritten | PictureWritten] = []
         new = ids[story.seen:]
         if self.tokens.boi in new:
             captions = written_captions(self.tokens, ids)
-            events += [CaptionEvent(story_id, k, captions[k]) for k in range(story.captioned, len(captions))]
+            events += [CaptionWritten(story_id, k, captions[k]) for k in range(story.captioned, len(captions))]
             story.captioned = len(captions)
         if self.tokens.eoi in new:
             done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
-            events += [SegmentEvent(story_id, k, done[k][0], done[k][1]) for k in range(story.emitted, len(done))]
+            events += [PictureWritten(story_id, k, done[k][0], done[k][1]) for k in range(story.emitted, len(done))]
             story.emitted = len(done)
         return events
 
@@ -165,17 +145,17 @@ class StoryEngine:
         return bool(self.stories)
 
     def run(self, stories: dict[str, list[int]], segments: int, sampling: Sampling = Sampling()) -> dict:
-        """Convenience: write several stories to the end; returns {story_id: [SegmentEvent]}."""
+        """Convenience: write several stories to the end; returns {story_id: [PictureWritten]}."""
         for sid, prompt in stories.items():
             self.submit(sid, prompt, segments, sampling)
         return self.drain()
 
-    def drain(self) -> dict[str, list[SegmentEvent]]:
-        """Step until every submitted story has ended; returns {story_id: [SegmentEvent]}."""
-        result: dict[str, list[SegmentEvent]] = {sid: [] for sid in self.stories}
+    def drain(self) -> dict[str, list[PictureWritten]]:
+        """Step until every submitted story has ended; returns {story_id: [PictureWritten]}."""
+        result: dict[str, list[PictureWritten]] = {sid: [] for sid in self.stories}
         while self.has_work():
             for ev in self.step():
-                if isinstance(ev, SegmentEvent):
+                if isinstance(ev, PictureWritten):
                     result[ev.story_id].append(ev)
         return result
 

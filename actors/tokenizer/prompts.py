@@ -6,17 +6,10 @@ from __future__ import annotations
 import torch
 
 from actors.checkpoint import part_dir, read_manifest
+from actors.errors import InputError
 from actors.imageio import ImageError, decode_image, resize_square, to_tensor
 from actors.tokenizer.model import VisualTokenizer
 from actors.tokenizer.text import load_text_tokenizer, segment_ids
-
-
-class InputError(ValueError):
-    """A request field the model cannot take; ``field`` names it for the client."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 class PromptBuilder:
@@ -29,12 +22,17 @@ class PromptBuilder:
         return self.text(captions, add_special_tokens=False)["input_ids"]
 
     def check_caption(self, ids: list[int], field: str) -> list[int]:
+        """Ids of one caption, made here from text or sent by a client as exact ids."""
         limit = self.manifest.preset.max_caption_tokens
+        lo, hi = self.manifest.tokens.text_range
         if not ids:
             raise InputError(field, "no tokens")
         if len(ids) > limit:
             raise InputError(field, f"{len(ids)} tokens, more than this model's {limit}")
-        return ids
+        bad = [i for i in ids if not lo <= i < hi]
+        if bad:
+            raise InputError(field, f"{bad[0]} is not a caption token id (those are [{lo}, {hi}))")
+        return list(ids)
 
     def image_codes(self, images: list[bytes]) -> list[list[int] | InputError]:
         """Q codes per picture; a bad picture gives its InputError in place (the others still encode)."""

@@ -118,6 +118,12 @@ def split_segments(layout: TokenLayout, ids: Iterable[int]) -> list[tuple[list[i
     return segments
 
 
+def caption_text(tokenizer, caption_ids: list[int], opening: str = "") -> str:
+    """A written caption as text. The engine reports an empty caption for the one the prompt ended
+    with (the client's opening caption, whose picture came first): that one is ``opening``."""
+    return tokenizer.decode(caption_ids).strip() if caption_ids else opening
+
+
 def written_captions(layout: TokenLayout, ids: Iterable[int]) -> list[list[int]]:
     """Caption ids of every segment whose picture has begun: an ``<img>`` makes its caption final."""
     captions: list[list[int]] = []
