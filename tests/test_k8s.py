@@ -1,9 +1,13 @@
 """The KubeRay manifests: generated from ray_config.yaml without drift, and valid against the
-KubeRay v1.7 CRD schemas (the CRDs shipped beside the project, see below), checked strictly: unknown fields fail."""
+KubeRay v1.7 CRD schemas (the CRDs shipped beside the project, see below), checked strictly: unknown fields fail.
+The bearer token reaches the service only through a Secret; the Grafana dashboard queries only metrics that exist."""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 import yaml
 
 from cluster.app import ROOT
-from cluster.kube import K8S_DIR, KubeSettings, manifests, serve_config
+from cluster.kube import DASHBOARD, K8S_DIR, KubeSettings, dashboard, manifests, serve_config
 from cluster.serving import load_config
 
 CRDS = Path(os.environ.get("SEEDSTORY_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
@@ -80,7 +84,8 @@ def test_serve_config_v2_is_ray_config_yaml_with_only_the_cluster_overrides():
     local, s = load_config(), KubeSettings()
     assert served == serve_config(s, local)
     # Undo the overrides: what remains is the local config, so every other setting flows through.
-    served["applications"][0]["args"]["checkpoint"] = local["applications"][0]["args"]["checkpoint"]
+    for arg in ("checkpoint", "auth_token", "auth_token_env"):
+        served["applications"][0]["args"][arg] = local["applications"][0]["args"][arg]
     for dep, mine in zip(served["applications"][0]["deployments"], local["applications"][0]["deployments"]):
         dep["ray_actor_options"] = mine["ray_actor_options"]
         dep["autoscaling_config"]["max_replicas"] = mine["autoscaling_config"]["max_replicas"]
@@ -104,3 +109,84 @@ def test_the_service_shape_platform_teams_rely_on():
         group = offered[res]
         gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", "0")
         assert int(gpus) >= dep["ray_actor_options"]["num_gpus"], dep["name"]
+
+
+def ray_containers(cluster: dict) -> list[dict]:
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["spec"]["containers"]]
+
+
+def test_the_token_comes_from_the_secret_and_never_sits_in_a_manifest():
+    s, config = KubeSettings(), load_config()
+    config["applications"][0]["args"]["auth_token"] = "plain-text-token-that-must-not-leak"
+    assert "plain-text-token-that-must-not-leak" not in yaml.safe_dump(manifests(s, config))
+    svc = committed()["rayservice.yaml"]["spec"]
+    args = yaml.safe_load(svc["serveConfigV2"])["applications"][0]["args"]
+    assert args["auth_token"] == "" and args["auth_token_env"] == s.auth_env
+    # The ingress replica may land on any node, so every Ray container carries the variable;
+    # optional: false keeps the pods from starting (fail closed) while the Secret is missing.
+    ref = {"secretKeyRef": {"name": s.auth_secret, "key": s.auth_secret_key, "optional": False}}
+    for c in ray_containers(svc["rayClusterConfig"]):
+        assert [e for e in c["env"] if e["name"] == s.auth_env] == [{"name": s.auth_env, "valueFrom": ref}], c["name"]
+    # The jobs serve nothing: they must not wait on a Secret they do not use.
+    for name in ("rayjob-bulk.yaml", "rayjob-train.yaml"):
+        assert s.auth_secret not in yaml.safe_dump(committed()[name]), name
+
+
+# -- the Grafana dashboard ---------------------------------------------------------------------
+# Ray's Prometheus names for a metrics.<Kind>("x"): counters only as ray_x_total under its default
+# OpenTelemetry exporter (a name that already ends in _total keeps one), histograms as their three series.
+EXPORTED = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count")}
+
+
+def exported_metrics(files) -> set[str]:
+    """The Prometheus names of every metrics.Counter/Gauge/Histogram("name", ...) call in ``files``."""
+    names = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in EXPORTED \
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                kind, name = node.func.attr, node.args[0].value
+                base = name.removesuffix("_total") if kind == "Counter" else name
+                names |= {f"ray_{base}{suffix}" for suffix in EXPORTED[kind]}
+    return names
+
+
+def committed_dashboard() -> dict:
+    return json.loads((K8S_DIR / DASHBOARD).read_text())
+
+
+def graphs(board: dict) -> list[dict]:
+    return [p for p in board["panels"] if p["type"] != "row"]
+
+
+def test_the_committed_dashboard_is_what_kube_py_generates():
+    assert committed_dashboard() == dashboard(), f"cluster/k8s/{DASHBOARD} drifted: run `seedstory k8s`"
+
+
+def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_datasource_variable():
+    board = committed_dashboard()
+    assert board["uid"] and board["title"] and board["schemaVersion"] >= 36
+    [var] = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+    assert var["query"] == "prometheus"
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in board["panels"]:
+        assert 0 <= p["gridPos"]["x"] and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
+    for p in graphs(board):
+        assert p["targets"], p["title"]
+        assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
+        for source in [p["datasource"]] + [t["datasource"] for t in p["targets"]]:
+            assert source == {"type": "prometheus", "uid": f"${{{var['name']}}}"}, p["title"]
+        assert all(t["expr"].strip() for t in p["targets"]), p["title"]
+
+
+def test_every_metric_the_dashboard_queries_is_defined_in_the_project_or_in_serve():
+    import ray.serve
+
+    used = {m for p in graphs(committed_dashboard()) for t in p["targets"] for m in re.findall(r"\bray_\w+", t["expr"])}
+    ours = exported_metrics(f for pkg in ("actors", "cluster", "training") for f in (ROOT / pkg).rglob("*.py"))
+    serves = exported_metrics(Path(ray.serve.__file__).parent.rglob("*.py"))
+    assert {m for m in used if m.startswith("ray_serve_")}, "the dashboard shows Serve's replicas"
+    assert sorted(m for m in used if m.startswith("ray_seedstory_") and m not in ours) == []
+    assert sorted(m for m in used if not m.startswith("ray_seedstory_") and m not in serves) == []
