@@ -1,5 +1,6 @@
-"""The client package (clients/python): what it may depend on, a story cut short midway, and a
-fresh virtual environment with only the client in it writing a story from the session's service."""
+"""The client package (clients/python): what it may depend on, a story cut short midway, a story
+continued after the service lost it (in memory and from a folder), and a fresh virtual environment
+with only the client in it writing a story from the session's service."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
-from seedstory_client import AsyncStoryClient, StoryClient, StoryStreamError, __version__
+from seedstory_client import (AsyncStoryClient, CannotContinue, Story, StoryClient, StoryStreamError, __version__,
+                              build_request, continuation_request, read_story)
+from seedstory_client import client as client_module
 from seedstory_client.v1 import story_pb2, story_pb2_grpc
 
 from actors.checkpoint import read_manifest
@@ -57,13 +60,16 @@ def _name(requirement: str) -> str:
     return requirement.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip()
 
 
-def test_seedstory_generate_takes_the_client_commands_options():
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "p", "--image", "a.png", "--segments", "3", "--out", "o", "--target", "h:1",
+     "--token", "t", "--seed", "2", "--steps", "4", "--temperature", "0.5"],
+    ["generate", "--continue", "d", "--target", "h:1", "--no-resume"],
+])
+def test_seedstory_generate_takes_the_client_commands_options(argv):
     from seedstory_client.cli import parser as client_parser
 
     from cluster.cli import parser as server_parser
 
-    argv = ["generate", "--prompt", "p", "--image", "a.png", "--segments", "3", "--out", "o", "--target", "h:1",
-            "--token", "t", "--seed", "2", "--steps", "4", "--temperature", "0.5"]
     server = vars(server_parser().parse_args(argv))
     server.pop("func")
     assert server == vars(client_parser().parse_args(argv))
@@ -82,13 +88,19 @@ class CutShort(story_pb2_grpc.StoryServiceServicer):
         context.abort(grpc.StatusCode.OUT_OF_RANGE, "story: cut short")
 
 
-@pytest.fixture(scope="module")
-def cut_short():
+def _serve(servicer) -> tuple[grpc.Server, str]:
+    """A scripted StoryService on loopback: it tests the client's side of the protocol, not the server."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    story_pb2_grpc.add_StoryServiceServicer_to_server(CutShort(), server)
+    story_pb2_grpc.add_StoryServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def cut_short():
+    server, target = _serve(CutShort())
+    yield target
     server.stop(None)
 
 
@@ -129,6 +141,231 @@ def test_the_command_writes_what_arrived_then_fails(cut_short, tmp_path, capsys)
         (OPENING, "segment_000.png"), ("Milo sits.", None)]  # the second picture never came
     assert (tmp_path / "segment_000.png").read_bytes() == b"png0"
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["segment_000.png"]
+
+
+# -- a story the service loses midway is continued exactly ------------------------------------------
+LOST = "mllm: replica lost 3 times"
+
+
+def _part(j: int) -> tuple[str, list[int], list[int], bytes]:
+    """Segment j of the one story the scripted service knows: caption, caption ids, codes, picture."""
+    return (OPENING if j == 0 else f"Part {j}.", [10 + j, 20 + j], [j, j + 1], f"png{j}".encode())
+
+
+def _caption(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
+    text, ids, _, _ = _part(j)
+    return story_pb2.StoryEvent(story_id=story_id, caption=story_pb2.CaptionEvent(index=index, caption=text,
+                                                                                  caption_ids=ids))
+
+
+def _image(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
+    _, _, codes, png = _part(j)
+    return story_pb2.StoryEvent(story_id=story_id, image=story_pb2.ImageEvent(index=index, png=png,
+                                                                              visual_codes=codes))
+
+
+class Lossy(story_pb2_grpc.StoryServiceServicer):
+    """Serves the story of `_part`s from wherever the request's story so far ends, in the real order
+    (caption k+1 before picture k). Call n fails as ``failures[n]`` says: (status, events sent before
+    it). Records every request."""
+
+    def __init__(self, *failures: tuple[grpc.StatusCode, int]):
+        self.failures, self.requests = list(failures), []
+
+    def GenerateStory(self, request, context):
+        self.requests.append(request)
+        sid, start, n = f"s{len(self.requests)}", len(request.story_so_far), request.segments
+        code, cut = self.failures.pop(0) if self.failures else (None, None)
+        order = [(_caption, 0)]
+        for k in range(n):
+            order += [(_caption, k + 1), (_image, k)] if k + 1 < n else [(_image, k)]
+        for sent, (event, k) in enumerate(order):
+            if sent == cut:
+                context.abort(code, LOST if code == grpc.StatusCode.UNAVAILABLE else "story_so_far: too long")
+            yield event(sid, k, start + k)
+        yield story_pb2.StoryEvent(story_id=sid, done=story_pb2.StoryStats(output_tokens=7))
+
+
+@pytest.fixture
+def lossy(monkeypatch):
+    """Starts a `Lossy` service: ``lossy(*failures)`` -> the servicer, with its ``target``."""
+    monkeypatch.setattr(client_module, "RESUME_DELAY_S", 0.0)  # no back-off between scripted failures
+    servers = []
+
+    def start(*failures):
+        service = Lossy(*failures)
+        server, service.target = _serve(service)
+        servers.append(server)
+        return service
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+def _generate(target: str, use_async: bool, *args, **kwargs) -> Story:
+    if not use_async:
+        with StoryClient(target) as client:
+            return client.generate(*args, **kwargs)
+
+    async def run():
+        async with AsyncStoryClient(target) as client:
+            return await client.generate(*args, **kwargs)
+
+    return asyncio.run(run())
+
+
+def _so_far(*parts: int) -> list[story_pb2.Segment]:
+    """Earlier segments as a continuation sends them: exact caption ids (no text) and visual codes."""
+    return [story_pb2.Segment(caption_ids=_part(j)[1], visual_codes=_part(j)[2]) for j in parts]
+
+
+def _continuation(parts_done: int, pending: int | None, segments: int, render_seed: int | None,
+                  **options) -> story_pb2.StoryRequest:
+    """The request that continues `_part`s 0..parts_done-1, as the client must send it."""
+    request = build_request("", segments, render_seed=render_seed, **options)
+    request.caption_ids.extend(_part(pending)[1] if pending is not None else [])
+    request.story_so_far.extend(_so_far(*range(parts_done)))
+    return request
+
+
+def _check_story(story: Story, pictures: int, pending: int = 0) -> None:
+    """Every segment once, in order, exactly as the service wrote it; the last ``pending`` without a picture."""
+    assert [(s.index, s.caption, s.caption_ids, s.visual_codes, s.png) for s in story.segments] == [
+        (j, *_part(j)) if j < pictures else (j, *_part(j)[:2], [], b"") for j in range(pictures + pending)]
+
+
+OPTIONS = dict(temperature=0.5, top_p=0.9, seed=3, steps=4, guidance=2.0)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_lost_stream_is_continued_into_one_story(lossy, use_async):
+    # Lost after pictures 0-1 with captions 2 and 3 pending (the continuation starts from caption 2 and
+    # writes 3 again), then after picture 2 with caption 3 pending.
+    service = lossy((grpc.StatusCode.UNAVAILABLE, 6), (grpc.StatusCode.UNAVAILABLE, 3))
+    seen = []
+    story = _generate(service.target, use_async, OPENING, 5, resume=True, render_seed=100,
+                      on_event=lambda ev: seen.append((ev.WhichOneof("event"), ev.image.index)), **OPTIONS)
+    assert service.requests == [build_request(OPENING, 5, render_seed=100, **OPTIONS),
+                                _continuation(2, 2, 3, 102, **OPTIONS),   # picture i is rendered with seed + i
+                                _continuation(3, 3, 2, 103, **OPTIONS)]
+    _check_story(story, 5)
+    assert story.complete and story.stats == {"output_tokens": 7}
+    assert (story.story_id, story.continuation_ids, story.resumes) == ("s1", ["s2", "s3"], 2)
+    # on_event sees each picture at its index in the whole story, once.
+    assert [i for kind, i in seen if kind == "image"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_resuming_gives_up_after_max_resumes(lossy, use_async):
+    service = lossy(*[(grpc.StatusCode.UNAVAILABLE, 3)] * 4)  # one picture per stream, then lost
+    with pytest.raises(StoryStreamError) as err:
+        _generate(service.target, use_async, OPENING, 6, resume=True, max_resumes=2)
+    assert len(service.requests) == 3
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details() == LOST
+    story = err.value.story
+    assert story.resumes == 2 and story.pictures == 3 and not story.complete
+    _check_story(story, 3, pending=1)
+
+
+@pytest.mark.parametrize("code,resume", [(grpc.StatusCode.UNAVAILABLE, False), (grpc.StatusCode.OUT_OF_RANGE, True)])
+def test_only_a_lost_stream_is_resumed_and_only_when_asked(lossy, code, resume):
+    service = lossy((code, 3))
+    with pytest.raises(StoryStreamError) as err:
+        _generate(service.target, False, OPENING, 4, resume=resume)
+    assert len(service.requests) == 1 and err.value.code() == code and err.value.story.pictures == 1
+
+
+def test_a_refused_continuation_raises_the_original_error_with_the_story(lossy):
+    # The continuation would carry more story so far than the server takes: it answers INVALID_ARGUMENT.
+    service = lossy((grpc.StatusCode.UNAVAILABLE, 5), (grpc.StatusCode.INVALID_ARGUMENT, 0))
+    with pytest.raises(StoryStreamError) as err:
+        _generate(service.target, False, OPENING, 5, resume=True)
+    assert len(service.requests) == 2
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details() == LOST
+    assert err.value.__cause__.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _check_story(err.value.story, 2, pending=1)
+
+
+def _story_of(*events: story_pb2.StoryEvent, **request) -> Story:
+    story = Story(request=build_request(OPENING, **request))
+    for ev in events:
+        story.add(ev)
+    return story
+
+
+def test_the_continuation_request():
+    c0, c1, i0, i1 = _caption("s", 0, 0), _caption("s", 1, 1), _image("s", 0, 0), _image("s", 1, 1)
+    earlier = [("Milo sits.", [5, 6])]
+    # No caption pending: the MLLM writes the next one; no render seed stays none; the request's own
+    # story so far goes first.
+    story = _story_of(c0, c1, i0, i1, segments=4, seed=9, story_so_far=earlier)
+    expected = build_request("", 2, seed=9, story_so_far=earlier)
+    expected.story_so_far.extend(_so_far(0, 1))
+    assert continuation_request(story) == expected and not expected.rendering.HasField("seed")
+    # Nothing arrived, or no picture yet: the request itself.
+    assert continuation_request(_story_of(segments=4)) == build_request(OPENING, 4)
+    assert continuation_request(_story_of(c0, segments=4)) == build_request(OPENING, 4)
+    # A server that gave no caption ids: the text stands in for them.
+    plain = [story_pb2.StoryEvent(caption=story_pb2.CaptionEvent(index=k, caption=_part(k)[0])) for k in (0, 1)]
+    request = continuation_request(_story_of(plain[0], plain[1], i0, segments=3))
+    assert (request.caption, request.caption_ids, request.story_so_far) == ("Part 1.", [], [
+        story_pb2.Segment(caption=OPENING, visual_codes=_part(0)[2])])
+    # Segments 0 asks for the server's default, 10.
+    assert continuation_request(_story_of(c0, i0, segments=0)).segments == 9
+    with pytest.raises(CannotContinue, match="every one"):
+        continuation_request(_story_of(c0, c1, i0, i1, segments=2))
+    with pytest.raises(CannotContinue, match="start image"):
+        continuation_request(_story_of(c0, i0, segments=4, image=b"\x89PNG"))
+    with pytest.raises(CannotContinue, match="request"):
+        continuation_request(Story())
+
+
+def test_the_command_resumes_by_default_and_writes_what_continues_a_story(lossy, tmp_path):
+    from seedstory_client.cli import main
+
+    service = lossy((grpc.StatusCode.UNAVAILABLE, 5))
+    main(["generate", "--target", service.target, "--prompt", OPENING, "--segments", "3", "--seed", "7",
+          "--out", str(tmp_path)])
+    assert service.requests[1] == _continuation(2, 2, 1, 9, seed=7)
+    saved = json.loads((tmp_path / "story.json").read_text())
+    assert [(s["caption"], s["caption_ids"], s["visual_codes"], s["image"]) for s in saved["segments"]] == [
+        (*_part(j)[:3], f"segment_{j:03d}.png") for j in range(3)]
+    assert (saved["story_id"], saved["continuation_ids"], saved["resumes"]) == ("s1", ["s2"], 1)
+    assert read_story(tmp_path).request == build_request(OPENING, 3, seed=7, render_seed=7)
+
+
+@pytest.mark.parametrize("continue_with", ["seedstory-client", "seedstory"])
+def test_continue_finishes_a_story_written_on_disk(lossy, tmp_path, capsys, continue_with):
+    from seedstory_client.cli import main
+
+    from cluster.cli import main as server_main
+
+    out, service = tmp_path / "story", lossy((grpc.StatusCode.UNAVAILABLE, 5))
+    target = service.target
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--target", target, "--prompt", OPENING, "--segments", "4", "--seed", "7",
+              "--out", str(out), "--no-resume"])
+    assert exit_.value.code == 1 and len(service.requests) == 1
+    command = f"seedstory-client generate --continue {out} --target {target}"
+    assert f"continue it with: {command}\n" in capsys.readouterr().err
+    _check_story(read_story(out), 2, pending=1)
+
+    (main if continue_with == "seedstory-client" else server_main)(command.split()[1:])  # the same command
+    assert service.requests[1] == _continuation(2, 2, 2, 9, seed=7)
+    story = read_story(out)
+    _check_story(story, 4)
+    assert story.complete and (story.story_id, story.continuation_ids, story.resumes) == ("s1", ["s2"], 1)
+    assert sorted(p.name for p in out.glob("*.png")) == [f"segment_{j:03d}.png" for j in range(4)]
+
+
+def test_continue_says_why_a_folder_cannot_be_continued(tmp_path, capsys):
+    from seedstory_client.cli import main
+
+    (tmp_path / "story.json").write_text(json.dumps({"story_id": "s", "source": "", "stats": {}, "segments": []}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--continue", str(tmp_path), "--target", "127.0.0.1:1"])
+    assert exit_.value.code == 2 and "does not hold the request" in capsys.readouterr().err
 
 
 # -- a fresh venv with only the client package ---------------------------------------------------
