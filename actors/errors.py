@@ -24,9 +24,10 @@ class InputError(ValueError):
 
 
 class PoolFailure(RuntimeError):
-    def __init__(self, stage: str, message: str, refused: bool = False):
+    def __init__(self, stage: str, message: str, refused: bool = False, replica: str = ""):
         super().__init__(f"{stage}: {message}")
-        self.stage, self.message, self.refused = stage, message, refused
+        # replica: the failing replica's actor id, so that one broken replica counts as one loss
+        self.stage, self.message, self.refused, self.replica = stage, message, refused, replica
 
     def __reduce__(self):
-        return type(self), (self.stage, self.message, self.refused)
+        return type(self), (self.stage, self.message, self.refused, self.replica)

@@ -18,8 +18,8 @@ from actors.errors import PoolFailure
 
 
 class Liveness:
-    def __init__(self, stage: str, stall_s: float):
-        self.stage, self.stall_s = stage, stall_s
+    def __init__(self, stage: str, stall_s: float, replica: str = ""):
+        self.stage, self.stall_s, self.replica = stage, stall_s, replica
         self.broken = ""                     # why the worker can no longer work ("" = it can)
         self.progress_at = time.monotonic()  # last step finished, or work arrived at an idle worker
 
@@ -30,13 +30,15 @@ class Liveness:
     def progressed(self) -> None:
         self.progress_at = time.monotonic()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> PoolFailure:
+        """Mark the worker broken; returns the error for the work it held."""
         self.broken = reason
+        return PoolFailure(self.stage, reason, False, self.replica)
 
     def refuse_if_broken(self) -> None:
         """A broken replica refuses new work at once, so the caller goes elsewhere without waiting."""
         if self.broken:
-            raise PoolFailure(self.stage, f"replica out of service ({self.broken})", refused=True)
+            raise PoolFailure(self.stage, f"replica out of service ({self.broken})", True, self.replica)
 
     def check(self, pending: bool) -> None:
         """Raises (Serve then replaces the replica) if the worker broke, or sat for stall_s with work."""

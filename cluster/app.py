@@ -30,6 +30,7 @@ class AppSettings:
     max_resumes: int = 3                              # replicas of one pool a story may lose and go on
     resume_deadline_s: float = 180.0                  # wait at most this for a replica after a loss
     health_stall_s: float = 120.0                     # a pool busy this long without progress is unhealthy
+    exact_renders: bool = True                        # a picture's PNG depends on its codes and seed only
 
     def __post_init__(self) -> None:
         if self.auth_token and self.auth_token_env:
@@ -85,5 +86,5 @@ def build_app(args: dict):
     tokenizer = TokenizerPool.bind(s.checkpoint, s.torch_threads)
     mllm = MLLMPool.bind(s.checkpoint, asdict(s.sink), s.engine_max_stories, s.engine_segments, s.kv_blocks,
                          s.health_stall_s)
-    detokenizer = DetokenizerPool.bind(s.checkpoint, s.torch_threads, s.health_stall_s)
+    detokenizer = DetokenizerPool.bind(s.checkpoint, s.torch_threads, s.health_stall_s, s.exact_renders)
     return StoryIngress.bind(tokenizer, mllm, detokenizer, s.to_args())

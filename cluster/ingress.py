@@ -214,11 +214,15 @@ class _StoryRun:
     async def write(self) -> None:
         deliver = asyncio.create_task(self.deliver())
         try:
-            await self.recovery.call("mllm", self.write_attempt)
+            ending = None  # None: the story is complete
+            try:
+                await self.recovery.call("mllm", self.write_attempt)
+            except StageUnavailable as e:
+                ending = e  # the MLLM is gone, but the pictures it wrote are delivered first
             self.written = True
             self.ready.set()
             await deliver
-            self.out.put_nowait(None)
+            self.out.put_nowait(ending)
         except asyncio.CancelledError:
             deliver.cancel()
             raise

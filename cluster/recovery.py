@@ -62,7 +62,7 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
 def replica_key(error: BaseException) -> object:
     """What identifies the lost replica, so that its death counts once per story."""
     error = cause(error)
-    return getattr(error, "actor_id", None) or id(error)
+    return getattr(error, "replica", None) or getattr(error, "actor_id", None) or id(error)
 
 
 @dataclass

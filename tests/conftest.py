@@ -29,8 +29,11 @@ def storyworld(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray cluster for the whole session (ray.init takes about 7 s)."""
+    import os
+
     import ray
 
+    os.environ["SEEDSTORY_TEST_FAULTS"] = "1"  # replicas inherit it: tests may arm actors/health.py's Faults
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -42,14 +45,16 @@ TOKEN = "test-token"
 @pytest.fixture(scope="session")
 def story_service(ray_cluster, tiny_ckpt):
     """The real Serve app from ray_config.yaml on the tiny checkpoint, with auth on, one ingress
-    replica and an admission limit of 2 stories (so that the admission test is deterministic)."""
+    replica, an admission limit of 2 stories (so that the admission test is deterministic) and one
+    resume per story and pool (so that tests/test_faults.py can exhaust it with two kills)."""
     from types import SimpleNamespace
 
     from ray import serve
 
     from cluster.serving import deploy, grpc_target, load_config, with_args, with_deployment
 
-    config = with_args(load_config(), checkpoint=str(tiny_ckpt), auth_token=TOKEN, max_stories_per_replica=2)
+    config = with_args(load_config(), checkpoint=str(tiny_ckpt), auth_token=TOKEN, max_stories_per_replica=2,
+                       max_resumes=1)
     config = with_deployment(config, "StoryIngress", num_replicas=1)
     deploy(config)
     yield SimpleNamespace(target=grpc_target(config), token=TOKEN, config=config)

@@ -16,6 +16,7 @@ from PIL import Image
 from seedstory_client import AsyncStoryClient, Story, StoryClient, build_request, write_story
 
 from actors.checkpoint import read_manifest
+from statuses import leaks
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 
@@ -183,6 +184,7 @@ def test_bad_input_gets_invalid_argument_naming_the_field(client, tiny_ckpt, cas
         list(client.stream(_bad_request(tiny_ckpt, **fields)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":"), err.value.details()
+    assert not leaks(err.value.details()), err.value.details()
 
 
 def test_after_a_burst_of_bad_input_nothing_leaked_and_the_service_still_serves(client, tiny_ckpt):

@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
+import ray
 from ray import serve
 from ray.util import metrics
 
 from actors.checkpoint import part_dir
-from actors.errors import PoolFailure
 from actors.health import Faults, Liveness
 from actors.mllm.engine import CaptionWritten, EngineConfig, Event, Sampling, StoryEnd, StoryEngine
 from actors.mllm.sink import SinkSettings
@@ -44,7 +44,7 @@ class MLLMPool:
         self.queues: dict[str, asyncio.Queue] = {}
         self.peak: dict[str, int] = {}
         self.driver: asyncio.Task | None = None
-        self.liveness = Liveness("mllm", stall_s)
+        self.liveness = Liveness("mllm", stall_s, ray.get_runtime_context().get_actor_id() or "")
         self.faults = Faults()
         self.m_blocks = metrics.Gauge("seedstory_kv_blocks_in_use", "KV blocks held by running stories")
         self.m_stories = metrics.Gauge("seedstory_mllm_stories", "stories running in the engine")
@@ -115,9 +115,9 @@ class MLLMPool:
         running story fails with PoolFailure (the ingress resumes it elsewhere), and the next
         health check asks Serve for a fresh replica."""
         log.error(f"MLLM engine step failed; replica out of service: {error!r}")
-        self.liveness.fail(f"engine step failed: {type(error).__name__}")
+        failure = self.liveness.fail(f"engine step failed: {type(error).__name__}")
         for queue in self.queues.values():
-            queue.put_nowait(PoolFailure("mllm", "engine step failed"))
+            queue.put_nowait(failure)
 
     def _step(self) -> list[Event]:
         self.faults.tick()

@@ -1,0 +1,167 @@
+"""A story survives the loss of a pool replica (cluster/recovery.py, cluster/ingress.py).
+
+Real Serve, real gRPC, real replicas killed with ``ray.kill`` while a story streams. Stories are
+greedy with fixed render seeds, so a disturbed story must equal an undisturbed one event for
+event: the same caption ids and codes (the MLLM resumed from the story's own tokens) and the same
+PNG bytes (a picture depends only on its codes and seed: ``exact_renders``), each segment once and
+in order. The session's service allows one resume per story and pool (conftest.story_service).
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from seedstory_client import StoryClient, build_request
+from seedstory_client.v1.story_pb2 import Segment
+
+from statuses import leaks
+
+OPENING = "Once upon a time, Bea the blue square runs in the forest."
+SEGMENTS = 8
+
+
+@pytest.fixture(scope="module")
+def client(story_service):
+    with StoryClient(story_service.target, story_service.token) as c:
+        yield c
+    wait_healthy()  # leave the session's service whole for the modules after this one
+
+
+def request(segments: int = SEGMENTS, **options):
+    return build_request(OPENING, segments, temperature=0.0, render_seed=11, steps=8, **options)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(client):
+    events, error = run(client, request())
+    assert error is None
+    return segments(events)
+
+
+def run(client, req, on_event=lambda ev: None) -> tuple[list, grpc.RpcError | None]:
+    """All events of one story, and the error that ended it (None: it completed)."""
+    events = []
+    try:
+        for ev in client.stream(req, timeout=600):
+            events.append(ev)
+            on_event(ev)
+    except grpc.RpcError as e:
+        return events, e
+    return events, None
+
+
+def segments(events) -> list[tuple]:
+    """(index, caption ids, codes, png) per segment, checking each caption and picture came once, in order."""
+    captions = [ev.caption for ev in events if ev.WhichOneof("event") == "caption"]
+    images = [ev.image for ev in events if ev.WhichOneof("event") == "image"]
+    assert [c.index for c in captions] == list(range(len(captions)))
+    assert [i.index for i in images] == list(range(len(images)))
+    return [(c.index, list(c.caption_ids), list(i.visual_codes), i.png) for c, i in zip(captions, images)]
+
+
+def stats(events):
+    [done] = [ev.done for ev in events if ev.WhichOneof("event") == "done"]
+    return done
+
+
+def replica(deployment: str) -> str:
+    """The name of the pool's one live replica actor (Serve names them app#deployment#suffix)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"seedstory#{deployment}#" in a["name"]]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def kill(deployment: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(replica(deployment), namespace="serve"), no_restart=True)
+
+
+def wait_healthy(timeout: float = 300) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        deployments = serve.status().applications["seedstory"].deployments
+        if all(d.status == "HEALTHY" for d in deployments.values()):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the service is not healthy after {timeout}s")
+
+
+def kill_when(deployment: str, kind: str, index: int):
+    """An on_event hook: kill the pool's replica once event `kind` number `index` has arrived."""
+    killed = []
+
+    def hook(ev) -> None:
+        if not killed and ev.WhichOneof("event") == kind and getattr(ev, kind).index == index:
+            kill(deployment)
+            killed.append(time.time())
+    return hook, killed
+
+
+def kv_blocks_in_use() -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle("MLLMPool", "seedstory").kv_stats.remote().result()["blocks_in_use"]
+
+
+# -- the tests ------------------------------------------------------------------------------------
+def test_a_story_goes_on_when_its_mllm_replica_is_killed(client, undisturbed):
+    old = replica("MLLMPool")
+    hook, killed = kill_when("MLLMPool", "caption", 1)  # the MLLM is writing picture 1
+    events, error = run(client, request(), hook)
+    assert killed and error is None, error
+    assert segments(events) == undisturbed  # exact: the resume continued from the story's own tokens
+    assert stats(events).resumes == 1
+    assert replica("MLLMPool") != old  # a new replica wrote the rest
+    assert kv_blocks_in_use() == 0  # ... and holds nothing once the story ended
+
+
+def test_a_story_goes_on_when_its_detokenizer_replica_is_killed(client, undisturbed):
+    hook, killed = kill_when("DetokenizerPool", "caption", 2)
+    events, error = run(client, request(), hook)
+    assert killed and error is None, error
+    assert segments(events) == undisturbed  # PNG bytes equal: a picture depends on its codes and seed only
+
+
+def test_a_broken_engine_fails_its_health_check_and_the_story_resumes(client, undisturbed):
+    from ray import serve
+
+    old = replica("MLLMPool")
+    serve.get_deployment_handle("MLLMPool", "seedstory").arm_fault.remote(40).result()  # the 40th step raises
+    events, error = run(client, request())
+    assert error is None, error
+    assert segments(events) == undisturbed and stats(events).resumes == 1
+    assert replica("MLLMPool") != old  # Serve replaced the broken replica
+
+
+def test_past_max_resumes_the_story_ends_unavailable_and_continues_from_what_arrived(client, undisturbed):
+    kills = []
+
+    def hook(ev) -> None:  # kill the MLLM replica after caption 1, and the new one after caption 4
+        if ev.WhichOneof("event") == "caption" and ev.caption.index in (1, 4) and len(kills) < 2:
+            kill("MLLMPool")
+            kills.append(ev.caption.index)
+    events, error = run(client, request(), hook)
+    assert kills == [1, 4]
+    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details().startswith("mllm: replica lost 2 times"), error.details()
+    assert not leaks(error.details()), error.details()
+    got = segments(events)
+    assert 3 <= len(got) < SEGMENTS and got == undisturbed[:len(got)]
+    # Everything that arrived is exact: continue with it (ids, not text) and get the rest.
+    wait_healthy()
+    so_far = [Segment(caption_ids=ids, visual_codes=codes) for _, ids, codes, _ in got]
+    rest_req = request(SEGMENTS - len(got))
+    rest_req.caption, rest_req.rendering.seed = "", 11 + len(got)
+    del rest_req.story_so_far[:]
+    rest_req.story_so_far.extend(so_far)
+    rest, error = run(client, rest_req)
+    assert error is None, error
+    assert [s[1:] for s in segments(rest)] == [s[1:] for s in undisturbed[len(got):]]
