@@ -6,7 +6,8 @@ cover the failures it cannot see: an engine thread that raised (the replica stil
 can no longer write), or one that hangs with work waiting. Plain Python, no torch.
 
 ``Faults`` is a test-only hook: with ``SEEDSTORY_TEST_FAULTS=1`` in a replica's environment, a
-test may arm it to make the worker's n-th next step raise, as a broken engine would.
+test may arm it to make the worker's n-th next step raise: in the MLLMPool as a broken engine
+would, in the DetokenizerPool as a failed render.
 """
 
 from __future__ import annotations

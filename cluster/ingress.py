@@ -47,6 +47,8 @@ from cluster.requests import StorySpec, check_request
 
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, tagged with the request id
+INGRESS_LOST = ("ingress: the replica serving this story was lost; the segments received are final, "
+                "continue the story with story_so_far")
 
 
 class StoryError(Exception):
@@ -86,6 +88,12 @@ class StoryIngress:
         sent may have left without it, so the stream ends with an event that holds only the story
         id, sent after the status is set; without it the client would see OK."""
         story_id = uuid.uuid4().hex[:16]
+        # If this replica dies mid-story, the proxy ends the stream with the status on the context
+        # of the last event it got, if one is set; else INTERNAL with the Ray error's text (actor
+        # id, pid, node address). So until the story ends, every event carries UNAVAILABLE with a
+        # clean message, on which clients continue the story (seedstory_client's resume=True).
+        grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+        grpc_context.set_details(INGRESS_LOST)
         try:
             async for event in self._serve(request, story_id, grpc_context):
                 yield event
@@ -172,11 +180,18 @@ class StoryIngress:
                            f"segments: the MLLM's length limit ended the story after {run.pictures} of "
                            f"{spec.segments} segments (dense attention keeps every token); ask for fewer "
                            "segments or serve a sink mode", "truncated")
+            _context_ok(ctx)
             yield run.stats(received, tokenized)
             self.m_stage.observe(time.time() - received, tags={"stage": "story"})
         finally:
             writer.cancel()
             run.cancel()
+
+
+def _context_ok(ctx) -> None:
+    """The story is complete: its last event carries OK (and no longer INGRESS_LOST)."""
+    ctx.set_code(grpc.StatusCode.OK)
+    ctx.set_details("story complete")  # the proxy keeps the last details set: not INGRESS_LOST
 
 
 def _event(story_id: str, **kind) -> StoryEvent:

@@ -165,3 +165,43 @@ def test_past_max_resumes_the_story_ends_unavailable_and_continues_from_what_arr
     rest, error = run(client, rest_req)
     assert error is None, error
     assert [s[1:] for s in segments(rest)] == [s[1:] for s in undisturbed[len(got):]]
+
+
+def test_a_failed_render_ends_the_story_at_once_with_a_clean_internal_status(client):
+    from ray import serve
+
+    serve.get_deployment_handle("DetokenizerPool", "seedstory").arm_fault.remote(1).result()
+    events, error = run(client, request(SEGMENTS * 3))  # long enough that the writing is far from done
+    assert error is not None and error.code() == grpc.StatusCode.INTERNAL
+    assert "failed inside the service" in error.details() and not leaks(error.details()), error.details()
+    captions = [ev for ev in events if ev.WhichOneof("event") == "caption"]
+    assert len(captions) < SEGMENTS * 3  # it ended when the render failed, not after the writing
+    deadline = time.time() + 30
+    while kv_blocks_in_use() and time.time() < deadline:  # the MLLM stream was cancelled: blocks return
+        time.sleep(0.2)
+    assert kv_blocks_in_use() == 0
+
+
+def test_a_client_with_resume_continues_a_story_whose_ingress_replica_died(story_service, undisturbed):
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("seedstory_client").addHandler(handler)
+    killed = []
+
+    def on_event(ev) -> None:
+        if not killed and ev.WhichOneof("event") == "caption" and ev.caption.index == 2:
+            kill("StoryIngress")
+            killed.append(ev.caption.index)
+    try:
+        with StoryClient(story_service.target, story_service.token) as c:
+            story = c.generate(OPENING, SEGMENTS, temperature=0.0, render_seed=11, steps=8, on_event=on_event,
+                               resume=True, timeout=600)
+    finally:
+        logging.getLogger("seedstory_client").removeHandler(handler)
+    assert killed and story.complete and story.resumes == 1, seen
+    got = [(s.index, s.caption_ids, s.visual_codes, s.png) for s in story.segments]
+    assert got == undisturbed  # the continuation carried exact ids: the same story
+    assert seen and not any(leaks(m) for m in seen), seen  # what the client was told when the ingress died

@@ -18,7 +18,7 @@ from ray.util import metrics
 
 from actors.checkpoint import part_dir
 from actors.detokenizer.model import Detokenizer
-from actors.health import Liveness
+from actors.health import Faults, Liveness
 from actors.imageio import to_png
 
 
@@ -31,6 +31,7 @@ class DetokenizerPool:
         self.liveness = Liveness("detokenizer", stall_s)
         self.busy = 0  # pipeline calls running
         self.exact = exact
+        self.faults = Faults()
         self.m_batch = metrics.Histogram("seedstory_render_batch_size", "pictures per pipeline call",
                                          boundaries=[1, 2, 4, 8])
         self.m_seconds = metrics.Histogram("seedstory_render_seconds", "pipeline call time",
@@ -64,12 +65,17 @@ class DetokenizerPool:
         """Serve replaces this replica if a pipeline call hangs for stall_s."""
         self.liveness.check(pending=self.busy > 0)
 
+    def arm_fault(self, calls: int = 1) -> None:
+        """Test-only (SEEDSTORY_TEST_FAULTS=1): the calls-th next pipeline call raises."""
+        self.faults.arm(calls)
+
     def _render(self, jobs: list[dict], steps: int, guidance: float) -> list:
         """Exact: one picture per pipeline call. Batched float kernels round differently for other
         batch sizes (tiny, CPU: pixels off by 1 in ~0.03% of values), so only then is a picture a
         function of its codes and seed alone, and a render sent again after a lost replica gives
         the same PNG bytes. Not exact: one call for the batch, faster (tiny, 1 thread: 4 pictures
         0.84 s against 1.33 s one by one)."""
+        self.faults.tick()
         codes, seeds = [job["codes"] for job in jobs], [job["seed"] for job in jobs]
         if not self.exact:
             return self.model.render_seeded(codes, seeds, steps, guidance)
