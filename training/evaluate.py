@@ -83,6 +83,16 @@ def judge(caption: str, picture: np.ndarray, hero: str) -> dict:
             "place": float(shown_place == seg.place)}
 
 
+def shown_hero(caption: str, picture: np.ndarray) -> str | None:
+    """Whom ``judge``'s hero check sees as the hero of ``picture`` (None: the caption does not
+    parse). ``judge`` says only right or wrong; this says which character a wrong picture drew."""
+    seg = parse_caption(caption)
+    if seg is None:
+        return None
+    heroes = [Segment(c.name, seg.others, seg.place, seg.action) for c in CHARACTERS if c.name not in seg.others]
+    return nearest(np.asarray(picture, dtype=np.float32), heroes).hero
+
+
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature sets a (N, d) and b (M, d)."""
     mu1, mu2 = a.mean(0), b.mean(0)

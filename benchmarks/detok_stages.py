@@ -1,0 +1,252 @@
+"""Where the picture path loses the hero: every stage judged on held-out StoryWorld pictures.
+
+    seedstory data storyworld --stories 64 --seed 1 --size 64 --out data/sw-heldout   # if missing
+    python benchmarks/detok_stages.py --ckpt checkpoints/tiny --heldout data/sw-heldout \\
+        --stories 64 --segments 3 --sweep-segments 1 --out benchmarks/results/detok_stages.json
+
+Each stage turns the held-out pictures into pictures again, and the eval's own judge
+(``training.evaluate.judge``: the nearest ground-truth render among every character drawn as
+the hero, the caption's place, action and friends fixed) says whether the story's hero is shown:
+
+  truth      the ground-truth render of the caption (the judge's own candidate: ~1.0 by design)
+  loaded     the JPEG file as the data pipeline loads it (decode, centre-crop, resize)
+  vae        the de-tokenizer's VAE alone: encode -> decode (posterior mode)
+  vq_decoder the visual tokenizer's pixel decoder from the quantised codes (a small decoder,
+             trained only as an auxiliary loss: a lower bound on what the codes carry)
+  render     the full de-tokenizer from the ground-truth codes, at the served steps/guidance
+  img2img    the UNet and the code conditioning starting halfway (strength 0.5) from the VAE
+             latent of the true picture: does the UNet keep the hero when it starts near it?
+  sweep      render at steps x guidance, on the first --sweep-segments pictures of each story
+
+Per character (the story's hero): the fraction of pictures judged right, the count, and whom
+the wrong pictures showed instead (``training.evaluate.shown_hero``); the mean over pictures,
+the min over characters, and the seconds each stage took (on one thread: the default run takes
+about 9 minutes on this project's 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.evaluate import EvalSettings, judge, read_heldout, render_all, shown_hero
+from training.storyworld import CHARACTERS, draw_segment, parse_caption
+
+SWEEP_STEPS = (10, 20, 50)
+SWEEP_GUIDANCE = (1.0, 3.0, 5.0, 8.0)
+IMG2IMG_STRENGTH = 0.5
+
+
+@dataclass
+class HeldSet:
+    """The held-out pictures of one run, flattened story-major: one entry per (story, segment)."""
+    keys: list[tuple[int, int]]
+    captions: list[str]
+    heroes: list[str]
+    loaded: list  # PIL pictures as the data pipeline loads them
+
+
+def read_set(folder: Path, stories: int, segments: int, size: int) -> HeldSet:
+    from actors.imageio import decode_image, resize_square
+
+    held = read_heldout(folder, stories, segments)
+    # read_heldout keeps only the openings; the judge needs every segment's caption.
+    rows = [json.loads(x) for x in (folder / "storyworld.jsonl").read_text().splitlines()[:stories]]
+    keys = [(i, k) for i in range(stories) for k in range(segments)]
+    return HeldSet(keys=keys, captions=[rows[i]["captions"][k] for i, k in keys],
+                   heroes=[held.heroes[i] for i, _ in keys],
+                   loaded=[resize_square(decode_image(held.pictures[i][k]), size) for i, k in keys])
+
+
+def subset(s: HeldSet, segments: int) -> HeldSet:
+    """The first ``segments`` pictures of every story (for the costly sweep)."""
+    rows = [n for n, (_, k) in enumerate(s.keys) if k < segments]
+    return HeldSet(*([getattr(s, f)[n] for n in rows] for f in ("keys", "captions", "heroes", "loaded")))
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+def score(s: HeldSet, pictures: list, seconds: float) -> dict:
+    """Hero (and place) judged per picture, summarised per character of the story's hero."""
+    checks = [judge(c, np.asarray(p), h) for c, p, h in zip(s.captions, pictures, s.heroes)]
+    shown = [shown_hero(c, p) for c, p in zip(s.captions, pictures)]
+    per = {}
+    for ch in CHARACTERS:
+        rows = [n for n, h in enumerate(s.heroes) if h == ch.name]
+        if rows:
+            wrong = Counter(shown[n] for n in rows if not checks[n]["hero"])
+            per[ch.name] = {"hero": float(np.mean([checks[n]["hero"] for n in rows])), "n": len(rows),
+                            "drawn_as": dict(wrong.most_common())}
+    return {"per_character": per, "mean": float(np.mean([c["hero"] for c in checks])),
+            "min": min(v["hero"] for v in per.values()), "place": float(np.mean([c["place"] for c in checks])),
+            "pictures": len(pictures), "seconds": round(seconds, 1)}
+
+
+def timed(stage, *args) -> tuple[list, float]:
+    t0 = time.perf_counter()
+    out = stage(*args)
+    return out, time.perf_counter() - t0
+
+
+# -- the stages: each returns one picture per held-out entry ----------------------------------------
+
+def truth(s: HeldSet, size: int) -> list:
+    return [draw_segment(parse_caption(c), size) for c in s.captions]
+
+
+def batched(fn, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def vae_roundtrip(detok, x: torch.Tensor) -> list:
+    # The posterior mode: the VAE's best reconstruction, without its sampling noise.
+    y = batched(lambda b: detok.vae.decode(detok.vae.encode(b).latent_dist.mode()).sample, x)
+    return detok.pipeline.image_processor.postprocess(y, output_type="pil")
+
+
+def vq_decoder(visual, detok, x: torch.Tensor) -> list:
+    def decode(b):
+        return visual.decode(visual.quantize(visual.latents(b))[1])  # what the reconstruction loss trained
+
+    return detok.pipeline.image_processor.postprocess(batched(decode, x).clamp(-1, 1), output_type="pil")
+
+
+def seeds(s: HeldSet) -> list[int]:
+    """The eval's picture seeds for (story, segment), so a stage's renders match the eval's."""
+    return [i * 1000 + k for i, k in s.keys]
+
+
+def render(detok, codes: list[list[int]], s: HeldSet, steps: int, guidance: float) -> list:
+    return render_all(detok, codes, seeds(s), EvalSettings(steps=steps, guidance=guidance))[0]
+
+
+def img2img(detok, codes: list[list[int]], s: HeldSet, steps: int, guidance: float, batch: int = 16) -> list:
+    """Half-noised VAE latents of the true pictures, denoised by the UNet under the codes' conditioning."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(detok.pipeline)  # shares the modules, no copy
+    pipe.set_progress_bar_config(disable=True)
+    out, gens = [], [torch.Generator().manual_seed(x) for x in seeds(s)]
+    with torch.no_grad():
+        for i in range(0, len(codes), batch):
+            prompt, pooled = detok.adapter(torch.tensor(codes[i:i + batch]))
+            neg, neg_pooled = detok.adapter.null(len(prompt))
+            out += pipe(image=s.loaded[i:i + batch], strength=IMG2IMG_STRENGTH, prompt_embeds=prompt,
+                        pooled_prompt_embeds=pooled, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
+                        num_inference_steps=steps, guidance_scale=guidance, generator=gens[i:i + batch]).images
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def run(a: argparse.Namespace) -> dict:
+    from actors.checkpoint import part_dir, read_manifest
+    from actors.detokenizer.model import Detokenizer
+    from actors.imageio import to_tensor
+    from actors.tokenizer.model import VisualTokenizer
+    from cluster.requests import StoryLimits
+
+    size = read_manifest(a.ckpt).image_size
+    served = StoryLimits()  # the steps and guidance a story gets when its request names none
+    detok = Detokenizer.from_pretrained(part_dir(a.ckpt, "detokenizer"))
+    visual = VisualTokenizer.from_pretrained(part_dir(a.ckpt, "visual_tokenizer")).eval()
+    s = read_set(a.heldout, a.stories, a.segments, size)
+    x = to_tensor(s.loaded)
+    codes = visual.encode(x).tolist()  # the ground-truth codes, as the TokenizerPool makes them
+    stages = {
+        "truth": lambda: truth(s, size),
+        "loaded": lambda: s.loaded,
+        "vae": lambda: vae_roundtrip(detok, x),
+        "vq_decoder": lambda: vq_decoder(visual, detok, x),
+        "render": lambda: render(detok, codes, s, served.default_steps, served.default_guidance),
+        "img2img": lambda: img2img(detok, codes, s, served.default_steps, served.default_guidance),
+    }
+    results = {}
+    for name, stage in stages.items():
+        results[name] = score(s, *timed(stage))
+        report(name, results[name])
+    return {"settings": settings(a, served, size), "stages": results, "sweep": sweep(detok, codes, s, a)}
+
+
+def sweep(detok, codes: list[list[int]], s: HeldSet, a: argparse.Namespace) -> list[dict]:
+    sub = subset(s, a.sweep_segments)
+    sub_codes = [codes[n] for n, (_, k) in enumerate(s.keys) if k < a.sweep_segments]
+    rows = []
+    for steps in SWEEP_STEPS:
+        for guidance in SWEEP_GUIDANCE:
+            r = score(sub, *timed(render, detok, sub_codes, sub, steps, guidance))
+            rows.append({"steps": steps, "guidance": guidance, **r})
+            report(f"steps {steps} guidance {guidance:g}", r)
+    return rows
+
+
+def settings(a: argparse.Namespace, served, size: int) -> dict:
+    source = a.heldout / "storyworld.json"
+    return {"ckpt": str(a.ckpt), "heldout": str(a.heldout), "stories": a.stories, "segments": a.segments,
+            "sweep_segments": a.sweep_segments, "image_size": size, "steps": served.default_steps,
+            "guidance": served.default_guidance, "img2img_strength": IMG2IMG_STRENGTH, "threads": 1,
+            "data": json.loads(source.read_text())["command"] if source.is_file() else None}
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def report(name: str, r: dict) -> None:
+    print(f"[detok_stages] {name}: mean {r['mean']:.3f}, min {r['min']:.3f} ({r['pictures']} pictures, "
+          f"{r['seconds']:.1f} s)", flush=True)
+
+
+def table(result: dict) -> str:
+    names = [c.name for c in CHARACTERS]
+    head = ("| stage | " + " | ".join(names) + " | mean | min | place | pictures | s |\n"
+            "| --- |" + " --- |" * (len(names) + 5))
+    rows = [row(name, r, names) for name, r in result["stages"].items()]
+    rows += [row(f"render, {r['steps']} steps, guidance {r['guidance']:g}", r, names) for r in result["sweep"]]
+    wrong = [f"| {name} | " + "; ".join(f"{n} as {', '.join(f'{k} {v}' for k, v in c['drawn_as'].items())}"
+                                        for n, c in r["per_character"].items() if c["drawn_as"]) + " |"
+             for name, r in result["stages"].items()]
+    return "\n".join([head, *rows, "", "| stage | wrong pictures: the hero drawn as |", "| --- | --- |", *wrong])
+
+
+def row(label: str, r: dict, names: list[str]) -> str:
+    per = r["per_character"]
+    cells = [f"{per[n]['hero']:.2f} ({per[n]['n']})" if n in per else "" for n in names]
+    return (f"| {label} | " + " | ".join(cells) +
+            f" | {r['mean']:.3f} | {r['min']:.2f} | {r['place']:.3f} | {r['pictures']} | {r['seconds']:.0f} |")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/tiny"))
+    ap.add_argument("--heldout", type=Path, default=Path("data/sw-heldout"),
+                    help="classic StoryWorld folder the model never saw (seedstory data storyworld --seed 1)")
+    ap.add_argument("--stories", type=int, default=64, help="held-out stories (all 64: every hero gets pictures)")
+    ap.add_argument("--segments", type=int, default=3, help="pictures per story for every stage but the sweep")
+    ap.add_argument("--sweep-segments", type=int, default=1, help="pictures per story in the steps x guidance sweep")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/detok_stages.json"))
+    a = ap.parse_args()
+    if not 1 <= a.sweep_segments <= a.segments:
+        ap.error("need 1 <= --sweep-segments <= --segments")
+    return a
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # a shared 2-core machine; also makes the stage times comparable
+    a = parse_args()
+    t0 = time.perf_counter()
+    result = run(a)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
