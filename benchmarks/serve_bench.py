@@ -10,7 +10,7 @@ What is measured, and how:
               [render_start, render_end] intervals. 1.0 means no overlap; goal <= 0.75. Its timeline (writing
               and rendering bars per segment) goes to serve_bench_timeline.png.
   overhead    After Ray is shut down, the same story (prompt, sampling seed, render seeds, steps) written
-              in-process without Ray or gRPC: a StoryEngine stepped on the main thread, each finished
+              in-process without Ray or gRPC: a StoryEngine stepped (StoryDriver) on the main thread, each finished
               picture's codes rendered by the Detokenizer on one worker thread, the served pipeline's shape.
               Serve + gRPC overhead per segment = (served - bare) / segments, also as % of the bare
               per-segment time; goal <= 10%. Served and bare run --repeats times each; medians are used.
@@ -204,8 +204,8 @@ def bare(ckpt: Path, config_args: dict, a: argparse.Namespace) -> list[dict]:
     set_threads(1)
     s = AppSettings.from_args(config_args)
     # The served MLLM replica's engine, but batching one story: same sink, same longest story, same KV pool.
-    engine = StoryEngine(EngineConfig(str(ckpt), sink=s.sink, max_stories=1, max_segments=s.engine_segments,
-                                      kv_blocks=s.kv_blocks))
+    engine = StoryEngine(EngineConfig(str(ckpt), sink=s.sink, max_stories=1,
+                                      max_story_segments=s.max_story_segments, kv_blocks=s.kv_blocks))
     detok = Detokenizer.from_pretrained(part_dir(ckpt, "detokenizer"))
     tok = load_text_tokenizer(part_dir(ckpt, "tokenizer"))
     pool = ThreadPoolExecutor(1, thread_name_prefix="render", initializer=set_threads, initargs=(1,))
@@ -225,7 +225,9 @@ def bare(ckpt: Path, config_args: dict, a: argparse.Namespace) -> list[dict]:
 
 def bare_story(engine, detok, tok, pool, segments: int, steps: int, guidance: float, seed: int) -> dict:
     """Write on this thread, render on the pool's: what the ingress does with two pools, minus Ray and gRPC."""
-    from actors.mllm.engine import CaptionWritten, Sampling, PictureWritten, StoryEnd
+    from actors.mllm.driver import StoryDriver
+    from actors.mllm.engine import Sampling
+    from actors.mllm.events import CaptionWritten, PictureWritten, StoryEnd
     from actors.tokenizer.text import encode_segment
 
     t0 = time.time()
@@ -234,8 +236,8 @@ def bare_story(engine, detok, tok, pool, segments: int, steps: int, guidance: fl
     mllm_start = time.time()
     engine.submit("bare", prompt, segments, Sampling(TEMPERATURE, TOP_P, seed))
     rows, renders, mllm_end, tokens = [], [], mllm_start, 0
-    while engine.has_work():
-        for ev in engine.step():
+    for step in StoryDriver(engine).steps():
+        for ev in step.events:
             now = time.time()
             if isinstance(ev, CaptionWritten):
                 rows.append({"written_at": now})

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from actors.checkpoint import part_dir, read_manifest
-from actors.mllm.engine import EngineConfig, PictureWritten, StoryEnd, StoryEngine
+from actors.mllm.driver import StoryDriver
+from actors.mllm.engine import EngineConfig, StoryEngine
+from actors.mllm.events import PictureWritten, StoryEnd
 from actors.mllm.grammar import CHOICES, StoryRules, allowed_ids, start_state
 from actors.mllm.sink import MODES, SinkSettings, SinkTracker
 from actors.tokenizer.text import encode_segment, load_text_tokenizer
@@ -44,8 +46,8 @@ def one_request_story(engine, prompt, segments) -> dict:
     tracker = SinkTracker(engine.config.sink.with_ids(engine.tokens.boi, engine.tokens.eoi))
     tracker.extend(prompt)
     rows, at = [], []
-    while engine.has_work():
-        for ev in engine.step():
+    for step in StoryDriver(engine).steps():
+        for ev in step.events:
             if isinstance(ev, PictureWritten):
                 tracker.extend(ev.caption_ids + [engine.tokens.boi] + ev.codes + [engine.tokens.eoi])
                 rows.append({"segment": ev.index + 1, "t": time.perf_counter() - t0,
@@ -71,15 +73,15 @@ def dense_pool(ckpt: str, stories: int, segments: int, prompt_len: int) -> int:
 
 def fixed_pool(ckpt: str, mode: str, window: int, blocks: int, stories: int, segments: int) -> dict:
     engine = StoryEngine(EngineConfig(ckpt, sink=SinkSettings(mode=mode, window_segments=window),
-                                      max_stories=stories, kv_blocks=blocks, max_segments=segments + 1))
+                                      max_stories=stories, kv_blocks=blocks, max_story_segments=segments + 1))
     try:
-        prompt, scheduler = story_prompt(ckpt, engine), engine.scheduler
+        prompt, scheduler, driver = story_prompt(ckpt, engine), engine.scheduler, StoryDriver(engine)
         for i in range(stories):
             engine.submit(f"p{i}", prompt, segments)
         most, done, t0 = 0, 0, time.perf_counter()
         while engine.has_work():
             most = max(most, len(scheduler.running))
-            done += sum(isinstance(ev, StoryEnd) and not ev.truncated for ev in engine.step())
+            done += sum(isinstance(ev, StoryEnd) and not ev.truncated for ev in driver.step().events)
         seconds = time.perf_counter() - t0
         preempted = sum(r.num_preemptions for r in scheduler.requests.values())
         return {"most_running": most, "completed": done, "preemptions": preempted,
@@ -160,7 +162,7 @@ def main() -> None:
     results, pools, rates = {}, {}, {}
     for mode in MODES:
         engine = StoryEngine(EngineConfig(a.ckpt, sink=SinkSettings(mode=mode, window_segments=a.window),
-                                          max_stories=8, max_segments=a.segments + 1, kv_blocks=1024))
+                                          max_stories=8, max_story_segments=a.segments + 1, kv_blocks=1024))
         prompt = story_prompt(a.ckpt, engine)
         r = one_request_story(engine, prompt, a.segments)
         r["block_bytes"] = engine.block_bytes()

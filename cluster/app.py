@@ -68,8 +68,9 @@ class AppSettings:
         return asdict(self)
 
     @property
-    def engine_segments(self) -> int:
-        """Longest story an engine request may hold: earlier segments + the opening + new ones."""
+    def max_story_segments(self) -> int:
+        """Longest story an engine request may hold (EngineConfig.max_story_segments): the earlier
+        segments a request may carry, the opening, and the new segments it may ask for."""
         return self.limits.max_story_so_far + 1 + self.limits.max_segments
 
 
@@ -84,7 +85,7 @@ def build_app(args: dict):
         raise FileNotFoundError(f"no checkpoint at {s.checkpoint}: train one (seedstory train) or "
                                 f"build a random-init one (seedstory init --out {s.checkpoint})")
     tokenizer = TokenizerPool.bind(s.checkpoint, s.torch_threads)
-    mllm = MLLMPool.bind(s.checkpoint, asdict(s.sink), s.engine_max_stories, s.engine_segments, s.kv_blocks,
+    mllm = MLLMPool.bind(s.checkpoint, asdict(s.sink), s.engine_max_stories, s.max_story_segments, s.kv_blocks,
                          s.health_stall_s)
     detokenizer = DetokenizerPool.bind(s.checkpoint, s.torch_threads, s.health_stall_s, s.exact_renders)
     return StoryIngress.bind(tokenizer, mllm, detokenizer, s.to_args())

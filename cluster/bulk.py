@@ -1,13 +1,14 @@
 """Bulk offline generation: a Ray Data pipeline from a Parquet of prompts to a Parquet of stories.
 
-    python -m cluster.bulk --prompts prompts.parquet --out DIR [--segments N] [--gallery]
+    python -m cluster.bulk --prompts prompts.parquet --out DIR [--segments N] [--gallery] [--config ray_config.yaml]
     ray job submit --working-dir . -- python -m cluster.bulk --prompts … --out …
 
     1. read the prompts (columns: caption, optional image bytes, optional story_id, optional seed)
     2. check the story ids across the file: the first row of an id wins, later ones are bad rows;
        skip the rows OUT already holds (exactly once: re-running resumes)
     3. tokenizer actors: caption (+ image) -> prompt ids; bad rows carry their reason on
-    4. MLLM actors (vLLM + sink): a batch of stories written together, continuous batching
+    4. MLLM actors (vLLM + sink): a batch of stories written together, continuous batching; the
+       sink settings and the default checkpoint come from --config (ray_config.yaml), as serve's
     5. de-tokenizer actors: every picture of the batch -> PNG, then commit: the batch's whole
        stories become one Parquet file, written to a temporary name and renamed into place, so a
        file is whole or absent; bad rows go to the errors table
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 
 from actors.mllm.sink import SinkSettings
 from actors.tokenizer.text import caption_text
+from cluster import mllm_config
 
 SEGMENTS = pa.schema([("story_id", pa.string()), ("segment", pa.int32()), ("caption", pa.string()),
                       ("png", pa.binary()), ("visual_codes", pa.list_(pa.int32())), ("opening", pa.string())])
@@ -163,10 +165,13 @@ class Tokenize:
 class Write:
     def __init__(self, checkpoint: str, sink: dict, segments: int, temperature: float, top_p: float):
         from actors.checkpoint import part_dir
+        from actors.mllm.driver import StoryDriver
         from actors.mllm.engine import EngineConfig, StoryEngine
         from actors.tokenizer.text import load_text_tokenizer
 
-        self.engine = StoryEngine(EngineConfig(checkpoint, SinkSettings(**sink), max_segments=segments + 1))
+        # The longest story: the opening plus the segments asked for.
+        self.engine = StoryEngine(EngineConfig(checkpoint, SinkSettings(**sink), max_story_segments=segments + 1))
+        self.driver = StoryDriver(self.engine)
         self.text = load_text_tokenizer(part_dir(checkpoint, "tokenizer"))
         self.segments, self.temperature, self.top_p = segments, temperature, top_p
 
@@ -177,7 +182,7 @@ class Write:
         for sid, prompt, error, seed in zip(batch["story_id"], batch["prompt_ids"], batch["error"], seeds):
             if not error:
                 self.engine.submit(sid, list(prompt), self.segments, Sampling(self.temperature, self.top_p, int(seed)))
-        written = self.engine.drain()
+        written = self.driver.drain().pictures
         captions, codes = [], []
         for sid, opening in zip(batch["story_id"], batch["caption"]):
             events = written.get(sid, [])
@@ -319,12 +324,27 @@ def write_gallery(out: Path, limit: int = 50) -> Path:
     return page
 
 
-def parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seedstory bulk", description="Parquet of prompts -> Parquet of stories.",
-                                add_help=add_help)
+# -- the command: `seedstory bulk` and `python -m cluster.bulk` ------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory bulk``, registered on the ``seedstory`` parser's subcommands."""
+    p = commands.add_parser("bulk", help="Parquet of prompts -> Parquet of stories, as a Ray Data job (also: "
+                                         "python -m cluster.bulk under `ray job submit`)")
+    add_arguments(p)
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    """``python -m cluster.bulk`` (as ``ray job submit`` runs it): the same options."""
+    p = argparse.ArgumentParser(prog="seedstory bulk", description="Parquet of prompts -> Parquet of stories.")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="Parquet with a caption column (+ image, story_id, seed)")
     p.add_argument("--out", required=True)
-    p.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--ckpt", help="checkpoint folder (default: the config's: the embedded tiny model)")
     p.add_argument("--segments", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=BulkConfig.guidance, help="classifier-free guidance")
@@ -332,7 +352,7 @@ def parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--mllm-actors", type=int, default=1)
     p.add_argument("--render-actors", type=int, default=1)
     p.add_argument("--gallery", action="store_true", help="also write gallery.html")
-    return p
+    mllm_config.add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,19 +362,27 @@ def main(argv: list[str] | None = None) -> None:
 def run_cli(a: argparse.Namespace) -> None:
     import ray
 
-    from cluster.demo import ensure_checkpoint
-
     out = Path(a.out)
-    ckpt = ensure_checkpoint(Path(a.ckpt) if a.ckpt else None, out)
-    config = BulkConfig(a.prompts, str(out), str(ckpt.resolve()), a.segments, a.steps, a.guidance,
-                        stories_per_batch=a.stories_per_batch, mllm_actors=a.mllm_actors,
-                        render_actors=a.render_actors)
+    ckpt, sink = mllm_config.resolve(a)
+    config = BulkConfig(a.prompts, str(out), str(_checkpoint(ckpt, a.ckpt, out).resolve()), a.segments, a.steps,
+                        a.guidance, stories_per_batch=a.stories_per_batch, mllm_actors=a.mllm_actors,
+                        render_actors=a.render_actors, sink=sink)
     ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS under `ray job submit`
     summary = run_bulk(config)
     print(f"bulk: {summary['stories']} stories written, {summary['errors']} bad rows, {summary['skipped']} "
           f"already done, in {summary['seconds']:.1f}s -> {out / 'segments'}")
     if a.gallery:
         print(f"gallery: {write_gallery(out)}")
+
+
+def _checkpoint(ckpt: Path, given: str | None, out: Path) -> Path:
+    """The checkpoint to write with. The embedded model, when a clone lacks it and no --ckpt names
+    it, is replaced by a random-init one, as the demo does, so that the job still runs."""
+    from cluster.demo import EMBEDDED_CHECKPOINT, ensure_checkpoint
+
+    if given or ckpt.resolve() != EMBEDDED_CHECKPOINT.resolve():
+        return ckpt
+    return ensure_checkpoint(None, out)
 
 
 if __name__ == "__main__":

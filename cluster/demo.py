@@ -3,6 +3,7 @@ write a story through the gRPC service, and save it as PNGs + story.json + story
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -59,3 +60,24 @@ def run_demo(out: Path, prompt: str, ckpt: Path | None = None, segments: int = 4
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# -- the command: `seedstory demo` -------------------------------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory demo``, registered on the ``seedstory`` parser's subcommands."""
+    d = commands.add_parser("demo", help="start a local cluster and write a story with the embedded tiny model")
+    d.add_argument("--segments", type=int, default=4)
+    d.add_argument("--out", default="story_out")
+    d.add_argument("--prompt", default="Once upon a time, Milo the red circle walks in the park.")
+    d.add_argument("--ckpt", help="checkpoint folder (default: the embedded tiny model)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--grpc-port", type=int, help="default: ray_config.yaml's (9000)")
+    d.add_argument("--http-port", type=int, help="default: ray_config.yaml's (8000)")
+    d.set_defaults(func=run_command)
+    return d
+
+
+def run_command(a: argparse.Namespace) -> None:
+    page = run_demo(Path(a.out), a.prompt, Path(a.ckpt) if a.ckpt else None, a.segments, a.seed,
+                    a.grpc_port, a.http_port)
+    print(f"story written: {page}")

@@ -17,6 +17,7 @@ pools independently.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from dataclasses import dataclass, field
@@ -291,3 +292,17 @@ def write_manifests(out: Path = K8S_DIR, s: KubeSettings = KubeSettings()) -> li
         paths.append(out / name)
     (out / DASHBOARD).write_text(json.dumps(dashboard(), indent=2) + "\n")
     return paths + [out / DASHBOARD]
+
+
+# -- the command: `seedstory k8s` --------------------------------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory k8s``, registered on the ``seedstory`` parser's subcommands."""
+    k = commands.add_parser("k8s", help="write the KubeRay RayService/RayJob manifests from ray_config.yaml")
+    k.add_argument("--out", default=str(K8S_DIR))
+    k.set_defaults(func=run_command)
+    return k
+
+
+def run_command(a: argparse.Namespace) -> None:
+    for path in write_manifests(Path(a.out)):
+        print(f"wrote {path}")

@@ -7,6 +7,7 @@ application is RUNNING.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 from pathlib import Path
@@ -83,3 +84,33 @@ def wait_running(names: list[str], timeout_s: float) -> None:
                                f"{ {n: (a.status if a else 'absent') for n, a in states.items()} } "
                                "(do the replicas' num_cpus/num_gpus fit the cluster? see `ray status`)")
         time.sleep(0.5)
+
+
+# -- the command: `seedstory serve` ------------------------------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory serve``, registered on the ``seedstory`` parser's subcommands."""
+    sv = commands.add_parser("serve", help="start Ray (or join --address) and deploy the story cluster")
+    sv.add_argument("--config", default=str(CONFIG))
+    sv.add_argument("--ckpt", help="checkpoint folder (default: the config's)")
+    sv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    sv.set_defaults(func=run_command)
+    return sv
+
+
+def run_command(a: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    config = load_config(a.config)
+    if a.ckpt:
+        config = with_args(config, checkpoint=str(Path(a.ckpt).resolve()))
+    ray.init(address=a.address, include_dashboard=False)
+    t0 = time.time()
+    deploy(config)
+    print(f"serving {a.config} in {time.time() - t0:.1f}s: gRPC {grpc_target(config)}, "
+          f"HTTP :{config['http_options']['port']} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

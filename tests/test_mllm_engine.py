@@ -3,7 +3,9 @@
 import pytest
 
 from actors.checkpoint import part_dir
-from actors.mllm.engine import EngineConfig, Sampling, PictureWritten, StoryEngine
+from actors.mllm.driver import StoryDriver
+from actors.mllm.engine import EngineConfig, Sampling, StoryEngine
+from actors.mllm.events import PictureWritten
 from actors.mllm.grammar import StoryRules
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import RELEASED, SinkSettings, max_blocks
@@ -35,7 +37,7 @@ def prompts(engine) -> dict[str, list[int]]:
 @pytest.fixture(scope="module", params=["dense", "window", "streaming", "multimodal"])
 def engine(request, tiny_ckpt):
     eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=SinkSettings(mode=request.param, window_segments=WINDOW),
-                                   max_stories=4, kv_blocks=256, max_segments=12,
+                                   max_stories=4, kv_blocks=256, max_story_segments=12,
                                    max_batched_tokens=64))
     yield eng
     eng.shutdown()
@@ -72,15 +74,15 @@ class HeldBlocksCheck:
 
 
 def run_concurrently(engine) -> dict[str, list[PictureWritten]]:
+    """The four stories at once, through the driver, whose books must agree with the engine's."""
     ps = prompts(engine)
     for sid, p in ps.items():
         engine.submit(sid, p, SEGMENTS[sid])
-    out = {sid: [] for sid in ps}
-    while engine.has_work():
-        for ev in engine.step():
-            if isinstance(ev, PictureWritten):
-                out[ev.story_id].append(ev)
-    return out
+    run = StoryDriver(engine).drain()
+    assert run.tokens == sum(end.output_tokens for end in run.ends.values()) > 0
+    assert all(1 <= end.peak_blocks <= run.peak_blocks_in_use for end in run.ends.values())
+    assert {end.block_bytes for end in run.ends.values()} == {engine.block_bytes()}
+    return run.pictures
 
 
 def test_greedy_output_equals_the_transformers_reference(engine, reference_model):
@@ -153,7 +155,8 @@ def test_a_long_story_holds_what_the_policy_keeps_not_what_it_wrote(engine):
         check.remove()
     worst = max(check.worst.values())
     longest = engine.manifest.preset.max_caption_tokens + engine.manifest.num_queries + 2
-    assert worst <= max_blocks(engine.config.sink, longest, engine.config.max_segments, 10_000, 32, step_tokens=64)
+    assert worst <= max_blocks(engine.config.sink, longest, engine.config.max_story_segments, 10_000, 32,
+                               step_tokens=64)
     dense_blocks = -(-(len(prompt) + len(story_ids(engine, events))) // 32)
     if engine.config.sink.mode == "dense":
         assert worst == dense_blocks
@@ -191,7 +194,7 @@ def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
     the same tokens."""
     # The released (Q=64) neighbourhoods: wider than tiny's scaled ones, so the pool overflows.
     settings = SinkSettings(mode="multimodal", window_segments=WINDOW, **RELEASED)
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=POOL, max_segments=8,
+    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=POOL, max_story_segments=8,
                                    max_batched_tokens=64, admit_on_footprint=False))
     try:
         scheduler = eng.scheduler
@@ -218,7 +221,7 @@ def test_admission_on_the_footprint_never_preempts(tiny_ckpt):
     """The same small pool, with our admission: stories wait until every admitted story's
     worst case fits, so none is ever preempted, and all complete."""
     settings = SinkSettings(mode="multimodal", window_segments=WINDOW, **RELEASED)
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=POOL, max_segments=8,
+    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=POOL, max_story_segments=8,
                                    max_batched_tokens=64))
     try:
         scheduler, held_back = eng.scheduler, 0

@@ -97,7 +97,7 @@ def test_exported_checkpoint_loads_in_vllm_and_renders(trained):
     builder = PromptBuilder(str(out))
     prompt = builder.prompt(builder.caption_ids(["Once upon a time, Kip the green triangle runs in the city."])[0],
                             None)
-    engine = StoryEngine(EngineConfig(str(out), max_stories=1, max_segments=4))
+    engine = StoryEngine(EngineConfig(str(out), max_stories=1, max_story_segments=4))
     try:
         events = engine.run({"s": prompt}, segments=2)["s"]
     finally:
@@ -234,7 +234,7 @@ def test_embedded_model_is_small_and_tells_a_consistent_story():
     assert "## Evaluation" in (EMBEDDED / "README.md").read_text()
     opening = "Once upon a time, Bea the blue square walks in the forest."
     builder = PromptBuilder(str(EMBEDDED))
-    engine = StoryEngine(EngineConfig(str(EMBEDDED), max_stories=1, max_segments=6))
+    engine = StoryEngine(EngineConfig(str(EMBEDDED), max_stories=1, max_story_segments=6))
     try:
         events = engine.run({"s": builder.prompt(builder.caption_ids([opening])[0], None)}, segments=5)["s"]
     finally:

@@ -20,15 +20,16 @@ the paper's Table 2) and ``metrics.png`` (each metric against the segment index,
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from actors.mllm.sink import MODES, NEIGHBOURHOODS
+from actors.mllm.sink import MODES, NEIGHBOURHOODS, SinkSettings
 from actors.tokenizer.text import caption_text
 from training.storyworld import CHARACTERS, PLACES, Segment, draw_segment, parse_caption
 
@@ -48,6 +49,9 @@ class EvalSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     kv_cache_bytes: int = 1 << 30
+    # Every mode's sink tokens, window and neighbourhoods (`seedstory eval` takes them from the
+    # Serve config, as serve does); its mode is unused: the eval runs each of ``modes``.
+    sink: SinkSettings = field(default_factory=SinkSettings)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -133,26 +137,19 @@ def read_heldout(folder: Path, stories: int, segments: int) -> HeldOut:
 
 def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], s: EvalSettings) -> dict:
     """All stories under one sink mode, batched in one engine: codes, caption ids, time, peak KV."""
-    from actors.mllm.engine import EngineConfig, Sampling, PictureWritten, StoryEnd, StoryEngine
-    from actors.mllm.sink import SinkSettings
+    from actors.mllm.driver import StoryDriver
+    from actors.mllm.engine import EngineConfig, Sampling, StoryEngine
 
-    engine = StoryEngine(EngineConfig(checkpoint=str(ckpt), sink=SinkSettings(mode=mode), max_stories=len(prompts),
-                                      kv_cache_bytes=s.kv_cache_bytes, max_segments=s.segments + 1))
+    engine = StoryEngine(EngineConfig(checkpoint=str(ckpt), sink=replace(s.sink, mode=mode),
+                                      max_stories=len(prompts), kv_cache_bytes=s.kv_cache_bytes,
+                                      max_story_segments=s.segments + 1))
     try:
         for i, prompt in enumerate(prompts):
             engine.submit(str(i), prompt, s.segments, Sampling(s.temperature, s.top_p, seed=s.seed + i))
-        segments: dict[int, list] = {i: [] for i in range(len(prompts))}
-        peak, tokens, t0 = 0, 0, time.perf_counter()
-        while engine.has_work():
-            for ev in engine.step():
-                if isinstance(ev, PictureWritten):
-                    segments[int(ev.story_id)].append(ev)
-                elif isinstance(ev, StoryEnd):
-                    tokens += ev.output_tokens
-            peak = max(peak, engine.blocks_in_use())
-        seconds = time.perf_counter() - t0
-        return {"segments": segments, "seconds": seconds, "tokens": tokens, "sink": asdict(engine.config.sink),
-                "peak_kv_bytes": peak * engine.block_bytes()}
+        run = StoryDriver(engine).drain()
+        return {"segments": {int(sid): pictures for sid, pictures in run.pictures.items()}, "seconds": run.seconds,
+                "tokens": run.tokens, "sink": asdict(engine.config.sink),
+                "peak_kv_bytes": run.peak_blocks_in_use * engine.block_bytes()}
     finally:
         engine.shutdown()
 
@@ -356,3 +353,36 @@ def plot(results: list[dict], s: EvalSettings, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+# -- the command: `seedstory eval` (cluster/cli.py adds --config and the sink flags) -----------------
+
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory eval``'s own options, registered on the ``seedstory`` parser's subcommands.
+    Their defaults live in EvalSettings (None: not given), so the parser needs none of the eval's imports."""
+    e = commands.add_parser("eval", help="long stories under each sink mode: the paper's Table 2 on StoryWorld")
+    e.add_argument("--ckpt", help="checkpoint folder (default: the config's)")
+    e.add_argument("--heldout", required=True,
+                   help="a StoryWorld folder the model never saw (seedstory data storyworld)")
+    e.add_argument("--out", required=True, help="folder for table.md, results.json and the plot")
+    e.add_argument("--stories", type=int)
+    e.add_argument("--segments", type=int)
+    e.add_argument("--modes", help="comma-separated, among dense,window,streaming,multimodal (default: all)")
+    e.add_argument("--steps", type=int, help="denoising steps per picture")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance of the renders")
+    e.add_argument("--seed", type=int)
+    e.add_argument("--card", action="store_true", help="also write the table into the checkpoint's model card")
+    return e
+
+
+def eval_settings(a: argparse.Namespace, sink: SinkSettings = SinkSettings()) -> EvalSettings:
+    """The eval's settings: what the command line gives, else EvalSettings' own defaults (one place)."""
+    given = {k: getattr(a, k) for k in ("stories", "segments", "steps", "guidance", "seed")
+             if getattr(a, k) is not None}
+    if a.modes is not None:
+        given["modes"] = tuple(a.modes.split(","))
+    return EvalSettings(sink=sink, **given)
+
+
+def run_command(a: argparse.Namespace, ckpt: Path, sink: SinkSettings) -> None:
+    print(run_eval(ckpt, Path(a.heldout), Path(a.out), eval_settings(a, sink), card=a.card))

@@ -6,22 +6,26 @@ random-init checkpoint has a real vocabulary. Training stages later overwrite pa
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import time
 from pathlib import Path
 
-import torch
-
 from actors.checkpoint import Manifest, part_dir, write_manifest
-from actors.config import Preset
-from actors.detokenizer.model import Detokenizer
-from actors.mllm.model import build_mllm
-from actors.tokenizer.model import VisualTokenizer
-from actors.tokenizer.text import token_layout, train_text_tokenizer
-from training.storyworld import sample_captions
+from actors.config import Preset, get_preset
 
 
 def init_checkpoint(preset: Preset, out: str | Path, seed: int = 0, dtype: str = "float16",
                     captions: list[str] | None = None) -> Manifest:
+    # The models are imported here, not above: `seedstory` imports this module to build its parser.
+    import torch
+
+    from actors.detokenizer.model import Detokenizer
+    from actors.mllm.model import build_mllm
+    from actors.tokenizer.model import VisualTokenizer
+    from actors.tokenizer.text import token_layout, train_text_tokenizer
+    from training.storyworld import sample_captions
+
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new folder")
@@ -49,3 +53,23 @@ def init_checkpoint(preset: Preset, out: str | Path, seed: int = 0, dtype: str =
         out.rmdir()
     tmp.rename(out)
     return manifest
+
+
+# -- the command: `seedstory init` -------------------------------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory init``, registered on the ``seedstory`` parser's subcommands."""
+    i = commands.add_parser("init", help="build a complete random-init checkpoint")
+    i.add_argument("--preset", default="tiny")
+    i.add_argument("--out", required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    i.set_defaults(func=run_command)
+    return i
+
+
+def run_command(a: argparse.Namespace) -> None:
+    t0 = time.time()
+    m = init_checkpoint(get_preset(a.preset), a.out, seed=a.seed, dtype=a.dtype)
+    size = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file())
+    print(f"{a.preset} checkpoint at {a.out}: Q={m.num_queries} K={m.codebook_size} vocab={m.tokens.vocab_size} "
+          f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s")

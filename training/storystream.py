@@ -8,6 +8,7 @@ duplicates nor loses rows.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -187,3 +188,22 @@ def write_provenance(out: Path, jsonl: Path, images, window: int, image_size: in
               "image_size": image_size, "summary": summary.lines(),
               "storyworld": json.loads(meta.read_text()) if meta.is_file() else None}
     (Path(out) / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+# -- the command: `seedstory data convert` -----------------------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory data convert``, registered on ``seedstory data``'s subcommands."""
+    c = commands.add_parser("convert", help="official StoryStream JSONL + images -> Parquet windows")
+    c.add_argument("--jsonl", required=True)
+    c.add_argument("--images", required=True, help="image root the JSONL paths are relative to")
+    c.add_argument("--out", required=True)
+    c.add_argument("--window", type=int, default=10)
+    c.add_argument("--image-size", type=int, default=64)
+    c.add_argument("--subset", help="subset name (default: the JSONL file name)")
+    c.set_defaults(func=run_command)
+    return c
+
+
+def run_command(a: argparse.Namespace) -> None:
+    summary = convert(a.jsonl, a.images, a.out, window=a.window, image_size=a.image_size, subset=a.subset)
+    print("\n".join(summary.lines()))

@@ -13,6 +13,7 @@ is skipped on a re-run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import replace
@@ -143,3 +144,39 @@ def write_summary(runs: Path, summary: dict) -> None:
     tmp = runs / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(runs / "summary.json")
+
+
+# -- the command: `seedstory train` ------------------------------------------------------------------
+def add_command(commands) -> argparse.ArgumentParser:
+    """``seedstory train``, registered on the ``seedstory`` parser's subcommands."""
+    t = commands.add_parser("train", help="train a checkpoint with Ray Train (visual tokenizer, VAE, de-tokenizer, "
+                                          "MLLM)")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--data", required=True, help="StoryStream Parquet windows (seedstory data convert)")
+    t.add_argument("--out", required=True, help="checkpoint folder; run state goes to OUT.runs/")
+    t.add_argument("--stages", default="visual,vae,detokenizer,mllm")
+    t.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument("--threads", type=int, help="torch threads per worker (default: its whole CPUs)")
+    t.add_argument("--steps", type=int, help="override every stage's steps (short runs)")
+    t.add_argument("--batch-size", type=int, help="override every stage's per-worker batch size")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a new local one)")
+    t.set_defaults(func=run_command)
+    return t
+
+
+def run_command(a: argparse.Namespace) -> None:
+    import shlex
+    import sys
+
+    import ray
+
+    ray.init(address=a.address, include_dashboard=False)
+    t0 = time.time()
+    summary = train(a.preset, a.data, a.out, stages=a.stages.split(","), workers=a.workers, gpu=a.gpu,
+                    cpus_per_worker=a.cpus_per_worker, threads=a.threads, steps=a.steps, batch_size=a.batch_size,
+                    seed=a.seed, command=shlex.join(["seedstory", *sys.argv[1:]]))
+    print(f"trained {a.out} in {time.time() - t0:.0f}s; per stage: "
+          + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary["stages"].items()))

@@ -1,8 +1,9 @@
 """The story engine: vLLM with our plugin, one request per story, streamed segment by segment.
 
-The Serve pool and the bulk job both drive this wrapper. ``step`` runs one engine step
-and returns what finished during it: whole segments (caption ids + Q visual codes) and
-ended stories. ``abort`` ends a story and returns its KV blocks at once.
+``step`` runs one engine step and returns what finished during it: captions, whole segments
+(caption ids + Q visual codes) and ended stories (``actors/mllm/events.py``). ``abort`` ends a
+story and returns its KV blocks at once. Callers step it through ``actors/mllm/driver.py``'s
+``StoryDriver``, which keeps the per-step books (tokens, seconds, KV blocks).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from actors.checkpoint import part_dir, read_manifest
+from actors.mllm.driver import StoryDriver
 from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
 from actors.mllm.grammar import StoryRules
 from actors.mllm.sink import SinkSettings
@@ -29,7 +31,10 @@ class EngineConfig:
     kv_blocks: int | None = None    # KV blocks in the pool (default: what kv_cache_bytes holds)
     kv_cache_bytes: int = 256 << 20  # memory for the KV pool; explicit, so vLLM doesn't claim 92% of RAM
     block_size: int = 32            # the CPU build needs a multiple of 32
-    max_segments: int = 32          # longest story (prompt segments included) a request may hold
+    # Longest story one request may hold, its prompt's earlier segments included (it sizes the
+    # engine's length limit and each story's worst-case KV footprint). Not StoryLimits.max_segments,
+    # which counts the new segments a client may ask for.
+    max_story_segments: int = 32
     max_batched_tokens: int | None = None  # tokens per engine step; long prompts are prefilled in chunks
     dtype: str = "float32"
     # Admit a story only while every running story's worst-case (compacted) footprint still fits,
@@ -152,17 +157,16 @@ class StoryEngine:
 
     def drain(self) -> dict[str, list[PictureWritten]]:
         """Step until every submitted story has ended; returns {story_id: [PictureWritten]}."""
-        result: dict[str, list[PictureWritten]] = {sid: [] for sid in self.stories}
-        while self.has_work():
-            for ev in self.step():
-                if isinstance(ev, PictureWritten):
-                    result[ev.story_id].append(ev)
-        return result
+        return StoryDriver(self).drain().pictures
 
     # -- KV accounting ---------------------------------------------------------------------
     @property
     def scheduler(self):
-        """The (in-process) vLLM scheduler, with our SinkKVManager inside."""
+        """The live vLLM scheduler (our SinkScheduler, with the SinkKVManager inside): the one
+        place that reaches into vLLM's engine core. Safe because ``_build_engine`` runs the core in
+        this process (it checks), so this is the object that schedules, not a copy in another
+        process; and with synchronous scheduling it is read only between steps, on the thread
+        that steps."""
         return self.engine.engine_core.engine_core.scheduler
 
     @property
@@ -207,10 +211,11 @@ def _build_engine(config: EngineConfig, manifest):
     # In-process engine core: the wrapper reads the scheduler's block pool directly.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.core_client import InprocClient
     from vllm.v1.engine.llm_engine import LLMEngine
 
     longest = manifest.preset.max_caption_tokens + manifest.num_queries + 2  # caption <img> codes </img>
-    max_len = (config.max_segments + 1) * longest  # + 1: the opening caption and the closing </s>
+    max_len = (config.max_story_segments + 1) * longest  # + 1: the opening caption and the closing </s>
     if config.sink.mode == "dense":
         max_len = min(max_len, manifest.preset.mllm.max_position_embeddings)
     else:
@@ -232,7 +237,11 @@ def _build_engine(config: EngineConfig, manifest):
         logits_processors=["actors.mllm.vllm_logits:StoryGrammarProcessor"],
         hf_overrides={"architectures": [ARCHITECTURE], "seedstory_sink": asdict(config.sink),
                       "seedstory_tokens": asdict(manifest.tokens),
-                      "seedstory_story": {"longest_segment": longest, "max_segments": config.max_segments,
+                      "seedstory_story": {"longest_segment": longest,
+                                          "max_story_segments": config.max_story_segments,
                                           "admit_on_footprint": config.admit_on_footprint}},
     )
-    return LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+    engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+    if not isinstance(engine.engine_core, InprocClient):  # StoryEngine.scheduler reads the core in place
+        raise RuntimeError(f"expected vLLM's in-process engine core, got {type(engine.engine_core).__name__}")
+    return engine

@@ -265,25 +265,25 @@ class HeldBlocks:
         return visible
 
 
-def max_kept(s: SinkSettings, longest_segment: int, max_segments: int, max_len: int) -> int:
-    """Most tokens the policy keeps of one request: at most ``max_segments`` segments of at most
-    ``longest_segment`` tokens, and at most ``max_len`` tokens in all."""
+def max_kept(s: SinkSettings, longest_segment: int, max_story_segments: int, max_len: int) -> int:
+    """Most tokens the policy keeps of one request: at most ``max_story_segments`` segments (its
+    prompt's included) of at most ``longest_segment`` tokens, and at most ``max_len`` tokens in all."""
     if s.mode == "dense":
         return max_len
     kept = (s.window_segments + 1) * longest_segment  # the window and the open segment
     if s.mode in ("streaming", "multimodal"):
         kept += s.sink_tokens
     if s.mode == "multimodal":
-        gone = max(0, max_segments - s.window_segments)
+        gone = max(0, max_story_segments - s.window_segments)
         kept += gone * (s.boi_before + s.boi_after + 1 + s.eoi_before + s.eoi_after + 1)
     return min(kept, max_len)
 
 
-def max_blocks(s: SinkSettings, longest_segment: int, max_segments: int, max_len: int, block_size: int,
+def max_blocks(s: SinkSettings, longest_segment: int, max_story_segments: int, max_len: int, block_size: int,
                step_tokens: int = 1) -> int:
     """Most blocks one request holds under compaction (``HeldBlocks``): its most kept tokens plus
     one step's tokens, and the spare block. Dense holds its whole length."""
     if s.mode == "dense":
         return cdiv(max_len, block_size)
-    return min(cdiv(max_kept(s, longest_segment, max_segments, max_len) + step_tokens, block_size) + 1,
+    return min(cdiv(max_kept(s, longest_segment, max_story_segments, max_len) + step_tokens, block_size) + 1,
                cdiv(max_len, block_size))

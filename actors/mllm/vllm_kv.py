@@ -40,7 +40,7 @@ def footprint_blocks(vllm_config, block_size: int) -> int:
     """Most blocks one story holds under the engine's policy (compacted), a full prefill chunk included."""
     hf = vllm_config.model_config.hf_config
     story = hf.seedstory_story
-    return max_blocks(SinkSettings(**hf.seedstory_sink), story["longest_segment"], story["max_segments"],
+    return max_blocks(SinkSettings(**hf.seedstory_sink), story["longest_segment"], story["max_story_segments"],
                       vllm_config.model_config.max_model_len, block_size,
                       step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
 
@@ -146,6 +146,6 @@ class SinkScheduler(Scheduler):
     def _worst_case(self, request) -> int:
         """Most blocks this story can hold (``sink.max_blocks`` over its own length); its biggest
         step is its first prompt chunk."""
-        return max_blocks(self.settings, self.story["longest_segment"], self.story["max_segments"],
+        return max_blocks(self.settings, self.story["longest_segment"], self.story["max_story_segments"],
                           request.num_prompt_tokens + request.max_tokens, self.block_size,
                           step_tokens=min(request.num_tokens, self.chunk))
