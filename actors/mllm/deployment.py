@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -24,7 +23,9 @@ from ray.util import metrics
 
 from actors.checkpoint import part_dir
 from actors.health import Faults, Liveness
-from actors.mllm.engine import CaptionWritten, EngineConfig, Event, Sampling, StoryEnd, StoryEngine
+from actors.mllm.driver import StoryDriver
+from actors.mllm.engine import EngineConfig, Sampling, StoryEngine
+from actors.mllm.events import CaptionWritten, Event, StoryEnd
 from actors.mllm.sink import SinkSettings
 from actors.tokenizer.text import caption_text, load_text_tokenizer
 
@@ -34,16 +35,16 @@ log = logging.getLogger("ray.serve")
 # Replicas, resources, autoscaling, max_ongoing_requests and health checks: ray_config.yaml.
 @serve.deployment(name="MLLMPool")
 class MLLMPool:
-    def __init__(self, checkpoint: str, sink: dict, max_stories: int = 8, max_segments: int = 32,
+    def __init__(self, checkpoint: str, sink: dict, max_stories: int = 8, max_story_segments: int = 32,
                  kv_blocks: int | None = None, stall_s: float = 120.0):
         config = EngineConfig(checkpoint, SinkSettings(**sink), max_stories=max_stories,
-                              max_segments=max_segments, kv_blocks=kv_blocks)
+                              max_story_segments=max_story_segments, kv_blocks=kv_blocks)
         self.engine = StoryEngine(config)
+        self.driver = StoryDriver(self.engine)  # steps it and fills each StoryEnd's KV footprint
         self.text = load_text_tokenizer(part_dir(checkpoint, "tokenizer"))
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
         self.queues: dict[str, asyncio.Queue] = {}
-        self.peak: dict[str, int] = {}
-        self.driver: asyncio.Task | None = None
+        self.stepping: asyncio.Task | None = None  # the background task that steps while stories run
         self.liveness = Liveness("mllm", stall_s, ray.get_runtime_context().get_actor_id() or "")
         self.faults = Faults()
         self.m_blocks = metrics.Gauge("seedstory_kv_blocks_in_use", "KV blocks held by running stories")
@@ -54,11 +55,11 @@ class MLLMPool:
     # -- the API ---------------------------------------------------------------------------
     async def generate(self, story_id: str, prompt_ids: list[int], segments: int,
                        sampling: dict) -> AsyncIterator[Event]:
-        """Stream one story's events (engine.CaptionWritten, PictureWritten, then StoryEnd), in order.
+        """Stream one story's events (CaptionWritten, PictureWritten, then StoryEnd), in order.
         Raises ``PoolFailure`` if the engine breaks (``refused`` if it was broken already)."""
         self.liveness.refuse_if_broken()
         queue: asyncio.Queue = asyncio.Queue()
-        self.queues[story_id] = queue  # before submit: the driver may step before we return
+        self.queues[story_id] = queue  # before submit: the stepping task may step before we return
         ended = False
         try:
             self.liveness.work_arrived(was_idle=not self.engine.has_work())
@@ -94,8 +95,8 @@ class MLLMPool:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
 
     def _drive(self) -> None:
-        if self.driver is None or self.driver.done():
-            self.driver = asyncio.get_running_loop().create_task(self._loop())
+        if self.stepping is None or self.stepping.done():
+            self.stepping = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
         while self.engine.has_work():
@@ -121,33 +122,19 @@ class MLLMPool:
 
     def _step(self) -> list[Event]:
         self.faults.tick()
-        seen = {sid: story.seen for sid, story in self.engine.stories.items()}
-        t0 = time.perf_counter()
-        events = self.engine.step()
-        seconds = time.perf_counter() - t0
-        written = sum(story.seen - seen.get(sid, 0) for sid, story in self.engine.stories.items())
-        written += sum(ev.output_tokens - seen.get(ev.story_id, 0) for ev in events if isinstance(ev, StoryEnd))
-        for sid in self.engine.stories:
-            self.peak[sid] = max(self.peak.get(sid, 0), self.engine.story_blocks(sid))
-        self.m_blocks.set(self.engine.blocks_in_use())
-        self.m_stories.set(len(self.engine.stories))
-        self.m_tps.set(written / seconds if seconds > 0 else 0.0)
-        if written > 0:
-            self.m_tokens.inc(written)
-        for ev in events:
-            self._fill(ev)
-        return events
-
-    def _fill(self, ev: Event) -> None:
-        """What the engine cannot know: a caption's text, and the story's KV footprint."""
-        if isinstance(ev, CaptionWritten):
-            ev.caption = caption_text(self.text, ev.caption_ids)
-        elif isinstance(ev, StoryEnd):
-            ev.peak_blocks, ev.block_bytes = self.peak.pop(ev.story_id, 0), self.engine.block_bytes()
+        step = self.driver.step()
+        self.m_blocks.set(step.blocks_in_use)
+        self.m_stories.set(step.running)
+        self.m_tps.set(step.tokens_per_s)
+        if step.tokens > 0:
+            self.m_tokens.inc(step.tokens)
+        for ev in step.events:
+            if isinstance(ev, CaptionWritten):  # its text: the engine knows ids only
+                ev.caption = caption_text(self.text, ev.caption_ids)
+        return step.events
 
     def _abort(self, story_id: str) -> None:
-        self.engine.abort(story_id)
-        self.peak.pop(story_id, None)
+        self.driver.abort(story_id)
         self.m_blocks.set(self.engine.blocks_in_use())
         self.m_stories.set(len(self.engine.stories))
 
