@@ -1,8 +1,13 @@
 """MLLMPool: the Serve deployment that hosts the story engine (vLLM + our sink plugin).
 
-One vLLM request per story. ``generate`` streams plain-data events (caption written, picture
-written, story ended) as the engine produces them; many stories share one engine through
-continuous batching. A single background task steps the engine whenever a story is running.
+One vLLM request per story. ``generate`` streams the engine's events (``actors/mllm/events.py``:
+caption written, picture written, story ended) as the engine produces them; many stories share
+one engine through continuous batching. A single background task steps the engine whenever a
+story is running.
+
+If an engine step raises, the engine's state is unknown: every running story fails with
+``PoolFailure`` (the ingress resumes it on another replica), new stories are refused at once,
+and ``check_health`` fails so that Serve replaces the replica (``actors/health.py``).
 
 vLLM's ``AsyncLLM`` runs its engine core in another process (the only mode the CPU build
 offers), where the scheduler's block pool cannot be read. We drive the in-process engine
