@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -216,7 +217,7 @@ def summarize(logs: list[StoryLog], faults: list[dict], seconds: float, args) ->
         "faults": [{"kind": f["kind"], "t_s": round(f["at"] - logs[0].started, 1) if logs else 0,
                     "back_s": None if f["back_s"] is None else round(f["back_s"], 1)} for f in faults],
         "run_s": round(seconds, 1),
-        "settings": vars(args) | {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"},
+        "settings": vars(args) | {"machine": f"{platform.machine()}, {os.cpu_count()} cores"},
     }
 
 

@@ -79,11 +79,9 @@ def judge(caption: str, picture: np.ndarray, hero: str) -> dict:
     if seg is None:
         return {"valid": 0.0, "hero": 0.0, "place": 0.0}
     picture = np.asarray(picture, dtype=np.float32)
-    heroes = [Segment(c.name, seg.others, seg.place, seg.action) for c in CHARACTERS if c.name not in seg.others]
     places = [Segment(seg.hero, seg.others, p.name, seg.action) for p in PLACES]
-    shown_hero = nearest(picture, heroes).hero
     shown_place = nearest(picture, places).place
-    return {"valid": 1.0, "hero": float(seg.hero == hero and shown_hero == hero),
+    return {"valid": 1.0, "hero": float(seg.hero == hero and _shown_hero(seg, picture) == hero),
             "place": float(shown_place == seg.place)}
 
 
@@ -91,10 +89,13 @@ def shown_hero(caption: str, picture: np.ndarray) -> str | None:
     """Whom ``judge``'s hero check sees as the hero of ``picture`` (None: the caption does not
     parse). ``judge`` says only right or wrong; this says which character a wrong picture drew."""
     seg = parse_caption(caption)
-    if seg is None:
-        return None
+    return None if seg is None else _shown_hero(seg, np.asarray(picture, dtype=np.float32))
+
+
+def _shown_hero(seg: Segment, picture: np.ndarray) -> str:
+    """The hero among every character not already in the scene, by the nearest ground-truth picture."""
     heroes = [Segment(c.name, seg.others, seg.place, seg.action) for c in CHARACTERS if c.name not in seg.others]
-    return nearest(np.asarray(picture, dtype=np.float32), heroes).hero
+    return nearest(picture, heroes).hero
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
