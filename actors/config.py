@@ -82,7 +82,7 @@ class DetokenizerConfig:
     pooled_dim: int
     unet_block_out_channels: tuple[int, ...]
     unet_layers_per_block: int
-    transformer_layers_per_block: tuple[int, ...]
+    transformer_layers_per_block: tuple[int, ...]  # 0: a level without attention
     attention_head_dim: tuple[int, ...]
     addition_time_embed_dim: int
     vae_block_out_channels: tuple[int, ...]
@@ -179,7 +179,7 @@ TINY = Preset(
         image_size=64, code_dim=64, num_queries=16, codebook_size=256, cross_attention_dim=64, pooled_dim=64,
         unet_block_out_channels=(64, 128), unet_layers_per_block=1, transformer_layers_per_block=(1, 1),
         attention_head_dim=(4, 4), addition_time_embed_dim=32, vae_block_out_channels=(32, 64, 64),
-        vae_layers_per_block=1, vae_scaling_factor=2.0),
+        vae_layers_per_block=1, vae_scaling_factor=2.0, adapter_layers=2),
 )
 
 # SEED-Story size: a Llama-2-7B-shaped MLLM, Q=64 visual tokens, a 1024^2 SDXL de-tokenizer.
@@ -194,7 +194,7 @@ FULL = Preset(
                                  decoder_depth=6, num_queries=64, codebook_size=8192, code_dim=256),
     detokenizer=DetokenizerConfig(
         image_size=1024, code_dim=256, num_queries=64, codebook_size=8192, cross_attention_dim=2048, pooled_dim=1280,
-        unet_block_out_channels=(320, 640, 1280), unet_layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+        unet_block_out_channels=(320, 640, 1280), unet_layers_per_block=2, transformer_layers_per_block=(0, 2, 10),
         attention_head_dim=(5, 10, 20), addition_time_embed_dim=256, vae_block_out_channels=(128, 256, 512, 512),
         vae_layers_per_block=2, vae_scaling_factor=0.13025, adapter_layers=4),
     max_caption_tokens=128,

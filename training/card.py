@@ -28,10 +28,36 @@ def write_card(ckpt: str | Path) -> Path:
     return path
 
 
+def add_evaluation(ckpt: str | Path, title: str, table: str) -> Path:
+    """Put one eval's table into ``eval.md`` under ``### title``, replacing an earlier one of that
+    title and keeping the others (e.g. 25 and 50 segments), then rewrite the card."""
+    path = Path(ckpt) / "eval.md"
+    sections = _sections(path.read_text()) if path.is_file() else {}
+    sections[title] = table.strip()
+    path.write_text("\n\n".join(f"### {t}\n\n{body}" for t, body in sections.items()) + "\n")
+    return write_card(ckpt)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """``### title`` sections of eval.md, in order; text before the first one (an older card's
+    single table) is dropped: it is replaced by the titled ones."""
+    parts = re.split(r"^### (.+)$", text, flags=re.M)
+    return {title.strip(): body.strip() for title, body in zip(parts[1::2], parts[2::2])}
+
+
 def portable(text: str) -> str:
     """Paths as a reader of the card would type them, never the training machine's: an absolute
     path to a ``data/`` or ``checkpoints/`` folder is shown from that folder on."""
     return re.sub(r"/[^\s`'\"]*?/((?:data|checkpoints)/[^\s`'\"]+)", r"\1", text)
+
+
+def _windows_line(t: dict) -> str:
+    """How the pictures and captions became training windows: the convert command, when recorded."""
+    p = t.get("provenance") or {}
+    if "window" not in p:
+        return f"- converted to StoryStream windows: `{t['data']}`"
+    return (f"- converted to StoryStream windows of {p['window']} segments: `seedstory data convert --jsonl "
+            f"{p['jsonl']} --images {p['images']} --out {t['data']} --window {p['window']}`")
 
 
 def _training_lines(t: dict) -> list[str]:
@@ -42,9 +68,9 @@ def _training_lines(t: dict) -> list[str]:
     total = sum(s["seconds"] for s in stages.values())
     out = ["## Training", "", "Data:", ""]
     if world:
-        out += [f"- StoryWorld, {world['stories']} stories of {world['segments']} segments, data seed "
+        out += [f"- StoryWorld (the `{world.get('world', 'classic')}` world), {world['stories']} stories of {world['segments']} segments, data seed "
                 f"**{world['seed']}**, pictures at {world['size']} px: `{world['command']}`"]
-    out += [f"- converted to StoryStream windows: `{t['data']}`", "", "Command:", "", f"    {t['command']}", "",
+    out += [_windows_line(t), "", "Command:", "", f"    {t['command']}", "",
             f"Training time on this machine: **{total / 60:.1f} min** in all.", "",
             "| stage | steps | batch/worker | time (min) | final losses |", "| --- | --- | --- | --- | --- |"]
     for name, s in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0])):

@@ -53,13 +53,17 @@ class CodeAdapter(nn.Module):
 def build_unet(c: DetokenizerConfig):
     from diffusers import UNet2DConditionModel
 
-    n = len(c.unet_block_out_channels)
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)  # SDXL: no attention at full resolution
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    # A level with no transformer layers is a plain ResNet level (SDXL: none at full resolution).
+    # tiny attends at full resolution too: at 16x16 latents the 8x8 level alone lost the small
+    # characters' looks (benchmarks/detok_stages.py).
+    attends = [layers > 0 for layers in c.transformer_layers_per_block]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
     return UNet2DConditionModel(
         sample_size=c.latent_size, in_channels=c.latent_channels, out_channels=c.latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=c.unet_block_out_channels,
-        layers_per_block=c.unet_layers_per_block, transformer_layers_per_block=c.transformer_layers_per_block,
+        layers_per_block=c.unet_layers_per_block,
+        transformer_layers_per_block=tuple(max(1, n) for n in c.transformer_layers_per_block),
         attention_head_dim=c.attention_head_dim, cross_attention_dim=c.cross_attention_dim,
         addition_embed_type="text_time", addition_time_embed_dim=c.addition_time_embed_dim,
         projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim, use_linear_projection=True,

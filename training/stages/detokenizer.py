@@ -3,7 +3,9 @@
 Conditioned on the frozen visual tokenizer's codes of each picture (its codebook is copied
 into the adapter and frozen), with the frozen VAE's latents as targets. Zero terminal SNR,
 v-prediction, and 10% of conditions dropped to the adapter's learned null, which the
-pipeline uses as its negative for guidance. The same stage adapts a trained de-tokenizer to
+pipeline uses as its negative for guidance. The loss is weighted towards the latents under the
+characters (the visual tokenizer's foreground weight, pooled to the latent grid): the
+backgrounds are most of the picture and easy, the characters are what a story is about. The same stage adapts a trained de-tokenizer to
 a new story set's style: run it on that set.
 """
 
@@ -17,6 +19,7 @@ from actors.config import DetokenizerConfig
 from actors.detokenizer.model import CodeAdapter, Detokenizer, add_time_ids, build_scheduler, scheduler_kwargs
 from actors.tokenizer.model import VisualTokenizer
 from training.data import image_batches
+from training.stages.visual import foreground_weight
 
 DROP_CONDITION = 0.1
 
@@ -58,7 +61,8 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     pooled = torch.where(drop[:, None], null_pooled, pooled)
     pred = unet(noisy, t, encoder_hidden_states=prompt,
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids(c, b).to(latents.device)}).sample
-    mse = F.mse_loss(pred, target)
+    weight = F.adaptive_max_pool2d(foreground_weight(images), latents.shape[-2:])  # (B, 1, h, w)
+    mse = (weight * (pred - target) ** 2).mean() / weight.mean()
     return mse, {"diffusion": float(mse)}
 
 

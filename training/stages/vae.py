@@ -3,6 +3,10 @@
 The preset's VAE is small and trained from scratch on the story set's pictures. At export
 the latent scale is set from the measured latent std (1/std), so the UNet stage
 sees unit-variance latents.
+
+The reconstruction is weighted towards the foreground, as the visual tokenizer's is: with plain
+MSE the VAE drew the places well and lost thin shapes (the cross) and colours of the small
+characters (benchmarks/detok_stages.py measured the VAE alone at 0.65 for one character).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 
 from actors.checkpoint import part_dir, read_manifest, write_atomically, write_manifest
 from training.data import image_batches
+from training.stages.visual import foreground_weight
 
 KL_WEIGHT = 1e-6
 
@@ -34,7 +39,8 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     posterior = vae.encode(images).latent_dist
     z = posterior.sample()                                  # (B, C, h, w)
     recon = vae.decode(z).sample
-    rec = F.mse_loss(recon, images)
+    weight = foreground_weight(images)
+    rec = (weight * (recon - images) ** 2).mean() / weight.mean()
     kl = posterior.kl().mean()
     return rec + KL_WEIGHT * kl, {"recon": float(rec), "kl": float(kl), "latent_std": float(z.std())}
 
