@@ -99,6 +99,21 @@ def save_module(module, config, directory: str | Path, dtype: str) -> None:
     save_file(state, str(directory / "model.safetensors"))
 
 
+def save_diffusers(model, directory: str | Path, dtype: str) -> None:
+    """A diffusers model (UNet, VAE) saved in ``dtype``, leaving ``model`` as it is. diffusers records
+    the folder a model was loaded from as ``_name_or_path``: it names a path on the machine that
+    saved it, which a checkpoint that travels must not, so it is dropped."""
+    import copy
+
+    import torch
+
+    directory = Path(directory)
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def load_module(module_cls, config_cls, directory: str | Path, dtype: str = "float32"):
     import torch
     from safetensors.torch import load_file

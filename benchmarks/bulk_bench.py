@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from training.card import portable
+
 IN_FLIGHT = 8
 
 
@@ -97,7 +99,7 @@ def main() -> None:
     result = {"prompts": a.prompts, "segments": a.segments, "steps": a.steps, "in_flight": IN_FLIGHT,
               "checkpoint": str(ckpt), "bulk": bulk(ckpt, a), "online": online(ckpt, a)}
     ray.shutdown()
-    (a.out / "bulk_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (a.out / "bulk_bench.json").write_text(portable(json.dumps(result, indent=1)) + "\n")
     for path in ("bulk", "online"):
         r = result[path]
         print(f"{path}: {r['stories']} stories x {a.segments} segments in {r['seconds']:.1f}s = "

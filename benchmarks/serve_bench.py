@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from training.card import portable
+
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 TEMPERATURE, TOP_P = 0.8, 0.95
 OVERLAP_GOAL, OVERHEAD_GOAL = 0.75, 10.0  # ratio; percent of the bare per-segment time
@@ -387,9 +389,9 @@ def main() -> None:
     result = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
               "concurrency": srv["levels"], "pipeline_overlap": pipe, "serve_overhead": cmp,
               "served_runs": srv["pipeline_runs"], "bare_runs": bare_runs,
-              "deployment_status": srv["deployment_status"], "ray_session_dir": srv["ray_session_dir"],
+              "deployment_status": srv["deployment_status"],
               "load_avg_at_end": os.getloadavg(), "wall_s": time.time() - t_start}
-    (a.out / "serve_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (a.out / "serve_bench.json").write_text(portable(json.dumps(result, indent=1)) + "\n")
     print(table(srv["levels"], pipe, cmp))
     print(f"benchmark wall time {result['wall_s']:.0f}s; wrote {a.out / 'serve_bench.json'} and "
           f"{a.out / 'serve_bench_timeline.png'}")

@@ -8,14 +8,13 @@ the adapter's learned null condition as the negative embeddings.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.checkpoint import load_module, save_module
+from actors.checkpoint import load_module, save_diffusers, save_module
 from actors.config import DetokenizerConfig
 
 
@@ -141,10 +140,8 @@ class Detokenizer:
 
     def save_pretrained(self, directory: str | Path, dtype: str = "float32") -> None:
         directory = Path(directory)
-        torch_dtype = getattr(torch, dtype)
-        # diffusers saves in the module's own dtype: save a cast copy and leave ours as it is.
         for name in ("unet", "vae"):
-            copy.deepcopy(getattr(self, name)).to(torch_dtype).save_pretrained(directory / name)
+            save_diffusers(getattr(self, name), directory / name, dtype)
         self.scheduler.save_pretrained(directory / "scheduler")
         save_module(self.adapter, self.config, directory / "adapter", dtype)
 

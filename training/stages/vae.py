@@ -16,7 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from actors.checkpoint import part_dir, read_manifest, write_atomically, write_manifest
+from actors.checkpoint import part_dir, read_manifest, save_diffusers, write_atomically, write_manifest
 from training.data import image_batches
 from training.stages.visual import foreground_weight
 
@@ -51,7 +51,7 @@ def export(parts: dict, spec, metrics: dict) -> None:
     vae = parts["vae"].eval()
     vae.register_to_config(scaling_factor=scale)
     with write_atomically(part_dir(spec.ckpt, "detokenizer") / "vae") as tmp:
-        vae.to(getattr(torch, manifest.dtype)).save_pretrained(tmp)
+        save_diffusers(vae, tmp, manifest.dtype)
     # The manifest's preset records the scale too, so the config saved with the weights stays true.
     detok = dataclasses.replace(manifest.preset.detokenizer, vae_scaling_factor=scale)
     write_manifest(spec.ckpt, dataclasses.replace(manifest, preset=dataclasses.replace(manifest.preset,
