@@ -27,6 +27,23 @@ def test_actors_import_neither_training_nor_cluster():
     assert not imported_modules("actors") & {"training", "cluster"}
 
 
+def test_no_committed_file_names_this_machines_paths_or_the_world_outside():
+    """A clone must stand alone: no file names the folder it was written in (an absolute path on
+    one machine), a saved model's ``_name_or_path``, or the design notes outside the project."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    bad = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file() or path.suffix in {".png", ".jpg", ".safetensors", ".parquet"}:
+            continue
+        text = path.read_text(errors="ignore")
+        if any(mark in text for mark in (str(ROOT), '"_name_or_path": ' + '"/', "../" + "shared")):
+            bad.append(name)
+    assert not bad
+
+
 def test_proto_holds_no_python_package():
     assert not list((ROOT / "proto").rglob("*.py"))
 
