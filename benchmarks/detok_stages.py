@@ -4,6 +4,11 @@
     python benchmarks/detok_stages.py --ckpt checkpoints/tiny --heldout data/sw-heldout \\
         --stories 64 --segments 3 --sweep-segments 1 --out benchmarks/results/detok_stages.json
 
+On a returning-world held-out set (``seedstory data storyworld --world returning``: random
+looks, a cast of 4) every character there is judged instead, by the eval's look judge
+(``training.evaluate.judge_look``: colour, shape and pattern each nearest among the world's,
+the segment's scene fixed).
+
 Each stage turns the held-out pictures into pictures again, and the eval's own judge
 (``training.evaluate.judge``: the nearest ground-truth render among every character drawn as
 the hero, the caption's place, action and friends fixed) says whether the story's hero is shown:
@@ -21,7 +26,9 @@ the hero, the caption's place, action and friends fixed) says whether the story'
 Per character (the story's hero): the fraction of pictures judged right, the count, and whom
 the wrong pictures showed instead (``training.evaluate.shown_hero``); the mean over pictures,
 the min over characters, and the seconds each stage took (on one thread: the default run takes
-about 9 minutes on this project's 2-core machine).
+about 9 minutes on this project's 2-core machine). In the returning world: per character name
+(each one wherever it is there) and per role (hero, friend), the fraction drawn right and the
+count; the mean over every character judged, the min over names, and each attribute's mean.
 """
 
 from __future__ import annotations
@@ -30,14 +37,15 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.evaluate import EvalSettings, judge, read_heldout, render_all, shown_hero
-from training.storyworld import CHARACTERS, draw_segment, parse_caption
+from training.evaluate import (ATTRIBUTES, EvalSettings, judge, judge_truth, place_right, read_heldout, render_all,
+                               shown_hero, tally)
+from training.storyworld import CHARACTERS, NAMES, Character, Segment, draw_segment, parse_caption
 
 SWEEP_STEPS = (10, 20, 50)
 SWEEP_GUIDANCE = (1.0, 3.0, 5.0, 8.0)
@@ -51,6 +59,12 @@ class HeldSet:
     captions: list[str]
     heroes: list[str]
     loaded: list  # PIL pictures as the data pipeline loads them
+    segs: list[Segment]  # what each picture shows (its truth record)
+    casts: list[tuple[Character, ...]]  # its story's characters (classic: CHARACTERS)
+    world: str = "classic"
+
+
+PER_PICTURE = ("keys", "captions", "heroes", "loaded", "segs", "casts")
 
 
 def read_set(folder: Path, stories: int, segments: int, size: int) -> HeldSet:
@@ -62,19 +76,22 @@ def read_set(folder: Path, stories: int, segments: int, size: int) -> HeldSet:
     keys = [(i, k) for i in range(stories) for k in range(segments)]
     return HeldSet(keys=keys, captions=[rows[i]["captions"][k] for i, k in keys],
                    heroes=[held.heroes[i] for i, _ in keys],
-                   loaded=[resize_square(decode_image(held.pictures[i][k]), size) for i, k in keys])
+                   loaded=[resize_square(decode_image(held.pictures[i][k]), size) for i, k in keys],
+                   segs=[held.truth[i][k] for i, k in keys], casts=[held.casts[i] for i, _ in keys], world=held.world)
 
 
 def subset(s: HeldSet, segments: int) -> HeldSet:
     """The first ``segments`` pictures of every story (for the costly sweep)."""
     rows = [n for n, (_, k) in enumerate(s.keys) if k < segments]
-    return HeldSet(*([getattr(s, f)[n] for n in rows] for f in ("keys", "captions", "heroes", "loaded")))
+    return replace(s, **{f: [getattr(s, f)[n] for n in rows] for f in PER_PICTURE})
 
 
 # -- scoring ---------------------------------------------------------------------------------------
 
 def score(s: HeldSet, pictures: list, seconds: float) -> dict:
     """Hero (and place) judged per picture, summarised per character of the story's hero."""
+    if s.world != "classic":
+        return score_looks(s, pictures, seconds)
     checks = [judge(c, np.asarray(p), h) for c, p, h in zip(s.captions, pictures, s.heroes)]
     shown = [shown_hero(c, p) for c, p in zip(s.captions, pictures)]
     per = {}
@@ -89,6 +106,15 @@ def score(s: HeldSet, pictures: list, seconds: float) -> dict:
             "pictures": len(pictures), "seconds": round(seconds, 1)}
 
 
+def score_looks(s: HeldSet, pictures: list, seconds: float) -> dict:
+    """Every character there judged per picture by the look judge against the truth segment;
+    summed per character name and per role ("right": all three attributes), with the place."""
+    pictures = [np.asarray(p, dtype=np.float32) for p in pictures]
+    rows = [row for seg, cast, p in zip(s.segs, s.casts, pictures) for row in judge_truth(s.world, cast, seg, p)]
+    place = [place_right(seg, p, cast) for seg, cast, p in zip(s.segs, s.casts, pictures)]
+    return {**tally(rows), "place": float(np.mean(place)), "pictures": len(pictures), "seconds": round(seconds, 1)}
+
+
 def timed(stage, *args) -> tuple[list, float]:
     t0 = time.perf_counter()
     out = stage(*args)
@@ -98,6 +124,8 @@ def timed(stage, *args) -> tuple[list, float]:
 # -- the stages: each returns one picture per held-out entry ----------------------------------------
 
 def truth(s: HeldSet, size: int) -> list:
+    if s.world != "classic":
+        return [draw_segment(seg, size, cast) for seg, cast in zip(s.segs, s.casts)]
     return [draw_segment(parse_caption(c), size) for c in s.captions]
 
 
@@ -204,6 +232,8 @@ def report(name: str, r: dict) -> None:
 
 
 def table(result: dict) -> str:
+    if "per_role" in result["stages"]["truth"]:
+        return look_table(result)
     names = [c.name for c in CHARACTERS]
     head = ("| stage | " + " | ".join(names) + " | mean | min | place | pictures | s |\n"
             "| --- |" + " --- |" * (len(names) + 5))
@@ -222,11 +252,33 @@ def row(label: str, r: dict, names: list[str]) -> str:
             f" | {r['mean']:.3f} | {r['min']:.2f} | {r['place']:.3f} | {r['pictures']} | {r['seconds']:.0f} |")
 
 
+def look_table(result: dict) -> str:
+    """The returning world's table: each stage's fraction drawn right per character name and role."""
+    every = [*result["stages"].values(), *result["sweep"]]
+    names = [n for n in NAMES if any(n in r["per_character"] for r in every)]
+    roles = ("hero", "friend")
+    head = ("| stage | " + " | ".join([*names, *roles]) + " | mean | min | " + " | ".join(ATTRIBUTES)
+            + " | place | pictures | s |\n| --- |" + " --- |" * (len(names) + len(roles) + len(ATTRIBUTES) + 5))
+    rows = [look_row(name, r, names, roles) for name, r in result["stages"].items()]
+    rows += [look_row(f"render, {r['steps']} steps, guidance {r['guidance']:g}", r, names, roles)
+             for r in result["sweep"]]
+    return "\n".join([head, *rows])
+
+
+def look_row(label: str, r: dict, names: list[str], roles: tuple[str, ...]) -> str:
+    groups = [r["per_character"].get(n) for n in names] + [r["per_role"].get(role) for role in roles]
+    cells = [f"{g['right']:.2f} ({g['n']})" if g else "" for g in groups]
+    return (f"| {label} | " + " | ".join(cells) + f" | {r['mean']:.3f} | {r['min']:.2f} | "
+            + " | ".join(f"{r['per_attribute'][a]:.3f}" for a in ATTRIBUTES)
+            + f" | {r['place']:.3f} | {r['pictures']} | {r['seconds']:.0f} |")
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/tiny"))
     ap.add_argument("--heldout", type=Path, default=Path("data/sw-heldout"),
-                    help="classic StoryWorld folder the model never saw (seedstory data storyworld --seed 1)")
+                    help="a StoryWorld folder the model never saw (seedstory data storyworld --seed 1), "
+                         "classic or returning")
     ap.add_argument("--stories", type=int, default=64, help="held-out stories (all 64: every hero gets pictures)")
     ap.add_argument("--segments", type=int, default=3, help="pictures per story for every stage but the sweep")
     ap.add_argument("--sweep-segments", type=int, default=1, help="pictures per story in the steps x guidance sweep")

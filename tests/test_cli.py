@@ -30,7 +30,7 @@ OPTIONS = {
     "train": ["--preset", "--data", "--out", "--stages", "--workers", "--gpu", "--cpus-per-worker", "--threads",
               "--steps", "--batch-size", "--seed", "--address"],
     "eval": ["--ckpt", "--heldout", "--out", "--stories", "--segments", "--modes", "--steps", "--guidance", "--seed",
-             "--card", *SINK_FLAGS],
+             "--card", "--no-ceiling", *SINK_FLAGS],
 }
 
 

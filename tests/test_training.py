@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,10 +18,10 @@ import pytest
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.config import TINY
-from actors.mllm.sink import RELEASED
-from training.evaluate import EvalSettings, frechet, judge
+from actors.mllm.sink import RELEASED, SinkSettings
+from training.evaluate import EvalSettings, frechet, judge, judge_look
 from training.loop import StageSpec, lr_at
-from training.storyworld import Segment, draw_segment
+from training.storyworld import Segment, caption, draw_segment, parse_caption, random_cast
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "checkpoints" / "tiny"
@@ -41,6 +42,17 @@ def stream(storyworld, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("stream")
     convert(storyworld / "storyworld.jsonl", storyworld / "images", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def returning_storyworld(tmp_path_factory):
+    """Two 12-segment returning-world stories at 64 px: a held-out set for the eval (as cheap as
+    ``storyworld``; the trained fixture checkpoint reads its captions with its own BPE)."""
+    from training.storyworld import write_storyworld
+
+    out = tmp_path_factory.mktemp("returning")
+    write_storyworld(out, stories=2, segments=12, seed=7, size=64, world="returning")
     return out
 
 
@@ -198,6 +210,7 @@ def test_eval_command_line_keeps_the_settings_defaults_it_is_not_given():
     got = eval_settings(parser().parse_args(base + ["--modes", "window,multimodal", "--guidance", "2", "--stories", "3"]))
     assert (got.modes, got.guidance, got.stories, got.segments) == (("window", "multimodal"), 2.0, 3,
                                                                      EvalSettings().segments)
+    assert EvalSettings().ceiling and not eval_settings(parser().parse_args(base + ["--no-ceiling"])).ceiling
 
 
 def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
@@ -221,6 +234,45 @@ def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
     by_mode = {m["mode"]: m["per_story"]["hero"] for m in results["modes"]}
     diff = np.mean(np.subtract(by_mode["multimodal"], by_mode["window"]))
     assert f"| multimodal | {diff:+.3f} ± " in table
+    assert "look" not in results["modes"][0]["per_story"] and "look fidelity" not in table  # classic columns only
+    # The de-tokenizer's ceiling on the real pictures' codes: the classic world judges each story's hero.
+    heroes = [json.loads(x)["hero"] for x in (storyworld / "truth.jsonl").read_text().splitlines()[:2]]
+    ceiling = results["ceiling"]
+    assert ceiling["world"] == "classic" and ceiling["pictures"] == 6
+    assert {n: v["n"] for n, v in ceiling["per_character"].items()} == \
+        {h: 3 * heroes.count(h) for h in heroes} and list(ceiling["per_role"]) == ["hero"]
+    assert 0 <= ceiling["min"] <= ceiling["mean"] <= 1 and "De-tokenizer ceiling" in table
+    window = json.loads((out / "training.json").read_text())["provenance"].get("window")
+    assert results["training_window"] == window
+
+
+def test_eval_judges_looks_and_returns_on_the_returning_world(trained, returning_storyworld, tmp_path):
+    from training.evaluate import run_eval
+
+    out, _, _ = trained
+    # A window of one segment, so that three segments can hold a return.
+    s = EvalSettings(stories=2, segments=3, modes=("window", "multimodal"), steps=2,
+                     sink=SinkSettings(window_segments=1))
+    table = run_eval(out, returning_storyworld, tmp_path / "eval", s)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["world"] == "returning"
+    assert "| look fidelity ↑ | returning fidelity ↑ (returns) |" in table and "look − window" in table
+    for mode in results["modes"]:
+        m = mode["summary"]
+        assert set(mode["per_story"]) == {"valid", "hero", "place", "look", "returning"}
+        assert len(mode["per_segment"]["look"]) == 3 and len(mode["per_story"]["returning"]) == 2
+        assert 0 <= m["look"] <= 1 and m["returns"] >= 0 and m["stories_with_returns"] <= 2
+        assert (m["returning"] is None) == (m["stories_with_returns"] == 0)
+        assert f"({m['returns']} in {m['stories_with_returns']} stories)" in table
+    # The ceiling judges every character there with the look judge, against truth.jsonl.
+    truth = [json.loads(x) for x in (returning_storyworld / "truth.jsonl").read_text().splitlines()]
+    there = [n for t in truth for seg in t["segments"][:3] for n in seg["present"]]
+    ceiling = results["ceiling"]
+    assert ceiling["world"] == "returning" and ceiling["judged"] == len(there)
+    assert {n: v["n"] for n, v in ceiling["per_character"].items()} == {n: there.count(n) for n in set(there)}
+    assert ceiling["per_role"]["hero"]["n"] == 6 and ceiling["per_role"]["friend"]["n"] == len(there) - 6
+    assert set(ceiling["per_attribute"]) == {"colour", "shape", "pattern"}
+    assert "| look (all three) |" in table and "| pattern |" in table
 
 
 @pytest.mark.skipif(not (EMBEDDED / "manifest.json").is_file(), reason="no embedded checkpoint")
@@ -232,7 +284,13 @@ def test_embedded_model_is_small_and_tells_a_consistent_story():
     size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
     assert size <= 40e6 and read_manifest(EMBEDDED).dtype == "float16"
     assert "## Evaluation" in (EMBEDDED / "README.md").read_text()
-    opening = "Once upon a time, Bea the blue square walks in the forest."
+    # A returning-world opening: a cast of 4 whose looks only this caption says.
+    rng = random.Random(5)
+    cast = random_cast(rng)
+    hero = cast[0].name
+    opening_seg = Segment(hero, tuple(c.name for c in cast[1:]), "forest", "walk")
+    opening = caption(opening_seg, 0, rng, cast, [c.name for c in cast])
+    assert parse_caption(opening, cast) == opening_seg
     builder = PromptBuilder(str(EMBEDDED))
     engine = StoryEngine(EngineConfig(str(EMBEDDED), max_stories=1, max_story_segments=6))
     try:
@@ -242,6 +300,7 @@ def test_embedded_model_is_small_and_tells_a_consistent_story():
     pictures = Detokenizer.from_pretrained(part_dir(EMBEDDED, "detokenizer")).render_seeded(
         [e.codes for e in events], list(range(5)), steps=10)
     captions = [opening] + [builder.text.decode(e.caption_ids) for e in events[1:]]
-    verdicts = [judge(c, np.asarray(p), "Bea") for c, p in zip(captions, pictures)]
-    assert len(verdicts) == 5
-    assert all(v["hero"] == 1.0 for v in verdicts), list(zip(captions, verdicts))
+    segs = [parse_caption(c, cast) for c in captions]
+    assert len(segs) == 5 and all(seg is not None and seg.hero == hero for seg in segs), captions
+    verdicts = [judge_look(seg, cast, hero, np.asarray(p)) for seg, p in zip(segs, pictures)]
+    assert all(v["right"] == 1.0 for v in verdicts), list(zip(captions, verdicts))
