@@ -435,11 +435,10 @@ def run_eval(ckpt: Path, heldout: Path, out: Path, s: EvalSettings = EvalSetting
         print(f"[eval] ceiling: mean {top['mean']:.3f}, min {top['min']:.3f}", flush=True)
     table = write_outputs(out, results, s, heldout_source(heldout), world=held.world, ceiling=top,
                           window=training_window(ckpt))
-    if card:
-        from training.card import write_card
+    if card:  # one section per story length, so the 25- and 50-segment evals stand side by side
+        from training.card import add_evaluation
 
-        (ckpt / "eval.md").write_text(table + "\n")
-        write_card(ckpt)
+        add_evaluation(ckpt, f"{s.segments} segments", table)
     return table
 
 
