@@ -1,11 +1,12 @@
-"""Stage 4: MLLM supervised fine-tuning on pre-tokenized 10-segment StoryStream windows.
+"""Stage 4: MLLM supervised fine-tuning on pre-tokenized StoryStream windows.
 
-A window is ``<s> cap0 <img> v.. </img> cap1 <img> v.. </img> ... cap9 <img> v.. </img>``.
-The loss (next-token cross-entropy) covers every token after the opening caption: all ten
-pictures with their markers and captions 1-9. The opening caption carries none, because at
-generation it is always the user's. SEED-Story puts the loss on the last segment only; here
-every segment is a target, so one window gives ten pictures' worth of signal instead of one,
-and the causal mask still lets each target see only earlier segments, as at generation.
+A window is ``<s> cap0 <img> v.. </img> cap1 <img> v.. </img> ... capN <img> v.. </img>``
+(the embedded model: 15 segments). The loss (next-token cross-entropy) covers every token after
+the opening caption: every picture with its markers and every later caption. The opening
+caption carries none, because at generation it is always the user's. SEED-Story puts the loss
+on the last segment only; here every segment is a target, so one window gives a picture's worth
+of signal per segment instead of one, and the causal mask still lets each target see only
+earlier segments, as at generation.
 """
 
 from __future__ import annotations
