@@ -14,6 +14,8 @@ Each stage turns the held-out pictures into pictures again, and the eval's own j
 the hero, the caption's place, action and friends fixed) says whether the story's hero is shown:
 
   truth      the ground-truth render of the caption (the judge's own candidate: ~1.0 by design)
+  blur R     that render blurred (Gaussian, radius R px): how much the pixel judge punishes blur
+             alone, to read the other stages against (a soft picture loses to a sharp wrong one)
   loaded     the JPEG file as the data pipeline loads it (decode, centre-crop, resize)
   vae        the de-tokenizer's VAE alone: encode -> decode (posterior mode)
   vq_decoder the visual tokenizer's pixel decoder from the quantised codes (a small decoder,
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageFilter
 
 from training.evaluate import (ATTRIBUTES, EvalSettings, judge, judge_truth, place_right, read_heldout, render_all,
                                shown_hero, tally)
@@ -50,6 +53,7 @@ from training.storyworld import CHARACTERS, NAMES, Character, Segment, draw_segm
 SWEEP_STEPS = (10, 20, 50)
 SWEEP_GUIDANCE = (1.0, 3.0, 5.0, 8.0)
 IMG2IMG_STRENGTH = 0.5
+BLUR_RADII = (0.5, 1.0, 1.5)
 
 
 @dataclass
@@ -191,6 +195,8 @@ def run(a: argparse.Namespace) -> dict:
     codes = visual.encode(x).tolist()  # the ground-truth codes, as the TokenizerPool makes them
     stages = {
         "truth": lambda: truth(s, size),
+        **{f"blur {r:g}": (lambda r=r: [im.filter(ImageFilter.GaussianBlur(r)) for im in truth(s, size)])
+           for r in BLUR_RADII},
         "loaded": lambda: s.loaded,
         "vae": lambda: vae_roundtrip(detok, x),
         "vq_decoder": lambda: vq_decoder(visual, detok, x),
@@ -205,6 +211,8 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def sweep(detok, codes: list[list[int]], s: HeldSet, a: argparse.Namespace) -> list[dict]:
+    if a.sweep_segments == 0:
+        return []
     sub = subset(s, a.sweep_segments)
     sub_codes = [codes[n] for n, (_, k) in enumerate(s.keys) if k < a.sweep_segments]
     rows = []
@@ -281,11 +289,12 @@ def parse_args() -> argparse.Namespace:
                          "classic or returning")
     ap.add_argument("--stories", type=int, default=64, help="held-out stories (all 64: every hero gets pictures)")
     ap.add_argument("--segments", type=int, default=3, help="pictures per story for every stage but the sweep")
-    ap.add_argument("--sweep-segments", type=int, default=1, help="pictures per story in the steps x guidance sweep")
+    ap.add_argument("--sweep-segments", type=int, default=1,
+                    help="pictures per story in the steps x guidance sweep (0: no sweep)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/detok_stages.json"))
     a = ap.parse_args()
-    if not 1 <= a.sweep_segments <= a.segments:
-        ap.error("need 1 <= --sweep-segments <= --segments")
+    if not 0 <= a.sweep_segments <= a.segments:
+        ap.error("need 0 <= --sweep-segments <= --segments")
     return a
 
 
