@@ -91,7 +91,7 @@ def train(preset: str, data: str | Path, out: str | Path, stages=STAGES, workers
             record = summary["stages"][spec.stage]
             record.update(seconds=round(record["seconds"] + done["seconds"], 1), extended_from=done["steps"])
         write_summary(runs, summary)
-        (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_record(out, summary)
     return summary
 
 
@@ -134,6 +134,14 @@ def ensure_checkpoint(preset: str, data: str | Path, out: Path, seed: int) -> No
         return
     captions = [c for caps in read_table(data, ["captions"]).column("captions").to_pylist() for c in caps]
     init_checkpoint(get_preset(preset), out, seed=seed, captions=captions)
+
+
+def write_record(out: Path, summary: dict) -> None:
+    """The checkpoint's own copy of the summary (the model card reads it), in the paths a reader
+    types: the checkpoint travels, the machine it was trained on does not."""
+    from training.card import portable
+
+    (out / "training.json").write_text(portable(json.dumps(summary, indent=2)) + "\n")
 
 
 def read_provenance(data: str | Path) -> dict:
