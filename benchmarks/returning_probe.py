@@ -34,13 +34,13 @@ import argparse
 import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from actors.mllm.sink import MODES, SinkSettings, kept_ranges, positions
+from actors.mllm.sink import MODES, kept_ranges, positions
 
 REGIONS = ("current", "window", "sink", "opening caption", "opening picture", "last seen picture",
            "kept neighbourhoods", "other old")
@@ -149,8 +149,7 @@ def regions(s: Story, k: int, p) -> dict[int, str]:
     """Every position before segment k's end, labelled with the first region it falls in."""
     end = s.spans[k][1]
     window_from = s.spans[max(0, k - p.window_segments)][0]
-    mm = asdict(p) | {"mode": "multimodal"}
-    kept_mm = set(positions(kept_ranges(s.ids[:s.spans[k][0]], type(p)(**mm))))
+    kept_mm = set(positions(kept_ranges(s.ids[:s.spans[k][0]], replace(p, mode="multimodal"))))
     seen_pics = {j for name in s.returning[k] for j in [last_seen(s, k, name)] if j is not None}
     label = {}
     for i in range(end):
@@ -243,7 +242,7 @@ def run(a: argparse.Namespace) -> dict:
     result = {"settings": {"stories": len(stories), "segments": a.segments, "sink": asdict(sink)},
               "regions": list(REGIONS), "modes": {}}
     for mode in a.modes:
-        t0, p = time.time(), SinkSettings(**{**asdict(sink), "mode": mode}).with_ids(layout.boi, layout.eoi)
+        t0, p = time.time(), replace(sink, mode=mode).with_ids(layout.boi, layout.eoi)
         runs = [probe_mode(model, s, p) for s in stories]
         result["modes"][mode] = summarise(runs)
         print(f"[{mode}] {time.time() - t0:.0f}s {json.dumps(result['modes'][mode]['summary'])}", flush=True)

@@ -20,10 +20,11 @@ def _checkpoint(tmp_path: Path) -> Path:
     write_manifest(tmp_path, Manifest(preset=TINY, tokens=token_layout(tok, TINY.codebook_size), dtype="float16"))
     world = {"stories": 20, "segments": 30, "seed": 3, "size": 64, "world": "returning",
              "command": "seedstory data storyworld --stories 20 --world returning --out data/rw"}
+    trained_in = tmp_path / "elsewhere"  # the training machine's own folders, absolute
     record = {"command": "seedstory train --preset tiny --data data/rw-stream --out checkpoints/x",
-              "data": "/some/machine/work/data/rw-stream",
-              "provenance": {"window": 15, "jsonl": "/some/machine/work/data/rw/storyworld.jsonl",
-                             "images": "/some/machine/work/data/rw/images", "storyworld": world},
+              "data": str(trained_in / "data" / "rw-stream"),
+              "provenance": {"window": 15, "jsonl": str(trained_in / "data" / "rw" / "storyworld.jsonl"),
+                             "images": str(trained_in / "data" / "rw" / "images"), "storyworld": world},
               "stages": {"visual": {"steps": 7, "seconds": 120.0, "metrics": {"loss": 0.5, "step": 7},
                                     "spec": {"batch_size": 64}}}}
     (tmp_path / "training.json").write_text(json.dumps(record))
@@ -35,7 +36,7 @@ def test_card_names_the_world_the_windows_and_no_machine_path(tmp_path):
     assert "the `returning` world" in card and "data seed **3**" in card
     assert ("windows of 15 segments: `seedstory data convert --jsonl data/rw/storyworld.jsonl "
             "--images data/rw/images --out data/rw-stream --window 15`") in card
-    assert "/some/machine" not in card
+    assert str(tmp_path) not in card
     assert "| visual | 7 | 64 | 2.0 | loss 0.5 |" in card
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from actors.mllm.sink import SinkSettings
 from training.storyworld import (ACTIONS, AWAY, CAST, CHARACTERS, COLOURS, PATTERNS, PLACES, SHAPES, STRIPE, WORLDS,
-                                 Character, Segment, cast_from_looks, draw_segment, layout, parse_caption,
+                                 Character, Segment, cast_from_looks, segment_of, draw_segment, layout, parse_caption,
                                  read_caption, sample_captions, write_storyworld)
 
 
@@ -20,9 +20,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def segment(record: dict) -> Segment:
-    """A truth.jsonl segment record as the Segment it was written from."""
-    return Segment(record["hero"], tuple(record["others"]), record["place"], record["action"])
+segment = segment_of  # a truth.jsonl segment record as its Segment
 
 
 def test_same_seed_same_world_other_seed_other_world(tmp_path):

@@ -50,7 +50,7 @@ import numpy as np
 from actors.mllm.sink import MODES, NEIGHBOURHOODS, SinkSettings
 from actors.tokenizer.text import caption_text
 from training.storyworld import (CHARACTERS, COLOURS, NAMES, PATTERNS, PLACES, SHAPES, Character, Segment,
-                                 cast_from_looks, draw_segment, parse_caption)
+                                 cast_from_looks, draw_segment, parse_caption, segment_of, there)
 
 FD_BIN = 5  # segments per bin of the per-segment Fréchet distance (50 pictures per index is too few)
 FD_RESAMPLES = 200  # story bootstrap for the Fréchet distance's standard error
@@ -136,11 +136,6 @@ def _shown_hero(seg: Segment, picture: np.ndarray) -> str:
 
 
 # -- the look judge (any cast; the returning world's random looks) ------------------------------------
-
-def there(seg: Segment) -> list[str]:
-    """Who is in a segment, hero first."""
-    return [seg.hero, *seg.others]
-
 
 def look_of(cast: tuple[Character, ...], name: str) -> dict[str, str]:
     return next(c for c in cast if c.name == name).look_record()
@@ -275,8 +270,7 @@ def _cast(record: dict) -> tuple[Character, ...]:
     """A story's characters from its truth record, hero first."""
     if record.get("world", "classic") == "classic":
         return CHARACTERS
-    cast = cast_from_looks(record["looks"])
-    return tuple(sorted(cast, key=lambda c: c.name != record["hero"]))  # stable: the friends keep their order
+    return cast_from_looks(record["looks"])  # hero first, as the world writes the looks
 
 
 def read_heldout(folder: Path, stories: int, segments: int) -> HeldOut:
@@ -293,12 +287,7 @@ def read_heldout(folder: Path, stories: int, segments: int) -> HeldOut:
     return HeldOut(openings=[r["captions"][0] for r in rows], heroes=[gt["hero"] for gt in gts],
                    pictures=[[(folder / "images" / p).read_bytes() for p in r["images"][:segments]] for r in rows],
                    worlds=worlds, casts=[_cast(gt) for gt in gts],
-                   truth=[[_segment(x) for x in gt["segments"][:segments]] for gt in gts])
-
-
-def _segment(record: dict) -> Segment:
-    """A truth.jsonl segment record as the Segment it was drawn from."""
-    return Segment(record["hero"], tuple(record["others"]), record["place"], record["action"])
+                   truth=[[segment_of(x) for x in gt["segments"][:segments]] for gt in gts])
 
 
 # -- generating ----------------------------------------------------------------------------------

@@ -124,9 +124,14 @@ class Segment:
     action: str
 
 
-def _there(seg: Segment) -> list[str]:
+def there(seg: Segment) -> list[str]:
     """Who is in a segment, hero first."""
     return [seg.hero, *seg.others]
+
+
+def segment_of(record: dict) -> Segment:
+    """A truth.jsonl segment record as the Segment it was drawn from."""
+    return Segment(record["hero"], tuple(record["others"]), record["place"], record["action"])
 
 
 def cast_from_looks(looks: dict[str, dict[str, str]]) -> tuple[Character, ...]:
@@ -147,7 +152,7 @@ def caption(seg: Segment, index: int, rng: random.Random, cast: tuple[Character,
     as the classic world says it in every caption)."""
     looks = {c.name: c for c in cast}
     described = (seg.hero,) if described is None else described
-    who = _join([f"{n} the {looks[n].look}" if n in described else n for n in _there(seg)])
+    who = _join([f"{n} the {looks[n].look}" if n in described else n for n in there(seg)])
     verb = ACTIONS[seg.action][1 if seg.others else 0]
     if index == 0:
         return f"{OPENING}{who} {verb} in the {seg.place}."
@@ -200,7 +205,7 @@ def parse_caption(text: str, cast: tuple[Character, ...] | None = None) -> Segme
         classic = seg.hero in _BY_NAME and looks == {seg.hero: _BY_NAME[seg.hero].look}
         return seg if classic and len(seg.others) <= 1 and set(seg.others) <= set(_BY_NAME) else None
     by_name = {c.name: c for c in cast}
-    known = all(n in by_name for n in _there(seg))
+    known = all(n in by_name for n in there(seg))
     return seg if known and all(by_name[n].look == words for n, words in looks.items()) else None
 
 
@@ -255,9 +260,9 @@ def plan_returning(rng: random.Random, segments: int) -> tuple[tuple[Character, 
 
 def returning_in(plan: list[Segment], k: int) -> list[str]:
     """The names in segment k that were seen before but not in the ``AWAY`` segments before it."""
-    long_ago = {n for seg in plan[:max(0, k - AWAY)] for n in _there(seg)}
-    lately = {n for seg in plan[max(0, k - AWAY):k] for n in _there(seg)}
-    return [n for n in _there(plan[k]) if n in long_ago - lately]
+    long_ago = {n for seg in plan[:max(0, k - AWAY)] for n in there(seg)}
+    lately = {n for seg in plan[max(0, k - AWAY):k] for n in there(seg)}
+    return [n for n in there(plan[k]) if n in long_ago - lately]
 
 
 @dataclass(frozen=True)
@@ -278,7 +283,7 @@ def returning_story(rng: random.Random, segments: int) -> Story:
     cast, plan = plan_returning(rng, segments)
     everyone = [c.name for c in cast]  # all there in the opening, which alone says their looks
     caps = [caption(seg, k, rng, cast, everyone if k == 0 else ()) for k, seg in enumerate(plan)]
-    segs = [{**asdict(seg), "present": _there(seg), "returning": returning_in(plan, k)}
+    segs = [{**asdict(seg), "present": there(seg), "returning": returning_in(plan, k)}
             for k, seg in enumerate(plan)]
     return Story(cast, plan, caps, {"world": "returning", "hero": cast[0].name,
                                     "looks": {c.name: c.look_record() for c in cast}, "segments": segs})
