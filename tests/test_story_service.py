@@ -74,11 +74,15 @@ def test_a_twelve_segment_story_arrives_complete_and_in_order(twelve, tiny_ckpt)
 
 
 def test_pictures_render_while_the_next_caption_is_written(twelve):
-    """Image k's render interval overlaps the writing of segment k+1, which runs from
-    picture k's codes to caption k+1 being final."""
+    """Picture k's render starts once its codes exist, and before caption k+1 is final unless
+    the renderer was still drawing an earlier picture then: a backlog when rendering is slower
+    than writing, never a wait for the story."""
     segs = twelve.segments
     for k in range(len(segs) - 1):
-        assert segs[k].codes_at <= segs[k].render_start < segs[k + 1].written_at, f"segment {k}"
+        after = segs[k + 1].written_at
+        backlog = any(s.render_end > after for s in segs[:k])
+        assert segs[k].codes_at <= segs[k].render_start, f"segment {k}"
+        assert segs[k].render_start < after or backlog, f"segment {k}"
     # So the story takes less than its stages would one after the other.
     busy = twelve.stats["mllm_s"] + sum(s.render_end - s.render_start for s in segs)
     assert twelve.stats["total_s"] < busy
