@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from actors.checkpoint import part_dir, read_manifest, save_diffusers, write_atomically, write_manifest
 from training.data import image_batches
-from training.stages.visual import foreground_weight
+from training.stages.visual import weighted_mse
 
 KL_WEIGHT = 1e-6
 
@@ -39,8 +39,7 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     posterior = vae.encode(images).latent_dist
     z = posterior.sample()                                  # (B, C, h, w)
     recon = vae.decode(z).sample
-    weight = foreground_weight(images)
-    rec = (weight * (recon - images) ** 2).mean() / weight.mean()
+    rec = weighted_mse(recon, images)
     kl = posterior.kl().mean()
     return rec + KL_WEIGHT * kl, {"recon": float(rec), "kl": float(kl), "latent_std": float(z.std())}
 

@@ -40,11 +40,16 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     codes = (z @ book.T).argmax(-1)                         # (B, Q)
     zq = book[codes]
     recon = visual.decode(z + (zq - z).detach())            # straight-through
-    weight = foreground_weight(images)
-    rec = (weight * (recon - images) ** 2).mean() / weight.mean()
+    rec = weighted_mse(recon, images)
     vq = F.mse_loss(zq, z.detach()) + COMMITMENT * F.mse_loss(z, zq.detach())
     used = count_usage(codes, z, visual.config.codebook_size)
     return rec + vq, {"recon": float(rec), "vq": float(vq), "codes_used": used}
+
+
+def weighted_mse(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Pixel MSE with the characters weighing ``FOREGROUND_WEIGHT`` times more than the background."""
+    weight = foreground_weight(images)
+    return (weight * (recon - images) ** 2).mean() / weight.mean()
 
 
 @torch.no_grad()

@@ -1,0 +1,149 @@
+"""Visual tokenizer variants, trained briefly and judged by their own pixel decoder.
+
+Why: the de-tokenizer cannot draw what the codes do not carry, and on the returning world the
+embedded tokenizer's codes lose the friends' looks (``detok_stages.py``: its decoder and the
+de-tokenizer both score under 0.1). Training the whole pipeline to try a tokenizer costs an
+hour; this script trains one variant of the visual stage alone, in one process, with the
+stage's own loss and learning-rate schedule, and judges its decoder's reconstructions of
+held-out pictures with the eval's look judge (every character, colour, shape and pattern).
+
+``--continuous`` skips the codebook (the decoder reads the resampler's unit vectors): the
+architecture's reach without quantisation, so the two rows of one variant say how much the
+codebook itself costs.
+
+    python benchmarks/visual_variants.py --name q16 --steps 2400
+    python benchmarks/visual_variants.py --name q16-continuous --steps 2400 --continuous
+    python benchmarks/visual_variants.py --name q32 --num-queries 32 --steps 2400
+
+Each run appends one JSON line to ``--out``: the variant, its train time and final loss, and
+the judge's mean, min per character name, per role and per attribute, and the place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from actors.config import TINY
+from actors.imageio import to_tensor
+from actors.tokenizer.model import VisualTokenizer
+from detok_stages import read_set, score  # its sibling: run as python benchmarks/visual_variants.py
+from training.loop import StageSpec, lr_at
+from training.stages import visual as stage
+
+
+def training_pictures(folder: Path, count: int, seed: int) -> torch.Tensor:
+    """``count`` pictures of a StoryWorld folder, drawn at random, as one tensor in [-1, 1]."""
+    from PIL import Image
+
+    files = sorted((folder / "images").glob("*/*.jpg"))
+    files = random.Random(seed).sample(files, min(count, len(files)))
+    return to_tensor([Image.open(f).convert("RGB") for f in files])
+
+
+def variant(a: argparse.Namespace):
+    return replace(TINY.visual, num_queries=a.num_queries, codebook_size=a.codebook_size, code_dim=a.code_dim,
+                   width=a.width, depth=a.depth, resampler_depth=a.resampler_depth, decoder_depth=a.decoder_depth)
+
+
+def continuous_loss(visual: VisualTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    rec = stage.weighted_mse(visual.decode(visual.latents(images)), images)
+    return rec, {"recon": float(rec)}
+
+
+def reconstruct(visual: VisualTokenizer, images: torch.Tensor, continuous: bool) -> torch.Tensor:
+    with torch.no_grad():
+        z = visual.latents(images)
+        return visual.decode(z if continuous else visual.quantize(z)[1]).clamp(-1, 1)
+
+
+def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace) -> dict:
+    spec = StageSpec("visual", ckpt="", steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+    opt = torch.optim.AdamW(visual.parameters(), lr=a.lr, weight_decay=spec.weight_decay)
+    draw = torch.Generator().manual_seed(a.seed)
+    metrics: dict = {}
+    for step in range(a.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(spec, step)
+        images = pictures[torch.randint(len(pictures), (a.batch_size,), generator=draw)]
+        loss, metrics = (continuous_loss(visual, images) if a.continuous
+                         else stage.loss({"visual": visual}, images, spec, step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0:
+            print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    return metrics
+
+
+def judge(visual: VisualTokenizer, a: argparse.Namespace) -> dict:
+    """The look judge on the decoder's reconstructions of the held-out pictures."""
+    import numpy as np
+    from PIL import Image
+
+    held = read_set(a.heldout, a.stories, a.segments, visual.config.image_size)
+    x = to_tensor(held.loaded)
+    y = torch.cat([reconstruct(visual, x[i:i + 64], a.continuous) for i in range(0, len(x), 64)])
+    pictures = [Image.fromarray(((im.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for im in y]
+    return score(held, pictures, 0.0)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", required=True, help="the variant's name in the results")
+    ap.add_argument("--data", type=Path, default=Path("data/rw-train"), help="a StoryWorld folder to train on")
+    ap.add_argument("--heldout", type=Path, default=Path("data/rw-heldout"), help="a StoryWorld folder to judge on")
+    ap.add_argument("--stories", type=int, default=64)
+    ap.add_argument("--segments", type=int, default=3)
+    ap.add_argument("--pictures", type=int, default=12000, help="training pictures held in memory")
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--restart-every", type=int, default=stage.RESTART_EVERY,
+                    help="steps between restarts of the codes unused since the last one")
+    ap.add_argument("--continuous", action="store_true", help="no codebook: the decoder reads the resampler's output")
+    v = TINY.visual
+    ap.add_argument("--num-queries", type=int, default=v.num_queries)
+    ap.add_argument("--codebook-size", type=int, default=v.codebook_size)
+    ap.add_argument("--code-dim", type=int, default=v.code_dim)
+    ap.add_argument("--width", type=int, default=v.width)
+    ap.add_argument("--depth", type=int, default=v.depth)
+    ap.add_argument("--resampler-depth", type=int, default=v.resampler_depth)
+    ap.add_argument("--decoder-depth", type=int, default=v.decoder_depth)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/visual_variants.jsonl"))
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    config = variant(a)
+    stage.RESTART_EVERY = a.restart_every
+    visual = VisualTokenizer(config).train()
+    t0 = time.perf_counter()
+    final = train(visual, training_pictures(a.data, a.pictures, a.seed), a)
+    seconds = time.perf_counter() - t0
+    r = judge(visual.eval(), a)
+    row = {"name": a.name, "continuous": a.continuous, "steps": a.steps, "restart_every": a.restart_every,
+           "visual": asdict(config),
+           "train_s": round(seconds), "final": {k: round(v, 4) for k, v in final.items()},
+           "mean": round(r["mean"], 3), "min": round(r["min"], 3),
+           "per_role": {k: round(v["right"], 3) for k, v in r["per_role"].items()},
+           "per_attribute": {k: round(v, 3) for k, v in r["per_attribute"].items()}, "place": round(r["place"], 3)}
+    print(json.dumps(row))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with a.out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
