@@ -33,7 +33,7 @@ import torch
 from actors.config import TINY
 from actors.imageio import to_tensor
 from actors.tokenizer.model import VisualTokenizer
-from detok_stages import read_set, score  # its sibling: run as python benchmarks/visual_variants.py
+from detok_stages import batched, read_set, score  # its sibling: run as python benchmarks/visual_variants.py
 from training.loop import StageSpec, lr_at
 from training.stages import visual as stage
 
@@ -58,9 +58,8 @@ def continuous_loss(visual: VisualTokenizer, images: torch.Tensor) -> tuple[torc
 
 
 def reconstruct(visual: VisualTokenizer, images: torch.Tensor, continuous: bool) -> torch.Tensor:
-    with torch.no_grad():
-        z = visual.latents(images)
-        return visual.decode(z if continuous else visual.quantize(z)[1]).clamp(-1, 1)
+    z = visual.latents(images)
+    return visual.decode(z if continuous else visual.quantize(z)[1]).clamp(-1, 1)
 
 
 def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace) -> dict:
@@ -83,15 +82,13 @@ def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace
 
 
 def judge(visual: VisualTokenizer, a: argparse.Namespace) -> dict:
-    """The look judge on the decoder's reconstructions of the held-out pictures."""
-    import numpy as np
-    from PIL import Image
+    """The look judge on the decoder's reconstructions of the held-out pictures, turned into
+    pictures as ``detok_stages.py`` turns its decoder row (diffusers' image processor)."""
+    from diffusers.image_processor import VaeImageProcessor
 
     held = read_set(a.heldout, a.stories, a.segments, visual.config.image_size)
-    x = to_tensor(held.loaded)
-    y = torch.cat([reconstruct(visual, x[i:i + 64], a.continuous) for i in range(0, len(x), 64)])
-    pictures = [Image.fromarray(((im.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for im in y]
-    return score(held, pictures, 0.0)
+    y = batched(lambda b: reconstruct(visual, b, a.continuous), to_tensor(held.loaded))
+    return score(held, VaeImageProcessor().postprocess(y, output_type="pil"), 0.0)
 
 
 def parse_args() -> argparse.Namespace:
