@@ -15,8 +15,9 @@ codebook itself costs.
     python benchmarks/visual_variants.py --name q16-continuous --steps 2400 --continuous
     python benchmarks/visual_variants.py --name q32 --num-queries 32 --steps 2400
 
-Each run appends one JSON line to ``--out``: the variant, its train time and final loss, and
-the judge's mean, min per character name, per role and per attribute, and the place.
+Each run appends one JSON line to ``--out`` (and one more every ``--judge-every`` steps, with
+``steps`` of ``of_steps``): the variant, its train time and last loss, and the judge's mean,
+min per character name, per role and per attribute, and the place.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def reconstruct(visual: VisualTokenizer, images: torch.Tensor, continuous: bool)
     return visual.decode(z if continuous else visual.quantize(z)[1]).clamp(-1, 1)
 
 
-def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace) -> dict:
+def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace, on_judge=None) -> dict:
+    """The stage's loop; every ``--judge-every`` steps (and at the end) ``on_judge(step, metrics)``."""
     spec = StageSpec("visual", ckpt="", steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     opt = torch.optim.AdamW(visual.parameters(), lr=a.lr, weight_decay=spec.weight_decay)
     draw = torch.Generator().manual_seed(a.seed)
@@ -78,6 +80,9 @@ def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace
         opt.step()
         if step % 200 == 0:
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        done = step + 1
+        if on_judge and (done == a.steps or (a.judge_every and done % a.judge_every == 0)):
+            on_judge(done, metrics)
     return metrics
 
 
@@ -104,6 +109,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--judge-every", type=int, default=0,
+                    help="also judge (and write a row) every N steps: the score against training time")
     ap.add_argument("--restart-every", type=int, default=stage.RESTART_EVERY,
                     help="steps between restarts of the codes unused since the last one")
     ap.add_argument("--continuous", action="store_true", help="no codebook: the decoder reads the resampler's output")
@@ -126,20 +133,27 @@ def main() -> None:
     config = variant(a)
     stage.RESTART_EVERY = a.restart_every
     visual = VisualTokenizer(config).train()
+    pictures = training_pictures(a.data, a.pictures, a.seed)
     t0 = time.perf_counter()
-    final = train(visual, training_pictures(a.data, a.pictures, a.seed), a)
-    seconds = time.perf_counter() - t0
-    r = judge(visual.eval(), a)
-    row = {"name": a.name, "continuous": a.continuous, "steps": a.steps, "restart_every": a.restart_every,
-           "visual": asdict(config),
-           "train_s": round(seconds), "final": {k: round(v, 4) for k, v in final.items()},
-           "mean": round(r["mean"], 3), "min": round(r["min"], 3),
-           "per_role": {k: round(v["right"], 3) for k, v in r["per_role"].items()},
-           "per_attribute": {k: round(v, 3) for k, v in r["per_attribute"].items()}, "place": round(r["place"], 3)}
-    print(json.dumps(row))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    spent = {"judging": 0.0}
+
+    def on_judge(step: int, final: dict) -> None:
+        start = time.perf_counter()
+        r = judge(visual.eval(), a)
+        visual.train()
+        row = {"name": a.name, "continuous": a.continuous, "steps": step, "of_steps": a.steps,
+               "restart_every": a.restart_every, "visual": asdict(config),
+               "train_s": round(start - t0 - spent["judging"]), "final": {k: round(v, 4) for k, v in final.items()},
+               "mean": round(r["mean"], 3), "min": round(r["min"], 3),
+               "per_role": {k: round(v["right"], 3) for k, v in r["per_role"].items()},
+               "per_attribute": {k: round(v, 3) for k, v in r["per_attribute"].items()}, "place": round(r["place"], 3)}
+        spent["judging"] += time.perf_counter() - start
+        print(json.dumps(row), flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with a.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    train(visual, pictures, a, on_judge)
 
 
 if __name__ == "__main__":

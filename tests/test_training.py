@@ -271,6 +271,13 @@ def test_eval_judges_looks_and_returns_on_the_returning_world(trained, returning
         assert 0 <= m["look"] <= 1 and m["returns"] >= 0 and m["stories_with_returns"] <= 2
         assert (m["returning"] is None) == (m["stories_with_returns"] == 0)
         assert f"({m['returns']} in {m['stories_with_returns']} stories)" in table
+    # Every caption written is kept, and its validity agrees with the mode's caption validity.
+    written = [json.loads(x) for x in (tmp_path / "eval" / "stories.jsonl").read_text().splitlines()]
+    assert [(w["mode"], w["story"]) for w in written] == [(m, i) for m in ("window", "multimodal") for i in (0, 1)]
+    for mode in results["modes"]:
+        valid = [v for w in written if w["mode"] == mode["mode"] for v in w["valid"]]
+        assert all(len(w["captions"]) == len(w["valid"]) == 3 for w in written)
+        assert sum(valid) / len(valid) == pytest.approx(mode["summary"]["valid"])
     # The ceiling judges every character there with the look judge, against truth.jsonl.
     truth = [json.loads(x) for x in (returning_storyworld / "truth.jsonl").read_text().splitlines()]
     there = [n for t in truth for seg in t["segments"][:3] for n in seg["present"]]

@@ -360,7 +360,9 @@ def evaluate_mode(ckpt: Path, mode: str, held: HeldOut, builder, detok, s: EvalS
         for k, name, v in judge_story(held, i, segments, s.sink.window_segments):
             per_seg[k][name].append(v)
             per_story[i][name].append(v)
+    captions = {i: [text for _, text, _ in segments] for i, segments in written.items()}
     return {"mode": mode, "sink": run["sink"], "pictures": pictures, "keys": keys, "per_segment": per_seg, "per_story": per_story,
+            "captions": captions,
             "seconds": run["seconds"], "render_seconds": render_s, "tokens": run["tokens"],
             "peak_kv_bytes": run["peak_kv_bytes"], "complete": sum(len(v) == s.segments
                                                                    for v in run["segments"].values())}
@@ -410,12 +412,13 @@ def run_eval(ckpt: Path, heldout: Path, out: Path, s: EvalSettings = EvalSetting
     detok = Detokenizer.from_pretrained(part_dir(ckpt, "detokenizer"))
     real = [[resize_square(decode_image(b), size) for b in story] for story in held.pictures]
     real_feats = image_features(builder.visual, [p for story in real for p in story])  # story-major, like keys
-    results = []
+    results, written = [], {}
     for mode in s.modes:
         print(f"[eval] {mode}: {s.stories} stories x {s.segments} segments", flush=True)
         r = evaluate_mode(ckpt, mode, held, builder, detok, s)
         r["fd"], r["fd_se"], r["fd_by_bin"] = fd_scores(builder.visual, r, real_feats, s)
         results.append(summarise(r, s))
+        written[mode] = r["captions"]
         print(f"[eval] {mode}: {json.dumps(results[-1]['summary'])}", flush=True)
     top = None
     if s.ceiling:
@@ -424,6 +427,7 @@ def run_eval(ckpt: Path, heldout: Path, out: Path, s: EvalSettings = EvalSetting
         print(f"[eval] ceiling: mean {top['mean']:.3f}, min {top['min']:.3f}", flush=True)
     table = write_outputs(out, results, s, heldout_source(heldout), world=held.world, ceiling=top,
                           window=training_window(ckpt))
+    write_captions(out / "stories.jsonl", written, held)
     if card:  # one section per story length, so the 25- and 50-segment evals stand side by side
         from training.card import add_evaluation
 
@@ -503,6 +507,17 @@ def write_outputs(out: Path, results: list[dict], s: EvalSettings, source: str =
     (out / "table.md").write_text(table + "\n")
     plot(results, s, out / "metrics.png", window)
     return table
+
+
+def write_captions(path: Path, written: dict[str, dict[int, list[str]]], held: HeldOut) -> None:
+    """Every caption each mode wrote, one line per (mode, story), with whether each one parses
+    with the story's cast: what a reader needs to see why a mode's caption validity falls."""
+    with path.open("w") as f:
+        for mode, stories in written.items():
+            for i, captions in sorted(stories.items()):
+                cast = held.casts[i] if held.worlds[i] != "classic" else None
+                valid = [parse_caption(text, cast) is not None for text in captions]
+                f.write(json.dumps({"mode": mode, "story": i, "captions": captions, "valid": valid}) + "\n")
 
 
 def heldout_source(folder: Path) -> str:
