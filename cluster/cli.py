@@ -26,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     bulk.add_command(commands)
     kube.add_command(commands)
     demo.add_command(commands)
-    train.add_command(commands)
+    t = train.add_command(commands)  # the sink stage trains under the served sink: --config and its flags
+    mllm_config.add_arguments(t)
+    t.set_defaults(func=lambda a: train.run_command(a, mllm_config.sink(a, mllm_config.app_settings(a.config))))
     _add_eval(commands)
     return p
 

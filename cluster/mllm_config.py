@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser, sink_mode: bool = True) -> None:
     if sink_mode:
         p.add_argument("--sink-mode", choices=MODES, help="attention sink mode (default: the config's)")
     p.add_argument("--sink-tokens", type=int, help="first tokens every story keeps (default: the config's)")
+    p.add_argument("--sink-segments", type=int,
+                   help="opening segments every story keeps whole, whatever their length (default: the config's)")
     p.add_argument("--window-segments", type=int, help="segments in the window (default: the config's)")
     p.add_argument("--neighbourhoods", type=neighbourhoods, metavar="B,A,B,A",
                    help="multimodal sink: tokens kept before/after each old <img> and before/after each old "
@@ -49,7 +51,7 @@ def neighbourhoods(text: str) -> dict[str, int | None]:
 def sink(a: argparse.Namespace, settings: AppSettings) -> SinkSettings:
     """The config's sink, with the flags given on top."""
     given = {"mode": getattr(a, "sink_mode", None), "sink_tokens": a.sink_tokens,
-             "window_segments": a.window_segments}
+             "sink_segments": a.sink_segments, "window_segments": a.window_segments}
     s = replace(settings.sink, **{k: v for k, v in given.items() if v is not None})
     return replace(s, **a.neighbourhoods) if a.neighbourhoods is not None else s
 

@@ -25,7 +25,8 @@ def kept_mask(ids: list[int], p: SinkParams) -> list[bool]:
     """Which tokens of ``ids`` the policy keeps, straight from its definition: segments end at
     </img>; the last ``window_segments`` complete ones and the open one stay whole; of the older
     ones, the multimodal sink keeps the tokens near each <img> and </img> (never before the
-    segment's first token), and the sink modes keep the first ``sink_tokens`` of the story."""
+    segment's first token), and the sink modes keep the first ``sink_tokens`` of the story and
+    its first ``sink_segments`` complete segments."""
     n = len(ids)
     if p.mode == "dense":
         return [True] * n
@@ -34,6 +35,8 @@ def kept_mask(ids: list[int], p: SinkParams) -> list[bool]:
     keep = [i > ends[old - 1] if old else True for i in range(n)]
     if p.mode in ("streaming", "multimodal"):
         keep[:p.sink_tokens] = [True] * min(p.sink_tokens, n)
+        opening = ends[:p.sink_segments]
+        keep[:opening[-1] + 1 if opening else 0] = [True] * (opening[-1] + 1 if opening else 0)
     for j in range(old if p.mode == "multimodal" else 0):
         start = ends[j - 1] + 1 if j else 0
         bois = [i for i in range(start, ends[j]) if ids[i] == p.boi_id]

@@ -14,7 +14,7 @@ from cluster.cli import eval_settings, parser
 from cluster.serving import CONFIG, load_config
 from training.evaluate import EvalSettings
 
-SINK_FLAGS = ["--config", "--sink-tokens", "--window-segments", "--neighbourhoods"]
+SINK_FLAGS = ["--config", "--sink-tokens", "--sink-segments", "--window-segments", "--neighbourhoods"]
 # Every command and its options, in order: the README documents them, scripts use them.
 OPTIONS = {
     "data convert": ["--jsonl", "--images", "--out", "--window", "--image-size", "--subset"],
@@ -28,7 +28,7 @@ OPTIONS = {
     "k8s": ["--out"],
     "demo": ["--segments", "--out", "--prompt", "--ckpt", "--seed", "--grpc-port", "--http-port"],
     "train": ["--preset", "--data", "--out", "--stages", "--workers", "--gpu", "--cpus-per-worker", "--threads",
-              "--steps", "--batch-size", "--seed", "--address"],
+              "--steps", "--batch-size", "--seed", "--address", "--config", "--sink-mode", *SINK_FLAGS[1:]],
     "eval": ["--ckpt", "--heldout", "--out", "--stories", "--segments", "--modes", "--steps", "--guidance", "--seed",
              "--card", "--no-ceiling", *SINK_FLAGS],
 }
@@ -85,6 +85,8 @@ def test_bulk_takes_the_sink_and_the_checkpoint_from_the_config(tmp_path):
     assert sink == SinkSettings(mode="multimodal", sink_tokens=2, window_segments=5)
     _, sink = mllm_config.resolve(parser().parse_args(base + ["--neighbourhoods", "4,7,8,3"]))
     assert sink.neighbourhoods() == [4, 7, 8, 3]
+    _, sink = mllm_config.resolve(parser().parse_args(base + ["--sink-segments", "1"]))
+    assert (sink.sink_segments, sink.sink_tokens) == (1, 2)
 
 
 def test_eval_takes_every_sink_setting_but_the_mode_from_the_config(tmp_path):

@@ -34,9 +34,15 @@ def prompts(engine) -> dict[str, list[int]]:
     return out
 
 
+# The multimodal engine also keeps the opening segment whole (``sink_segments``): the reference
+# checks both parts of the sink, streaming's token count and multimodal's segment count.
+OPENING = {"multimodal": 1}
+
+
 @pytest.fixture(scope="module", params=["dense", "window", "streaming", "multimodal"])
 def engine(request, tiny_ckpt):
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=SinkSettings(mode=request.param, window_segments=WINDOW),
+    sink = SinkSettings(mode=request.param, window_segments=WINDOW, sink_segments=OPENING.get(request.param, 0))
+    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=sink,
                                    max_stories=4, kv_blocks=256, max_story_segments=12,
                                    max_batched_tokens=64))
     yield eng

@@ -46,6 +46,16 @@ def test_multimodal_keeps_the_neighbourhoods_of_evicted_images():
     assert kept_ranges(IDS, params("multimodal")) == [(0, 2), (4, 7), (9, 12), (15, 18), (20, 46)]
 
 
+def test_the_sink_keeps_whole_opening_segments():
+    # Segment 1 ends at its </img> (10): kept whole, past the 2 sink tokens, with its neighbourhoods.
+    assert kept_ranges(IDS, params("streaming", sink_segments=1)) == [(0, 11), (22, 46)]
+    assert kept_ranges(IDS, params("multimodal", sink_segments=1)) == [(0, 12), (15, 18), (20, 46)]
+    assert kept_ranges(IDS, params("streaming", sink_segments=1, sink_tokens=15)) == [(0, 15), (22, 46)]
+    assert kept_ranges(IDS, params("window", sink_segments=1)) == [(22, 46)]  # the window has no sink
+    # More opening segments than have been written: the sink reaches the last </img> written.
+    assert kept_ranges(IDS[:33], params("streaming", sink_segments=5, window_segments=1)) == [(0, 33)]
+
+
 def test_released_defaults_on_a_long_story():
     p = SinkSettings().for_pictures(64).with_ids(BOI, EOI)  # sink 4, BoI -4..+7, EoI -8..+3, window 8
     ids = story(*[(20, 64)] * 10, tail=3)  # 86-token segments, like SEED-Story's 64-token pictures
@@ -99,7 +109,8 @@ def test_incremental_marks_equal_the_whole_history_policy(mode):
     rng = random.Random(f"tracker-{mode}")
     for _ in range(200):
         ids = random_story(rng)
-        p = params(mode, sink_tokens=rng.randint(0, 6), window_segments=rng.randint(1, 3),
+        p = params(mode, sink_tokens=rng.randint(0, 6), sink_segments=rng.choice([0, 0, 1, 2]),
+                   window_segments=rng.randint(1, 3),
                    boi_before=rng.randint(0, 4), boi_after=rng.randint(0, 8), eoi_before=rng.randint(0, 4),
                    eoi_after=rng.randint(0, 4))
         tracker, n = SinkTracker(p), 0
@@ -152,6 +163,9 @@ def test_max_blocks_bounds_the_compacted_footprint():
     # window + open segment 9 x 34, sink 4, 17 gone segments x 8 kept, one new token: 447 -> 14 + 1 blocks
     assert max_blocks(s, 34, 25, 100_000, 32) == 15
     assert max_blocks(SinkSettings(mode="dense"), 34, 25, 884, 32) == 28
+    # the opening segment kept whole adds one longest segment: 447 + 34 = 481 -> 16 + 1 blocks
+    assert max_blocks(SinkSettings(mode="multimodal", window_segments=8, sink_segments=1).for_pictures(16),
+                      34, 25, 100_000, 32) == 17
     # window + open segment 9 x 34 = 306, plus a 64-token chunk: 370 -> 12 + 1 blocks
     assert max_blocks(SinkSettings(mode="window"), 34, 25, 100_000, 32, step_tokens=64) == 13
 
@@ -161,6 +175,7 @@ def test_max_blocks_bounds_the_compacted_footprint():
     (dict(window_segments=0), "window_segments"),
     (dict(window_segments=-1), "window_segments"),
     (dict(sink_tokens=-2), ">= 0"),
+    (dict(sink_segments=-1), ">= 0"),
     (dict(eoi_id=BOI), "must differ"),
     (dict(boi_after=None), "for_pictures"),
     (dict(eoi_before=-1), ">= 0"),

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def digest(path: Path) -> str:
 
 
 WEIGHTS = {"visual": "visual_tokenizer/model.safetensors", "vae": "detokenizer/vae/diffusion_pytorch_model.safetensors",
-           "detokenizer": "detokenizer/unet/diffusion_pytorch_model.safetensors", "mllm": "mllm/model.safetensors"}
+           "detokenizer": "detokenizer/unet/diffusion_pytorch_model.safetensors", "mllm": "mllm/model.safetensors",
+           "sink": "mllm/model.safetensors"}  # the sink stage fine-tunes the mllm stage's export
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +67,16 @@ def trained(ray_cluster, stream, tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "ckpt"
     init_checkpoint(TINY, out, seed=0)
     before = {stage: digest(out / rel) for stage, rel in WEIGHTS.items()}
-    summary = train("tiny", stream, out, steps=2, batch_size=4, **WORKERS)
+    train("tiny", stream, out, steps=2, batch_size=4, **WORKERS)
+    # The sink stage reads whole stories: 6 here, 3 per worker, so batches of 2.
+    summary = train("tiny", stream, out, stages=["sink"], steps=2, batch_size=2, **WORKERS)
     return out, before, summary
 
 
 def test_every_stage_trains_with_two_workers_and_exports(trained):
     out, before, summary = trained
-    assert list(summary["stages"]) == ["visual", "vae", "detokenizer", "mllm"]
+    assert list(summary["stages"]) == ["visual", "vae", "detokenizer", "mllm", "sink"]
+    assert summary["stages"]["sink"]["spec"]["sink"] == asdict(SinkSettings())  # train()'s default policy
     for stage, s in summary["stages"].items():
         assert s["steps"] == 2 and s["metrics"]["step"] == 2
         assert np.isfinite(s["metrics"]["loss"]), stage
@@ -181,6 +186,17 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_
     assert 0 < metrics["start_step"] < steps and metrics["start_step"] % every == 0  # a checkpoint's step
 
 
+def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang(ray_cluster):
+    import ray.data
+
+    from training.data import endless_batches
+
+    batches = endless_batches(ray.data.from_items([{"x": i} for i in range(3)]), batch_size=2, seed=0)
+    assert [len(next(batches)["x"]) for _ in range(3)] == [2, 2, 2]  # epoch after epoch
+    with pytest.raises(ValueError, match="fewer rows than one batch of 4"):
+        next(endless_batches(ray.data.from_items([{"x": i} for i in range(3)]), batch_size=4, seed=0))
+
+
 def test_learning_rate_warms_up_then_decays():
     spec = StageSpec(stage="mllm", ckpt="x", steps=100, batch_size=1, lr=1.0, warmup=10)
     assert lr_at(spec, 0) == pytest.approx(0.1) and lr_at(spec, 9) == pytest.approx(1.0)
@@ -210,10 +226,13 @@ def test_frechet_distance():
 
 
 def test_eval_command_line_keeps_the_settings_defaults_it_is_not_given():
+    from dataclasses import replace
+
     from cluster.cli import eval_settings, parser
+    from cluster.mllm_config import app_settings
 
     base = ["eval", "--ckpt", "c", "--heldout", "h", "--out", "o"]
-    assert eval_settings(parser().parse_args(base)) == EvalSettings()
+    assert eval_settings(parser().parse_args(base)) == replace(EvalSettings(), sink=app_settings().sink)  # the served sink
     got = eval_settings(parser().parse_args(base + ["--modes", "window,multimodal", "--guidance", "2", "--stories", "3"]))
     assert (got.modes, got.guidance, got.stories, got.segments) == (("window", "multimodal"), 2.0, 3,
                                                                      EvalSettings().segments)

@@ -32,8 +32,14 @@ def endless_batches(shard, batch_size: int, seed: int):
     """Numpy batches from a Ray Data shard, epoch after epoch, shuffled differently each epoch."""
     epoch = 0
     while True:
-        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                      local_shuffle_buffer_size=batch_size * 8, local_shuffle_seed=seed + epoch)
+        batches = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=batch_size * 8, local_shuffle_seed=seed + epoch):
+            batches += 1
+            yield batch
+        if not batches:  # else it would spin on empty epochs for ever
+            raise ValueError(f"a worker's shard holds fewer rows than one batch of {batch_size}: "
+                             "lower --batch-size or use fewer --workers")
         epoch += 1
 
 
@@ -116,6 +122,23 @@ def pretokenize(data: str | Path, ckpt: str | Path, out: str | Path, batch_size:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def whole_stories(tokens):
+    """Token windows (a Ray dataset) -> one row per story: its windows joined in order, the ``<s>``
+    of every window after the first dropped. Windows are consecutive and never overlap
+    (``storystream.chunk_windows``); a story is cut at its first missing window."""
+    return tokens.groupby("story_id").map_groups(join_windows, batch_format="numpy")
+
+
+def join_windows(group: dict) -> dict:
+    order = np.argsort(group["window"])
+    ids: list[int] = []
+    for k, i in enumerate(order):
+        if group["window"][i] != k:
+            break
+        ids += list(group["input_ids"][i][1:] if k else group["input_ids"][i])
+    return {"story_id": group["story_id"][:1], "input_ids": [np.asarray(ids, dtype=np.int32)]}
 
 
 def token_dataset(tokens: str | Path):

@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STAGES = ("visual", "vae", "detokenizer", "mllm")
+STAGES = ("visual", "vae", "detokenizer", "mllm", "sink")
+DEFAULT_STAGES = STAGES[:4]  # the sink stage is asked for by name (README, "The sink stage")
 STATE_FILE = "state.pt"
 
 
@@ -41,6 +42,7 @@ class StageSpec:
     log_every: int = 25
     seed: int = 0
     threads: int = 1      # torch intra-op threads per worker
+    sink: dict | None = None  # the sink stage: the SinkSettings (as a dict) whose contexts it trains on
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

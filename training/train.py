@@ -1,9 +1,11 @@
-"""``seedstory train``: the four stages as Ray Train runs, each exported into the checkpoint.
+"""``seedstory train``: the stages as Ray Train runs, each exported into the checkpoint.
 
     1. visual       visual tokenizer (reconstruction + VQ)      -> CKPT/visual_tokenizer
     2. vae          de-tokenizer VAE (reconstruction)            -> CKPT/detokenizer/vae
     3. detokenizer  de-tokenizer UNet + adapter (diffusion)      -> CKPT/detokenizer
     4. mllm         pre-tokenize windows (Ray Data), then SFT    -> CKPT/mllm
+    5. sink         (asked for by name) the MLLM fine-tuned on whole stories read under the
+                    served attention sink                       -> CKPT/mllm
 
 Run state lives beside the checkpoint in ``CKPT.runs/``: one Ray Train run per stage (named
 after the stage, so re-running resumes from its last checkpoint), the token Parquet, and
@@ -16,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from actors.checkpoint import read_manifest
 from actors.config import get_preset
-from training.loop import STAGES, StageSpec, load_parts, stage_module, train_worker
+from actors.mllm.sink import SinkSettings
+from training.loop import DEFAULT_STAGES, STAGES, StageSpec, load_parts, stage_module, train_worker
 
 # Per-preset stage settings. tiny: sized so all four stages take about 45 minutes on 2 CPU cores
 # (measured: visual 2.4 steps/s at batch 64, VAE 0.73 and UNet 1.5 at batch 16, MLLM 0.6 at batch 16).
@@ -34,6 +37,7 @@ PLANS = {
         "vae": dict(steps=1350, batch_size=16, lr=1e-3, warmup=25),
         "detokenizer": dict(steps=2000, batch_size=16, lr=5e-4, warmup=50),
         "mllm": dict(steps=500, batch_size=16, lr=2e-3, warmup=30, weight_decay=0.01),
+        "sink": dict(steps=200, batch_size=8, lr=5e-4, warmup=20, weight_decay=0.01),
     },
     "full": {
         "visual": dict(steps=50_000, batch_size=64, lr=3e-4, warmup=2000, checkpoint_every=1000, log_every=100),
@@ -41,6 +45,8 @@ PLANS = {
         "detokenizer": dict(steps=100_000, batch_size=16, lr=1e-4, warmup=2000, checkpoint_every=1000,
                             log_every=100),
         "mllm": dict(steps=20_000, batch_size=8, lr=1e-4, warmup=500, weight_decay=0.01, checkpoint_every=500,
+                     log_every=50),
+        "sink": dict(steps=2_000, batch_size=8, lr=2e-5, warmup=100, weight_decay=0.01, checkpoint_every=500,
                      log_every=50),
     },
 }
@@ -52,11 +58,12 @@ def runs_dir(out: str | Path) -> Path:
 
 
 def stage_specs(preset: str, out: str | Path, stages=STAGES, steps: int | None = None,
-                batch_size: int | None = None, threads: int = 1, seed: int = 0) -> list[StageSpec]:
+                batch_size: int | None = None, threads: int = 1, seed: int = 0,
+                sink: SinkSettings | None = None) -> list[StageSpec]:
     specs = []
     for stage in stages:
         spec = StageSpec(stage=stage, ckpt=str(Path(out).resolve()), threads=threads, seed=seed,
-                         **PLANS[preset][stage])
+                         sink=asdict(sink or SinkSettings()) if stage == "sink" else None, **PLANS[preset][stage])
         if steps is not None:  # a short run (tests, smoke checks): checkpoint and log more often
             spec = replace(spec, steps=steps, warmup=min(spec.warmup, max(1, steps // 4)),
                            checkpoint_every=max(1, min(spec.checkpoint_every, steps // 2)),
@@ -67,10 +74,11 @@ def stage_specs(preset: str, out: str | Path, stages=STAGES, steps: int | None =
     return specs
 
 
-def train(preset: str, data: str | Path, out: str | Path, stages=STAGES, workers: int = 1, gpu: bool = False,
+def train(preset: str, data: str | Path, out: str | Path, stages=DEFAULT_STAGES, workers: int = 1, gpu: bool = False,
           cpus_per_worker: float = 1.0, threads: int | None = None, steps: int | None = None,
-          batch_size: int | None = None, seed: int = 0, command: str = "") -> dict:
-    """Run the stages in order; returns the summary (also in CKPT.runs/summary.json)."""
+          batch_size: int | None = None, seed: int = 0, command: str = "", sink: SinkSettings | None = None) -> dict:
+    """Run the stages in order; returns the summary (also in CKPT.runs/summary.json). ``sink``: the
+    policy whose contexts the sink stage trains on (the CLI passes the served one)."""
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"unknown stage {s!r}; choose from {STAGES}")
@@ -81,7 +89,7 @@ def train(preset: str, data: str | Path, out: str | Path, stages=STAGES, workers
     summary.update(command=command or summary.get("command", ""), data=str(data),
                    provenance=read_provenance(data), seed=seed, preset=preset)
     threads = threads or max(1, int(cpus_per_worker))
-    for spec in stage_specs(preset, out, [s for s in STAGES if s in stages], steps, batch_size, threads, seed):
+    for spec in stage_specs(preset, out, [s for s in STAGES if s in stages], steps, batch_size, threads, seed, sink):
         done = summary["stages"].get(spec.stage)
         if done and done["steps"] == spec.steps:
             print(f"[{spec.stage}] already trained ({spec.steps} steps); skipped", flush=True)
@@ -100,12 +108,17 @@ def run_stage(spec: StageSpec, data: str | Path, runs: Path, workers: int, gpu: 
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from training.data import image_dataset, pretokenize, token_dataset
+    from training.data import image_dataset, pretokenize, token_dataset, whole_stories
 
     t0 = time.time()
     if spec.stage == "mllm":
         print("[mllm] pre-tokenizing windows with Ray Data map_batches", flush=True)
         dataset = token_dataset(pretokenize(data, spec.ckpt, runs / "tokens"))
+    elif spec.stage == "sink":  # the mllm stage's windows (made now if it has not run), joined into stories
+        tokens = runs / "tokens"
+        if not any(tokens.glob("*.parquet")):
+            pretokenize(data, spec.ckpt, tokens)
+        dataset = whole_stories(token_dataset(tokens))
     else:
         dataset = image_dataset(data)
     trainer = TorchTrainer(
@@ -164,11 +177,11 @@ def write_summary(runs: Path, summary: dict) -> None:
 def add_command(commands) -> argparse.ArgumentParser:
     """``seedstory train``, registered on the ``seedstory`` parser's subcommands."""
     t = commands.add_parser("train", help="train a checkpoint with Ray Train (visual tokenizer, VAE, de-tokenizer, "
-                                          "MLLM)")
+                                          "MLLM, and on request the MLLM under the sink)")
     t.add_argument("--preset", default="tiny")
     t.add_argument("--data", required=True, help="StoryStream Parquet windows (seedstory data convert)")
     t.add_argument("--out", required=True, help="checkpoint folder; run state goes to OUT.runs/")
-    t.add_argument("--stages", default="visual,vae,detokenizer,mllm")
+    t.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"any of {','.join(STAGES)}, run in that order")
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
     t.add_argument("--gpu", action="store_true", help="one GPU per worker")
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -181,7 +194,7 @@ def add_command(commands) -> argparse.ArgumentParser:
     return t
 
 
-def run_command(a: argparse.Namespace) -> None:
+def run_command(a: argparse.Namespace, sink: SinkSettings | None = None) -> None:
     import shlex
     import sys
 
@@ -191,6 +204,6 @@ def run_command(a: argparse.Namespace) -> None:
     t0 = time.time()
     summary = train(a.preset, a.data, a.out, stages=a.stages.split(","), workers=a.workers, gpu=a.gpu,
                     cpus_per_worker=a.cpus_per_worker, threads=a.threads, steps=a.steps, batch_size=a.batch_size,
-                    seed=a.seed, command=shlex.join(["seedstory", *sys.argv[1:]]))
+                    seed=a.seed, command=shlex.join(["seedstory", *sys.argv[1:]]), sink=sink)
     print(f"trained {a.out} in {time.time() - t0:.0f}s; per stage: "
           + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary["stages"].items()))

@@ -10,10 +10,16 @@ segments and a window of W, segments 1..m-W have left the window. Modes:
 
 - ``dense``:      everything.
 - ``window``:     the window only: every token after the EoI of segment m-W.
-- ``streaming``:  StreamingLLM: the first ``sink_tokens`` plus the window.
-- ``multimodal``: SEED-Story's multimodal sink: the first ``sink_tokens``; for every segment
-  that left the window, ``boi_before`` tokens before its ``<img>`` through ``boi_after`` after
-  it, and ``eoi_before`` before its ``</img>`` through ``eoi_after`` after it; and the window.
+- ``streaming``:  StreamingLLM: the sink plus the window.
+- ``multimodal``: SEED-Story's multimodal sink: the sink; for every segment that left the
+  window, ``boi_before`` tokens before its ``<img>`` through ``boi_after`` after it, and
+  ``eoi_before`` before its ``</img>`` through ``eoi_after`` after it; and the window.
+
+The *sink* of both sink modes is the first ``sink_tokens`` of the story, and with
+``sink_segments`` = k also its first k segments whole, however long they are. Why a count of
+segments: the opening caption is the only one that names the whole cast and its looks; later
+captions name a character only. A token count that keeps it must be sized to the longest
+opening, and a shorter one cuts the cast list (README, "A sink that keeps the whole opening").
 
 SEED-Story released 4/7/8/3 for pictures of 64 visual tokens. Left unset, the neighbourhoods
 are those counts scaled to the checkpoint's Q (``for_pictures``): at Q=16 the released counts
@@ -54,6 +60,7 @@ class SinkSettings:
 
     mode: str = "multimodal"
     sink_tokens: int = 4
+    sink_segments: int = 0           # opening segments kept whole (the sink modes), on top of sink_tokens
     boi_before: int | None = None
     boi_after: int | None = None
     eoi_before: int | None = None
@@ -63,7 +70,7 @@ class SinkSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"sink mode {self.mode!r} is not one of {MODES}")
-        counts = [self.sink_tokens] + [c for c in self.neighbourhoods() if c is not None]
+        counts = [self.sink_tokens, self.sink_segments] + [c for c in self.neighbourhoods() if c is not None]
         if min(counts) < 0:
             raise ValueError("sink token counts must be >= 0")
         if self.window_segments < 1:
@@ -134,7 +141,7 @@ def kept_ranges(ids: Sequence[int], p: SinkParams) -> Ranges:
     window_start = eois[gone - 1] + 1 if gone > 0 else 0
     keep = [(window_start, n)]
     if p.mode in ("streaming", "multimodal"):
-        keep.append((0, min(p.sink_tokens, n)))
+        keep.append((0, min(sink_end(eois, p), n)))
     if p.mode == "multimodal":
         for j in range(max(gone, 0)):
             start = eois[j - 1] + 1 if j else 0  # neighbourhoods stay inside their own segment (monotone)
@@ -142,6 +149,13 @@ def kept_ranges(ids: Sequence[int], p: SinkParams) -> Ranges:
                 keep.append((max(start, bois[j] - p.boi_before), min(n, bois[j] + p.boi_after + 1)))
             keep.append((max(start, eois[j] - p.eoi_before), min(n, eois[j] + p.eoi_after + 1)))
     return merge(keep)
+
+
+def sink_end(eois: Sequence[int], p: SinkSettings) -> int:
+    """End of the sink: the first ``sink_tokens``, or through the ``sink_segments``-th segment's
+    </img> (as far as the segments written so far reach), whichever is longer."""
+    k = min(p.sink_segments, len(eois))
+    return max(p.sink_tokens, eois[k - 1] + 1 if k else 0)
 
 
 def positions(ranges: Ranges) -> list[int]:
@@ -187,6 +201,7 @@ class SinkTracker:
     window: list[tuple[int, int | None, int]] = field(default_factory=list)  # (start, <img>, </img>) in the window
     gone: Ranges = field(default_factory=list)  # kept ranges of what left the window (and the sink), unclipped
     window_start: int = 0
+    opening: list[int] = field(default_factory=list)  # </img> of the first sink_segments segments
     below: Ranges = field(default_factory=list)  # ``gone`` clipped to the window start
     below_count: int = 0
 
@@ -203,14 +218,16 @@ class SinkTracker:
                 self._close_segment(base + i)
 
     def _close_segment(self, eoi: int) -> None:
+        if len(self.opening) < self.p.sink_segments:
+            self.opening.append(eoi)
         self.window.append((self.segment_start, self.open_boi, eoi))
         self.segment_start, self.open_boi = eoi + 1, None
         if len(self.window) <= self.p.window_segments:
             return
         start, boi, last = self.window.pop(0)  # this segment leaves the window
         self.evictions += 1
-        if self.p.mode in ("streaming", "multimodal") and self.evictions == 1:
-            self.gone.append((0, self.p.sink_tokens))
+        if self.p.mode in ("streaming", "multimodal"):  # segments of the sink close before they leave
+            self.gone = merge(self.gone + [(0, sink_end(self.opening, self.p))])
         if self.p.mode == "multimodal":
             self.gone = merge(self.gone + neighbourhood_ranges(start, boi, last, self.p))
         self.window_start = last + 1
@@ -272,7 +289,7 @@ def max_kept(s: SinkSettings, longest_segment: int, max_story_segments: int, max
         return max_len
     kept = (s.window_segments + 1) * longest_segment  # the window and the open segment
     if s.mode in ("streaming", "multimodal"):
-        kept += s.sink_tokens
+        kept += s.sink_tokens + s.sink_segments * longest_segment
     if s.mode == "multimodal":
         gone = max(0, max_story_segments - s.window_segments)
         kept += gone * (s.boi_before + s.boi_after + 1 + s.eoi_before + s.eoi_after + 1)

@@ -29,13 +29,16 @@ def batches(shard, spec):
 
 def loss(models: dict, batch: dict, spec, step: int) -> tuple[torch.Tensor, dict]:
     logits = models["mllm"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].bool()
-    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    total = per_token[mask].mean()
+    return token_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool(), spec)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy over the targets under ``mask``, and its picture and caption parts."""
+    per_token = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
     visual = mask & _is_visual(targets, spec)
     caption = mask & ~visual
-    return total, {"visual_ce": float(per_token[visual].mean()), "caption_ce": float(per_token[caption].mean())}
+    return per_token[mask].mean(), {"visual_ce": float(per_token[visual].mean()),
+                                    "caption_ce": float(per_token[caption].mean())}
 
 
 _LAYOUTS: dict = {}
