@@ -36,7 +36,8 @@ def kept_mask(ids: list[int], p: SinkParams) -> list[bool]:
     if p.mode in ("streaming", "multimodal"):
         keep[:p.sink_tokens] = [True] * min(p.sink_tokens, n)
         opening = ends[:p.sink_segments]
-        keep[:opening[-1] + 1 if opening else 0] = [True] * (opening[-1] + 1 if opening else 0)
+        end = opening[-1] + 1 if opening else 0
+        keep[:end] = [True] * end
     for j in range(old if p.mode == "multimodal" else 0):
         start = ends[j - 1] + 1 if j else 0
         bois = [i for i in range(start, ends[j]) if ids[i] == p.boi_id]

@@ -45,7 +45,7 @@ def test_every_query_reads_what_the_policy_keeps(tiny_ckpt, mode, opening):
     t = read_manifest(tiny_ckpt).tokens
     ids, p = a_story(t), policy(t, mode, opening)
     groups = attention_groups(ids, p)
-    assert [lo for _, lo, _ in groups][0] == 0 and groups[-1][2] == len(ids)
+    assert groups[0][1] == 0 and groups[-1][2] == len(ids)
     assert all(a[2] == b[1] for a, b in zip(groups, groups[1:]))  # the queries tile the story
     for context, lo, hi in groups:
         for i in range(lo, hi):

@@ -68,6 +68,7 @@ def trained(ray_cluster, stream, tmp_path_factory):
     init_checkpoint(TINY, out, seed=0)
     before = {stage: digest(out / rel) for stage, rel in WEIGHTS.items()}
     train("tiny", stream, out, steps=2, batch_size=4, **WORKERS)
+    before["sink"] = digest(out / WEIGHTS["sink"])  # the sink stage must change what the mllm stage wrote
     # The sink stage reads whole stories: 6 here, 3 per worker, so batches of 2.
     summary = train("tiny", stream, out, stages=["sink"], steps=2, batch_size=2, **WORKERS)
     return out, before, summary

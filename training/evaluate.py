@@ -565,7 +565,7 @@ def cast_note(s: EvalSettings) -> str:
 def sink_line(sink: dict) -> str:
     """The settings every mode ran with (the modes use the parts that apply to them)."""
     marks = "/".join(str(sink[k]) for k in NEIGHBOURHOODS)
-    opening = sink.get("sink_segments", 0)  # results written before the option existed have none
+    opening = sink["sink_segments"]
     whole = f" and the first {opening} segment{'s' * (opening > 1)} whole" if opening else ""
     return (f"Sink settings: {sink['sink_tokens']} sink tokens{whole}, `<img>`/`</img>` neighbourhoods {marks} "
             f"(before/after `<img>`, before/after `</img>`), a window of {sink['window_segments']} segments.")

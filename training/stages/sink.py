@@ -21,8 +21,10 @@ The policy is the one the service runs (``seedstory train`` passes ``ray_config.
 
 from __future__ import annotations
 
+from functools import cache
+
 from actors.checkpoint import read_manifest
-from actors.mllm.sink import SinkParams, SinkSettings, kept_ranges, positions
+from actors.mllm.sink import SinkParams, SinkSettings, SinkTracker, positions
 from training.data import endless_batches
 from training.stages.mllm import export, init, token_loss  # noqa: F401  (the mllm stage's model and export)
 
@@ -30,9 +32,15 @@ Group = tuple[list[int], int, int]  # (kept positions read before the queries, f
 
 
 def policy(spec) -> SinkParams:
-    """The stage's sink settings, resolved against the checkpoint's pictures and marker ids."""
-    m = read_manifest(spec.ckpt)
-    return SinkSettings(**(spec.sink or {})).for_pictures(m.num_queries).with_ids(m.tokens.boi, m.tokens.eoi)
+    """The stage's sink settings, resolved against the checkpoint's pictures and marker ids (once:
+    ``loss`` asks every step)."""
+    return _policy(spec.ckpt, tuple(sorted((spec.sink or {}).items())))
+
+
+@cache
+def _policy(ckpt: str, sink: tuple) -> SinkParams:
+    m = read_manifest(ckpt)
+    return SinkSettings(**dict(sink)).for_pictures(m.num_queries).with_ids(m.tokens.boi, m.tokens.eoi)
 
 
 def attention_groups(ids: list[int], p: SinkParams) -> list[Group]:
@@ -45,17 +53,20 @@ def attention_groups(ids: list[int], p: SinkParams) -> list[Group]:
     are what keep it cheap.)
     """
     starts = [0] + [i for i, x in enumerate(ids) if x == p.eoi_id and i > 0]
-    return [(positions(kept_ranges(ids[:lo + 1], p))[:-1], lo, hi)  # lo itself is the group's first query
-            for lo, hi in zip(starts, starts[1:] + [len(ids)])]
+    tracker, groups = SinkTracker(p), []  # the engine's own incremental form of the policy
+    for lo, hi in zip(starts, starts[1:] + [len(ids)]):
+        tracker.extend(ids[tracker.n:lo + 1])
+        groups.append((positions(tracker.kept())[:-1], lo, hi))  # lo itself is the group's first query
+    return groups
 
 
 def sink_forward(model, ids: list[int], p: SinkParams):
     """Logits (n, vocab) of a whole story read under the sink, every token as generation reads it.
     Each layer runs every group at once: the groups' kept keys gathered and padded side by side."""
-    m, cfg = model.model, model.config
-    hd, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
     import torch
 
+    m, cfg = model.model, model.config
+    hd, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
     g = padded_groups(attention_groups(ids, p), model.device)
     x = m.embed_tokens(torch.tensor(ids, device=model.device))  # (n, d)
     cos, sin = (t[0] for t in m.rotary_emb(x, g["ranks"][None]))  # (L, hd): ranks 0..L-1
