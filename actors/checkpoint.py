@@ -47,17 +47,26 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         # Q, K and the image size are repeated at top level for people and tools reading the file.
-        return {"format_version": self.format_version, "preset_name": self.preset.name,
-                "num_queries": self.num_queries, "codebook_size": self.codebook_size,
-                "image_size": self.image_size, "dtype": self.dtype, "tokens": asdict(self.tokens),
-                "preset": self.preset.to_dict()}
+        return {
+            "format_version": self.format_version,
+            "preset_name": self.preset.name,
+            "num_queries": self.num_queries,
+            "codebook_size": self.codebook_size,
+            "image_size": self.image_size,
+            "dtype": self.dtype,
+            "tokens": asdict(self.tokens),
+            "preset": self.preset.to_dict(),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint format {d.get('format_version')} is not {FORMAT_VERSION}")
-        return cls(preset=Preset.from_dict(d["preset"]), tokens=from_dict(TokenLayout, d["tokens"]),
-                   dtype=d["dtype"])
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {data.get('format_version')} is not {FORMAT_VERSION}")
+        return cls(
+            preset=Preset.from_dict(data["preset"]),
+            tokens=from_dict(TokenLayout, data["tokens"]),
+            dtype=data["dtype"],
+        )
 
 
 def write_manifest(ckpt: str | Path, manifest: Manifest) -> None:

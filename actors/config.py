@@ -15,6 +15,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# The de-tokenizer's samplers (diffusers schedulers on the checkpoint's noise schedule), by the
+# names a Serve config gives; actors/detokenizer/model.py maps them to their classes.
+SAMPLERS = ("euler", "dpm++", "unipc")
+
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
@@ -37,8 +41,10 @@ class MLLMConfig:
     def __post_init__(self) -> None:
         _require(self.hidden_size % self.num_heads == 0, "mllm.hidden_size must divide by num_heads")
         _require(self.num_heads % self.num_kv_heads == 0, "mllm.num_heads must divide by num_kv_heads")
-        _require(min(self.num_layers, self.intermediate_size, self.max_position_embeddings) > 0,
-                 "mllm sizes must be positive")
+        _require(
+            min(self.num_layers, self.intermediate_size, self.max_position_embeddings) > 0,
+            "mllm sizes must be positive",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -56,14 +62,16 @@ class VisualTokenizerConfig:
     heads: int
     resampler_depth: int
     decoder_depth: int
-    num_queries: int   # Q: visual tokens per image
+    num_queries: int  # Q: visual tokens per image
     codebook_size: int  # K
-    code_dim: int       # D
+    code_dim: int  # D
 
     def __post_init__(self) -> None:
         _require(self.image_size % self.patch_size == 0, "visual.image_size must divide by patch_size")
         _require(self.width % self.heads == 0, "visual.width must divide by heads")
-        _require(min(self.num_queries, self.codebook_size, self.code_dim) > 0, "visual Q, K, D must be positive")
+        _require(
+            min(self.num_queries, self.codebook_size, self.code_dim) > 0, "visual Q, K, D must be positive"
+        )
 
     @property
     def num_patches(self) -> int:
@@ -97,10 +105,15 @@ class DetokenizerConfig:
     adapter_layers: int = 1
 
     def __post_init__(self) -> None:
-        n = len(self.unet_block_out_channels)
-        _require(len(self.transformer_layers_per_block) == n and len(self.attention_head_dim) == n,
-                 "detokenizer: one transformer_layers/attention_head_dim entry per UNet block")
-        _require(self.image_size % self.vae_scale_factor == 0, "detokenizer.image_size must divide by the VAE scale")
+        levels = len(self.unet_block_out_channels)
+        _require(
+            len(self.transformer_layers_per_block) == levels and len(self.attention_head_dim) == levels,
+            "detokenizer: one transformer_layers/attention_head_dim entry per UNet block",
+        )
+        _require(
+            self.image_size % self.vae_scale_factor == 0,
+            "detokenizer.image_size must divide by the VAE scale",
+        )
         _require(self.prediction_type in ("epsilon", "v_prediction"), "detokenizer.prediction_type unknown")
 
     @property
@@ -128,10 +141,13 @@ class Preset:
     max_caption_tokens: int = 48
 
     def __post_init__(self) -> None:
-        v, d = self.visual, self.detokenizer
-        _require(v.image_size == self.image_size == d.image_size, "preset: image sizes disagree")
-        _require((v.num_queries, v.codebook_size, v.code_dim) == (d.num_queries, d.codebook_size, d.code_dim),
-                 "preset: visual tokenizer and de-tokenizer disagree on Q, K or D")
+        visual, detok = self.visual, self.detokenizer
+        _require(visual.image_size == self.image_size == detok.image_size, "preset: image sizes disagree")
+        _require(
+            (visual.num_queries, visual.codebook_size, visual.code_dim)
+            == (detok.num_queries, detok.codebook_size, detok.code_dim),
+            "preset: visual tokenizer and de-tokenizer disagree on Q, K or D",
+        )
 
     @property
     def num_queries(self) -> int:
@@ -145,21 +161,21 @@ class Preset:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preset":
+    def from_dict(cls, data: dict[str, Any]) -> Preset:
         return cls(
-            **{k: v for k, v in d.items() if k not in ("mllm", "visual", "detokenizer")},
-            mllm=from_dict(MLLMConfig, d["mllm"]),
-            visual=from_dict(VisualTokenizerConfig, d["visual"]),
-            detokenizer=from_dict(DetokenizerConfig, d["detokenizer"]),
+            **{k: v for k, v in data.items() if k not in ("mllm", "visual", "detokenizer")},
+            mllm=from_dict(MLLMConfig, data["mllm"]),
+            visual=from_dict(VisualTokenizerConfig, data["visual"]),
+            detokenizer=from_dict(DetokenizerConfig, data["detokenizer"]),
         )
 
 
-def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a flat config dataclass from JSON, turning lists back into tuples."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(d) - names
+    unknown = set(data) - names
     _require(not unknown, f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def save_json(obj: Any, path: Path) -> None:
@@ -171,15 +187,43 @@ TINY = Preset(
     name="tiny",
     image_size=64,
     text_vocab_size=1024,
-    mllm=MLLMConfig(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4,
-                    max_position_embeddings=2048),
-    visual=VisualTokenizerConfig(image_size=64, patch_size=8, width=128, depth=2, heads=4, resampler_depth=1,
-                                 decoder_depth=1, num_queries=16, codebook_size=256, code_dim=64),
+    mllm=MLLMConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        max_position_embeddings=2048,
+    ),
+    visual=VisualTokenizerConfig(
+        image_size=64,
+        patch_size=8,
+        width=128,
+        depth=2,
+        heads=4,
+        resampler_depth=1,
+        decoder_depth=1,
+        num_queries=16,
+        codebook_size=256,
+        code_dim=64,
+    ),
     detokenizer=DetokenizerConfig(
-        image_size=64, code_dim=64, num_queries=16, codebook_size=256, cross_attention_dim=64, pooled_dim=64,
-        unet_block_out_channels=(64, 128), unet_layers_per_block=1, transformer_layers_per_block=(1, 1),
-        attention_head_dim=(4, 4), addition_time_embed_dim=32, vae_block_out_channels=(32, 64, 64),
-        vae_layers_per_block=1, vae_scaling_factor=2.0, adapter_layers=2),
+        image_size=64,
+        code_dim=64,
+        num_queries=16,
+        codebook_size=256,
+        cross_attention_dim=64,
+        pooled_dim=64,
+        unet_block_out_channels=(64, 128),
+        unet_layers_per_block=1,
+        transformer_layers_per_block=(1, 1),
+        attention_head_dim=(4, 4),
+        addition_time_embed_dim=32,
+        vae_block_out_channels=(32, 64, 64),
+        vae_layers_per_block=1,
+        vae_scaling_factor=2.0,
+        adapter_layers=2,
+    ),
 )
 
 # SEED-Story size: a Llama-2-7B-shaped MLLM, Q=64 visual tokens, a 1024^2 SDXL de-tokenizer.
@@ -188,15 +232,43 @@ FULL = Preset(
     name="full",
     image_size=1024,
     text_vocab_size=32000,
-    mllm=MLLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                    max_position_embeddings=4096),
-    visual=VisualTokenizerConfig(image_size=1024, patch_size=32, width=1024, depth=24, heads=16, resampler_depth=6,
-                                 decoder_depth=6, num_queries=64, codebook_size=8192, code_dim=256),
+    mllm=MLLMConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        max_position_embeddings=4096,
+    ),
+    visual=VisualTokenizerConfig(
+        image_size=1024,
+        patch_size=32,
+        width=1024,
+        depth=24,
+        heads=16,
+        resampler_depth=6,
+        decoder_depth=6,
+        num_queries=64,
+        codebook_size=8192,
+        code_dim=256,
+    ),
     detokenizer=DetokenizerConfig(
-        image_size=1024, code_dim=256, num_queries=64, codebook_size=8192, cross_attention_dim=2048, pooled_dim=1280,
-        unet_block_out_channels=(320, 640, 1280), unet_layers_per_block=2, transformer_layers_per_block=(0, 2, 10),
-        attention_head_dim=(5, 10, 20), addition_time_embed_dim=256, vae_block_out_channels=(128, 256, 512, 512),
-        vae_layers_per_block=2, vae_scaling_factor=0.13025, adapter_layers=4),
+        image_size=1024,
+        code_dim=256,
+        num_queries=64,
+        codebook_size=8192,
+        cross_attention_dim=2048,
+        pooled_dim=1280,
+        unet_block_out_channels=(320, 640, 1280),
+        unet_layers_per_block=2,
+        transformer_layers_per_block=(0, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        addition_time_embed_dim=256,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_scaling_factor=0.13025,
+        adapter_layers=4,
+    ),
     max_caption_tokens=128,
 )
 

@@ -21,7 +21,7 @@ from actors.errors import PoolFailure
 class Liveness:
     def __init__(self, stage: str, stall_s: float, replica: str = ""):
         self.stage, self.stall_s, self.replica = stage, stall_s, replica
-        self.broken = ""                     # why the worker can no longer work ("" = it can)
+        self.broken = ""  # why the worker can no longer work ("" = it can)
         self.progress_at = time.monotonic()  # last step finished, or work arrived at an idle worker
 
     def work_arrived(self, was_idle: bool) -> None:

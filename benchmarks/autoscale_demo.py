@@ -19,8 +19,13 @@ import time
 from pathlib import Path
 
 APP, POOL = "seedstory", "DetokenizerPool"
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
-               "upscale_delay_s": 3, "downscale_delay_s": 15}
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 4,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 3,
+    "downscale_delay_s": 15,
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,9 +44,15 @@ def start(ckpt: Path, stories: int) -> str:
 
     from cluster.serving import deploy, grpc_target, load_config, with_args, with_deployment
 
-    config = with_args(load_config(), checkpoint=str(ckpt.resolve()), max_stories_per_replica=stories,
-                       engine_max_stories=stories)
-    config = with_deployment(config, POOL, autoscaling_config=AUTOSCALING, ray_actor_options={"num_cpus": 0.1})
+    config = with_args(
+        load_config(),
+        checkpoint=str(ckpt.resolve()),
+        max_stories_per_replica=stories,
+        engine_max_stories=stories,
+    )
+    config = with_deployment(
+        config, POOL, autoscaling_config=AUTOSCALING, ray_actor_options={"num_cpus": 0.1}
+    )
     ray.init(include_dashboard=False, log_to_driver=False)
     deploy(config)
     return grpc_target(config)
@@ -54,33 +65,39 @@ def replicas() -> int:
     return states.get("RUNNING", 0)
 
 
-def load(target: str, a: argparse.Namespace, stop: threading.Event, in_flight: list[int]) -> None:
+def load(target: str, args: argparse.Namespace, stop: threading.Event, in_flight: list[int]) -> None:
     """One thread per story slot: each writes stories back to back until told to stop."""
     from seedstory_client import StoryClient
 
-    def slot(k: int) -> None:
+    def slot(index: int) -> None:
         with StoryClient(target) as client:
-            n = 0
+            written = 0  # stories this slot has started
             while not stop.is_set():
                 in_flight[0] += 1
                 try:
-                    client.generate(f"Once upon a time, Milo the red circle walks in the park {k}.", a.segments,
-                                    seed=k * 1000 + n, steps=20)
+                    client.generate(
+                        f"Once upon a time, Milo the red circle walks in the park {index}.",
+                        args.segments,
+                        seed=index * 1000 + written,
+                        steps=20,
+                    )
                 finally:
                     in_flight[0] -= 1
-                n += 1
+                written += 1
 
-    threads = [threading.Thread(target=slot, args=(k,), daemon=True) for k in range(a.stories)]
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=slot, args=(k,), daemon=True) for k in range(args.stories)]
+    for thread in threads:
+        thread.start()
     stop.wait()
-    for t in threads:
-        t.join()
+    for thread in threads:
+        thread.join()
 
 
 def sample(t0: float, until: float, in_flight: list[int], rows: list[dict]) -> None:
     while time.time() < until:
-        rows.append({"t": round(time.time() - t0, 2), "replicas": replicas(), "stories_in_flight": in_flight[0]})
+        rows.append(
+            {"t": round(time.time() - t0, 2), "replicas": replicas(), "stories_in_flight": in_flight[0]}
+        )
         time.sleep(0.5)
 
 
@@ -91,9 +108,17 @@ def plot(rows: list[dict], load_end: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    t = [r["t"] for r in rows]
-    ax.step(t, [r["replicas"] for r in rows], where="post", label="DetokenizerPool replicas (RUNNING)", lw=2)
-    ax.plot(t, [r["stories_in_flight"] for r in rows], color="grey", alpha=0.6, label="stories in flight (gRPC)")
+    times = [r["t"] for r in rows]
+    ax.step(
+        times, [r["replicas"] for r in rows], where="post", label="DetokenizerPool replicas (RUNNING)", lw=2
+    )
+    ax.plot(
+        times,
+        [r["stories_in_flight"] for r in rows],
+        color="grey",
+        alpha=0.6,
+        label="stories in flight (gRPC)",
+    )
     ax.axvspan(0, load_end, color="tab:orange", alpha=0.1, label="load phase")
     ax.set(xlabel="seconds", ylabel="count", title="DetokenizerPool autoscaling on a 2-core machine")
     ax.legend(loc="upper right", fontsize=8)
@@ -106,19 +131,19 @@ def main() -> None:
 
     from cluster.demo import ensure_checkpoint
 
-    a = parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    ckpt = ensure_checkpoint(a.ckpt, Path(tempfile.gettempdir()) / "seedstory-autoscale")
-    target = start(ckpt, a.stories)
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = ensure_checkpoint(args.ckpt, Path(tempfile.gettempdir()) / "seedstory-autoscale")
+    target = start(ckpt, args.stories)
     stop, in_flight, rows = threading.Event(), [0], []
-    driver = threading.Thread(target=load, args=(target, a, stop, in_flight))
+    driver = threading.Thread(target=load, args=(target, args, stop, in_flight))
     t0 = time.time()
     driver.start()
     try:
-        sample(t0, t0 + a.load_s, in_flight, rows)
+        sample(t0, t0 + args.load_s, in_flight, rows)
         stop.set()
         load_end = time.time() - t0
-        sample(t0, time.time() + a.idle_s, in_flight, rows)
+        sample(t0, time.time() + args.idle_s, in_flight, rows)
         driver.join()
     finally:
         stop.set()
@@ -127,13 +152,23 @@ def main() -> None:
     final = rows[-1]["replicas"]
     up = next((r["t"] for r in rows if r["replicas"] > 1), None)
     down = next((r["t"] for r in rows if r["t"] > load_end and r["replicas"] == 1), None)
-    result = {"autoscaling_config": AUTOSCALING, "stories": a.stories, "segments": a.segments,
-              "load_s": load_end, "peak_replicas": peak, "final_replicas": final, "first_scale_up_t": up,
-              "back_to_one_t": down, "samples": rows}
-    (a.out / "autoscale.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, load_end, a.out / "autoscale.png")
-    print(f"DetokenizerPool: 1 -> {peak} replicas (first scale-up at {up}s), load stopped at {load_end:.0f}s, "
-          f"back to 1 at {down}s; final {final}. Wrote {a.out / 'autoscale.png'}")
+    result = {
+        "autoscaling_config": AUTOSCALING,
+        "stories": args.stories,
+        "segments": args.segments,
+        "load_s": load_end,
+        "peak_replicas": peak,
+        "final_replicas": final,
+        "first_scale_up_t": up,
+        "back_to_one_t": down,
+        "samples": rows,
+    }
+    (args.out / "autoscale.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, load_end, args.out / "autoscale.png")
+    print(
+        f"DetokenizerPool: 1 -> {peak} replicas (first scale-up at {up}s), load stopped at {load_end:.0f}s, "
+        f"back to 1 at {down}s; final {final}. Wrote {args.out / 'autoscale.png'}"
+    )
 
 
 if __name__ == "__main__":

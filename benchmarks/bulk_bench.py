@@ -40,46 +40,53 @@ def captions(n: int) -> list[str]:
     return [f"Once upon a time, Milo the red circle walks in the park, day {i}." for i in range(n)]
 
 
-def bulk(ckpt: Path, a: argparse.Namespace) -> dict:
+def bulk(ckpt: Path, args: argparse.Namespace) -> dict:
     import shutil
 
-    from cluster.bulk import BulkConfig, read_stories, run_bulk
+    from cluster.bulk import BulkConfig, run_bulk
+    from cluster.bulk_output import read_stories
 
-    prompts, out = a.scratch / "prompts.parquet", a.scratch / "bulk-out"
+    prompts, out = args.scratch / "prompts.parquet", args.scratch / "bulk-out"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing to skip
-    pq.write_table(pa.table({"caption": captions(a.prompts)}), prompts)
-    summary = run_bulk(BulkConfig(str(prompts), str(out), str(ckpt), a.segments, a.steps, stories_per_batch=IN_FLIGHT))
-    assert read_stories(out).num_rows == a.prompts * a.segments
-    return {"stories": summary["stories"], "seconds": summary["seconds"],
-            "stories_per_min": summary["stories"] / summary["seconds"] * 60}
+    pq.write_table(pa.table({"caption": captions(args.prompts)}), prompts)
+    summary = run_bulk(
+        BulkConfig(str(prompts), str(out), str(ckpt), args.segments, args.steps, stories_per_batch=IN_FLIGHT)
+    )
+    assert read_stories(out).num_rows == args.prompts * args.segments
+    return {
+        "stories": summary["stories"],
+        "seconds": summary["seconds"],
+        "stories_per_min": summary["stories"] / summary["seconds"] * 60,
+    }
 
 
-async def online_stories(target: str, a: argparse.Namespace) -> int:
+async def online_stories(target: str, args: argparse.Namespace) -> int:
     from seedstory_client import AsyncStoryClient
 
     gate = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(client, caption: str, seed: int) -> bool:
         async with gate:
-            story = await client.generate(caption, a.segments, seed=seed, steps=a.steps)
-            return story.complete and len(story.segments) == a.segments
+            story = await client.generate(caption, args.segments, seed=seed, steps=args.steps)
+            return story.complete and len(story.segments) == args.segments
 
     async with AsyncStoryClient(target) as client:
-        done = await asyncio.gather(*(one(client, c, i) for i, c in enumerate(captions(a.prompts))))
+        done = await asyncio.gather(*(one(client, c, i) for i, c in enumerate(captions(args.prompts))))
     return sum(done)
 
 
-def online(ckpt: Path, a: argparse.Namespace) -> dict:
+def online(ckpt: Path, args: argparse.Namespace) -> dict:
     from ray import serve
 
     from cluster.serving import deploy, grpc_target, load_config, with_args
 
-    config = with_args(load_config(), checkpoint=str(ckpt), max_stories_per_replica=IN_FLIGHT,
-                       engine_max_stories=IN_FLIGHT)
+    config = with_args(
+        load_config(), checkpoint=str(ckpt), max_stories_per_replica=IN_FLIGHT, engine_max_stories=IN_FLIGHT
+    )
     deploy(config)
     try:
         t0 = time.time()
-        stories = asyncio.run(online_stories(grpc_target(config), a))
+        stories = asyncio.run(online_stories(grpc_target(config), args))
         seconds = time.time() - t0
     finally:
         serve.shutdown()
@@ -91,19 +98,28 @@ def main() -> None:
 
     from cluster.demo import ensure_checkpoint
 
-    a = parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    a.scratch.mkdir(parents=True, exist_ok=True)
-    ckpt = ensure_checkpoint(a.ckpt, a.scratch).resolve()
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    ckpt = ensure_checkpoint(args.ckpt, args.scratch).resolve()
     ray.init(include_dashboard=False, log_to_driver=False)
-    result = {"prompts": a.prompts, "segments": a.segments, "steps": a.steps, "in_flight": IN_FLIGHT,
-              "checkpoint": str(ckpt), "bulk": bulk(ckpt, a), "online": online(ckpt, a)}
+    result = {
+        "prompts": args.prompts,
+        "segments": args.segments,
+        "steps": args.steps,
+        "in_flight": IN_FLIGHT,
+        "checkpoint": str(ckpt),
+        "bulk": bulk(ckpt, args),
+        "online": online(ckpt, args),
+    }
     ray.shutdown()
-    (a.out / "bulk_bench.json").write_text(portable(json.dumps(result, indent=1)) + "\n")
+    (args.out / "bulk_bench.json").write_text(portable(json.dumps(result, indent=1)) + "\n")
     for path in ("bulk", "online"):
-        r = result[path]
-        print(f"{path}: {r['stories']} stories x {a.segments} segments in {r['seconds']:.1f}s = "
-              f"{r['stories_per_min']:.2f} stories/min")
+        measured = result[path]
+        print(
+            f"{path}: {measured['stories']} stories x {args.segments} segments in "
+            f"{measured['seconds']:.1f}s = {measured['stories_per_min']:.2f} stories/min"
+        )
 
 
 if __name__ == "__main__":

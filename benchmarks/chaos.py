@@ -27,6 +27,7 @@ The main-module guard matters: vLLM may spawn processes that re-import this file
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -40,15 +41,18 @@ from pathlib import Path
 
 POOLS = ("TokenizerPool", "MLLMPool", "DetokenizerPool")
 APP = "seedstory"
-OPENINGS = ("Once upon a time, Milo the red circle walks in the park.",
-            "Once upon a time, Bea the blue square runs in the forest.",
-            "Once upon a time, Kip the green triangle sits on the beach.",
-            "Once upon a time, Zara the yellow diamond jumps in the city.")
+OPENINGS = (
+    "Once upon a time, Milo the red circle walks in the park.",
+    "Once upon a time, Bea the blue square runs in the forest.",
+    "Once upon a time, Kip the green triangle sits on the beach.",
+    "Once upon a time, Zara the yellow diamond jumps in the city.",
+)
 
 
 @dataclass
 class StoryLog:
     """What one client saw of one story."""
+
     started: float
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (time, caption|image, index)
     ended: float = 0.0
@@ -77,7 +81,7 @@ class StoryLog:
 def start_cluster():
     from ray.cluster_utils import Cluster
 
-    # Each node fits one replica of every deployment: 0.1 + 0.25 + 1 + 0.5 CPUs.
+    # Each node's 2 CPUs fit one replica of every deployment (their num_cpus in ray_config.yaml).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 300 << 20})
     second = cluster.add_node(num_cpus=2, object_store_memory=300 << 20)
     return cluster, second
@@ -96,8 +100,11 @@ def serve_config(ckpt: str, max_resumes: int) -> dict:
 def replicas(deployment: str) -> list[str]:
     import ray
 
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and f"{APP}#{deployment}#" in a["name"]]
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and f"{APP}#{deployment}#" in a["name"]
+    ]
 
 
 def running(deployment: str) -> int:
@@ -145,8 +152,8 @@ def chaos(cluster, second, args, faults: list[dict]) -> None:
             continue
         pool = rng.choice(POOLS)
         names = replicas(pool)
-        if names:
-            fault(faults, f"{pool} replica killed", (pool,), lambda: kill(rng.choice(names)))
+        if names:  # the victim is drawn now: fault() calls the kill at once, after noting who is alive
+            fault(faults, f"{pool} replica killed", (pool,), functools.partial(kill, rng.choice(names)))
     time.sleep(max(end - time.time(), 0))
 
 
@@ -155,8 +162,9 @@ def fault(faults: list[dict], kind: str, deployments, act) -> None:
     record = {"kind": kind, "at": time.time(), "back_s": None}
     act()
     faults.append(record)
-    threading.Thread(target=lambda: record.update(back_s=wait_back(deployments, before, record["at"])),
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: record.update(back_s=wait_back(deployments, before, record["at"])), daemon=True
+    ).start()
 
 
 def kill(name: str) -> None:
@@ -166,23 +174,33 @@ def kill(name: str) -> None:
 
 
 # -- stories -----------------------------------------------------------------------------------
-def client_loop(target: str, args, stop: threading.Event, logs: list[StoryLog], k: int) -> None:
+def client_loop(target: str, args, stop: threading.Event, logs: list[StoryLog], client_index: int) -> None:
     from seedstory_client import StoryClient
 
-    n = 0
+    written = 0  # stories this client has started
     with StoryClient(target) as client:
         while not stop.is_set():
             log = StoryLog(started=time.time(), segments=args.segments)
             logs.append(log)
             try:
-                story = client.generate(OPENINGS[(k + n) % len(OPENINGS)], args.segments, seed=1000 * k + n,
-                                        render_seed=1000 * k + n, steps=args.steps, on_event=log.on_event,
-                                        resume=True, max_resumes=3, timeout=900)
+                story = client.generate(
+                    OPENINGS[(client_index + written) % len(OPENINGS)],
+                    args.segments,
+                    seed=1000 * client_index + written,
+                    render_seed=1000 * client_index + written,
+                    steps=args.steps,
+                    on_event=log.on_event,
+                    resume=True,
+                    max_resumes=3,
+                    timeout=900,
+                )
                 log.resumes = story.resumes + int(story.stats.get("resumes", 0))
             except Exception as e:  # noqa: BLE001 - every failure is a result here
-                log.error = f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))()}"
+                # A gRPC error's message is its details(); any other error's is its text.
+                details = e.details() if callable(getattr(e, "details", None)) else str(e)
+                log.error = f"{type(e).__name__}: {details}"
             log.ended = time.time()
-            n += 1
+            written += 1
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -192,8 +210,8 @@ def kill_gaps(logs: list[StoryLog], faults: list[dict]) -> tuple[list[float], li
     spanning, other = [], []
     for log in logs:
         times = [log.started] + [t for t, _, _ in log.events] + ([log.ended] if log.error else [])
-        for a, b in zip(times, times[1:]):
-            (spanning if any(a <= f < b for f in at) else other).append(b - a)
+        for before, after in zip(times, times[1:]):
+            (spanning if any(before <= f < after for f in at) else other).append(after - before)
     return spanning, other
 
 
@@ -201,51 +219,78 @@ def quantiles(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0}
     xs = sorted(xs)
-    return {"n": len(xs), "p50": round(statistics.median(xs), 2), "p95": round(xs[int(0.95 * (len(xs) - 1))], 2)}
+    return {
+        "n": len(xs),
+        "p50": round(statistics.median(xs), 2),
+        "p95": round(xs[int(0.95 * (len(xs) - 1))], 2),
+    }
 
 
 def summarize(logs: list[StoryLog], faults: list[dict], seconds: float, args) -> dict:
     ended = [log for log in logs if log.ended]
     spanning, other = kill_gaps(ended, faults)
     return {
-        "stories": {"started": len(logs), "ended": len(ended), "completed": sum(not l.error for l in ended),
-                    "failed": sum(bool(l.error) for l in ended),
-                    "resumed": sum(l.resumes > 0 for l in ended), "errors": sorted({l.error for l in ended if l.error}),
-                    "still_running_at_stop": len(logs) - len(ended)},
-        "integrity": {"duplicates": sum(l.duplicates() for l in logs), "gaps": sum(l.gaps() for l in ended)},
-        "kill_gap_s": quantiles(spanning), "other_gap_s": quantiles(other),
-        "faults": [{"kind": f["kind"], "t_s": round(f["at"] - logs[0].started, 1) if logs else 0,
-                    "back_s": None if f["back_s"] is None else round(f["back_s"], 1)} for f in faults],
+        "stories": {
+            "started": len(logs),
+            "ended": len(ended),
+            "completed": sum(not log.error for log in ended),
+            "failed": sum(bool(log.error) for log in ended),
+            "resumed": sum(log.resumes > 0 for log in ended),
+            "errors": sorted({log.error for log in ended if log.error}),
+            "still_running_at_stop": len(logs) - len(ended),
+        },
+        "integrity": {
+            "duplicates": sum(log.duplicates() for log in logs),
+            "gaps": sum(log.gaps() for log in ended),
+        },
+        "kill_gap_s": quantiles(spanning),
+        "other_gap_s": quantiles(other),
+        "faults": [
+            {
+                "kind": f["kind"],
+                "t_s": round(f["at"] - logs[0].started, 1) if logs else 0,
+                "back_s": None if f["back_s"] is None else round(f["back_s"], 1),
+            }
+            for f in faults
+        ],
         "run_s": round(seconds, 1),
         "settings": vars(args) | {"machine": f"{platform.machine()}, {os.cpu_count()} cores"},
     }
 
 
-def table(r: dict) -> str:
-    s, i = r["stories"], r["integrity"]
-    rows = [("stories started / completed / failed", f"{s['started']} / {s['completed']} / {s['failed']}"),
-            ("stories resumed at least once", str(s["resumed"])),
-            ("duplicated / missing segments", f"{i['duplicates']} / {i['gaps']}"),
-            ("gap across a fault, p50 / p95 (s)", f"{r['kill_gap_s'].get('p50')} / {r['kill_gap_s'].get('p95')}"),
-            ("other event gaps, p50 / p95 (s)", f"{r['other_gap_s'].get('p50')} / {r['other_gap_s'].get('p95')}")]
-    rows += [(f"{f['kind']} at {f['t_s']} s: back after (s)", str(f["back_s"])) for f in r["faults"]]
-    return "\n".join(f"| {a} | {b} |" for a, b in [("measure", "value"), ("---", "---"), *rows])
+def table(result: dict) -> str:
+    stories, integrity = result["stories"], result["integrity"]
+    kill_gap, other_gap = result["kill_gap_s"], result["other_gap_s"]
+    rows = [
+        (
+            "stories started / completed / failed",
+            f"{stories['started']} / {stories['completed']} / {stories['failed']}",
+        ),
+        ("stories resumed at least once", str(stories["resumed"])),
+        ("duplicated / missing segments", f"{integrity['duplicates']} / {integrity['gaps']}"),
+        ("gap across a fault, p50 / p95 (s)", f"{kill_gap.get('p50')} / {kill_gap.get('p95')}"),
+        ("other event gaps, p50 / p95 (s)", f"{other_gap.get('p50')} / {other_gap.get('p95')}"),
+    ]
+    rows += [(f"{f['kind']} at {f['t_s']} s: back after (s)", str(f["back_s"])) for f in result["faults"]]
+    return "\n".join(f"| {name} | {value} |" for name, value in [("measure", "value"), ("---", "---"), *rows])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", default="checkpoints/tiny")
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--segments", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--kill-every", type=float, default=45.0)
-    p.add_argument("--node-at", type=float, default=150.0, help="seconds into the run to remove the second node")
-    p.add_argument("--node-back", type=float, default=20.0, help="seconds until a fresh node joins")
-    p.add_argument("--max-resumes", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", default="checkpoints/tiny")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--segments", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--kill-every", type=float, default=45.0)
+    parser.add_argument(
+        "--node-at", type=float, default=150.0, help="seconds into the run to remove the second node"
+    )
+    parser.add_argument("--node-back", type=float, default=20.0, help="seconds until a fresh node joins")
+    parser.add_argument("--max-resumes", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
 
     import ray
     from ray import serve
@@ -257,15 +302,17 @@ def main() -> None:
     config = serve_config(str(Path(args.ckpt).resolve()), args.max_resumes)
     deploy(config, timeout_s=600)
     stop, logs, faults = threading.Event(), [], []
-    clients = [threading.Thread(target=client_loop, args=(grpc_target(config), args, stop, logs, k), daemon=True)
-               for k in range(args.clients)]
+    clients = [
+        threading.Thread(target=client_loop, args=(grpc_target(config), args, stop, logs, k), daemon=True)
+        for k in range(args.clients)
+    ]
     t0 = time.time()
-    for t in clients:
-        t.start()
+    for thread in clients:
+        thread.start()
     chaos(cluster, second, args, faults)
     stop.set()  # no new stories; those in flight finish
-    for t in clients:
-        t.join(timeout=600)
+    for thread in clients:
+        thread.join(timeout=600)
     time.sleep(60 if any(f["back_s"] is None for f in faults) else 0)  # let the last recovery be timed
     result = summarize(logs, faults, time.time() - t0, args)
     out = Path(args.out)

@@ -6,11 +6,11 @@
 
 On a returning-world held-out set (``seedstory data storyworld --world returning``: random
 looks, a cast of 4) every character there is judged instead, by the eval's look judge
-(``training.evaluate.judge_look``: colour, shape and pattern each nearest among the world's,
+(``training.evaluation.judge.judge_look``: colour, shape and pattern each nearest among the world's,
 the segment's scene fixed).
 
 Each stage turns the held-out pictures into pictures again, and the eval's own judge
-(``training.evaluate.judge``: the nearest ground-truth render among every character drawn as
+(``training.evaluation.judge.judge``: the nearest ground-truth render among every character drawn as
 the hero, the caption's place, action and friends fixed) says whether the story's hero is shown:
 
   truth      the ground-truth render of the caption (the judge's own candidate: ~1.0 by design)
@@ -26,11 +26,11 @@ the hero, the caption's place, action and friends fixed) says whether the story'
   sweep      render at steps x guidance, on the first --sweep-segments pictures of each story
 
 Per character (the story's hero): the fraction of pictures judged right, the count, and whom
-the wrong pictures showed instead (``training.evaluate.shown_hero``); the mean over pictures,
-the min over characters, and the seconds each stage took (on one thread: the default run takes
-about 9 minutes on this project's 2-core machine). In the returning world: per character name
-(each one wherever it is there) and per role (hero, friend), the fraction drawn right and the
-count; the mean over every character judged, the min over names, and each attribute's mean.
+the wrong pictures showed instead (``training.evaluation.judge.shown_hero``); the mean over pictures,
+the min over characters, and the seconds each stage took (on one thread, so that the stages' times
+compare). In the returning world: per character name (each one wherever it is there) and per role
+(hero, friend), the fraction drawn right and the count; the mean over every character judged, the
+min over names, and each attribute's mean. Results: docs/results.md#where-the-picture-path-loses-a-character.
 """
 
 from __future__ import annotations
@@ -46,9 +46,12 @@ import numpy as np
 import torch
 from PIL import ImageFilter
 
-from training.evaluate import (ATTRIBUTES, EvalSettings, judge, judge_truth, place_right, read_heldout, render_all,
-                               shown_hero, tally)
-from training.storyworld import CHARACTERS, NAMES, Character, Segment, draw_segment, parse_caption
+from training.evaluation.heldout import read_heldout
+from training.evaluation.judge import ATTRIBUTES, judge, judge_truth, place_right, shown_hero, tally
+from training.evaluation.run import render_all
+from training.evaluation.settings import EvalSettings
+from training.storyworld import CHARACTERS, NAMES, Character, Segment, parse_caption
+from training.storyworld_pictures import draw_segment
 
 SWEEP_STEPS = (10, 20, 50)
 SWEEP_GUIDANCE = (1.0, 3.0, 5.0, 8.0)
@@ -59,6 +62,7 @@ BLUR_RADII = (0.5, 1.0, 1.5)
 @dataclass
 class HeldSet:
     """The held-out pictures of one run, flattened story-major: one entry per (story, segment)."""
+
     keys: list[tuple[int, int]]
     captions: list[str]
     heroes: list[str]
@@ -78,45 +82,68 @@ def read_set(folder: Path, stories: int, segments: int, size: int) -> HeldSet:
     # read_heldout keeps only the openings; the judge needs every segment's caption.
     rows = [json.loads(x) for x in (folder / "storyworld.jsonl").read_text().splitlines()[:stories]]
     keys = [(i, k) for i in range(stories) for k in range(segments)]
-    return HeldSet(keys=keys, captions=[rows[i]["captions"][k] for i, k in keys],
-                   heroes=[held.heroes[i] for i, _ in keys],
-                   loaded=[resize_square(decode_image(held.pictures[i][k]), size) for i, k in keys],
-                   segs=[held.truth[i][k] for i, k in keys], casts=[held.casts[i] for i, _ in keys], world=held.world)
+    return HeldSet(
+        keys=keys,
+        captions=[rows[i]["captions"][k] for i, k in keys],
+        heroes=[held.heroes[i] for i, _ in keys],
+        loaded=[resize_square(decode_image(held.pictures[i][k]), size) for i, k in keys],
+        segs=[held.truth[i][k] for i, k in keys],
+        casts=[held.casts[i] for i, _ in keys],
+        world=held.world,
+    )
 
 
-def subset(s: HeldSet, segments: int) -> HeldSet:
+def subset(held: HeldSet, segments: int) -> HeldSet:
     """The first ``segments`` pictures of every story (for the costly sweep)."""
-    rows = [n for n, (_, k) in enumerate(s.keys) if k < segments]
-    return replace(s, **{f: [getattr(s, f)[n] for n in rows] for f in PER_PICTURE})
+    rows = [n for n, (_, k) in enumerate(held.keys) if k < segments]
+    return replace(held, **{f: [getattr(held, f)[n] for n in rows] for f in PER_PICTURE})
 
 
 # -- scoring ---------------------------------------------------------------------------------------
 
-def score(s: HeldSet, pictures: list, seconds: float) -> dict:
+
+def score(held: HeldSet, pictures: list, seconds: float) -> dict:
     """Hero (and place) judged per picture, summarised per character of the story's hero."""
-    if s.world != "classic":
-        return score_looks(s, pictures, seconds)
-    checks = [judge(c, np.asarray(p), h) for c, p, h in zip(s.captions, pictures, s.heroes)]
-    shown = [shown_hero(c, p) for c, p in zip(s.captions, pictures)]
+    if held.world != "classic":
+        return score_looks(held, pictures, seconds)
+    checks = [judge(c, np.asarray(p), h) for c, p, h in zip(held.captions, pictures, held.heroes)]
+    shown = [shown_hero(c, p) for c, p in zip(held.captions, pictures)]
     per = {}
     for ch in CHARACTERS:
-        rows = [n for n, h in enumerate(s.heroes) if h == ch.name]
+        rows = [n for n, h in enumerate(held.heroes) if h == ch.name]
         if rows:
             wrong = Counter(shown[n] for n in rows if not checks[n]["hero"])
-            per[ch.name] = {"hero": float(np.mean([checks[n]["hero"] for n in rows])), "n": len(rows),
-                            "drawn_as": dict(wrong.most_common())}
-    return {"per_character": per, "mean": float(np.mean([c["hero"] for c in checks])),
-            "min": min(v["hero"] for v in per.values()), "place": float(np.mean([c["place"] for c in checks])),
-            "pictures": len(pictures), "seconds": round(seconds, 1)}
+            per[ch.name] = {
+                "hero": float(np.mean([checks[n]["hero"] for n in rows])),
+                "n": len(rows),
+                "drawn_as": dict(wrong.most_common()),
+            }
+    return {
+        "per_character": per,
+        "mean": float(np.mean([c["hero"] for c in checks])),
+        "min": min(v["hero"] for v in per.values()),
+        "place": float(np.mean([c["place"] for c in checks])),
+        "pictures": len(pictures),
+        "seconds": round(seconds, 1),
+    }
 
 
-def score_looks(s: HeldSet, pictures: list, seconds: float) -> dict:
+def score_looks(held: HeldSet, pictures: list, seconds: float) -> dict:
     """Every character there judged per picture by the look judge against the truth segment;
     summed per character name and per role ("right": all three attributes), with the place."""
     pictures = [np.asarray(p, dtype=np.float32) for p in pictures]
-    rows = [row for seg, cast, p in zip(s.segs, s.casts, pictures) for row in judge_truth(s.world, cast, seg, p)]
-    place = [place_right(seg, p, cast) for seg, cast, p in zip(s.segs, s.casts, pictures)]
-    return {**tally(rows), "place": float(np.mean(place)), "pictures": len(pictures), "seconds": round(seconds, 1)}
+    rows = [
+        row
+        for seg, cast, p in zip(held.segs, held.casts, pictures)
+        for row in judge_truth(held.world, cast, seg, p)
+    ]
+    place = [place_right(seg, p, cast) for seg, cast, p in zip(held.segs, held.casts, pictures)]
+    return {
+        **tally(rows),
+        "place": float(np.mean(place)),
+        "pictures": len(pictures),
+        "seconds": round(seconds, 1),
+    }
 
 
 def timed(stage, *args) -> tuple[list, float]:
@@ -127,137 +154,186 @@ def timed(stage, *args) -> tuple[list, float]:
 
 # -- the stages: each returns one picture per held-out entry ----------------------------------------
 
-def truth(s: HeldSet, size: int) -> list:
-    if s.world != "classic":
-        return [draw_segment(seg, size, cast) for seg, cast in zip(s.segs, s.casts)]
-    return [draw_segment(parse_caption(c), size) for c in s.captions]
+
+def truth(held: HeldSet, size: int) -> list:
+    if held.world != "classic":
+        return [draw_segment(seg, size, cast) for seg, cast in zip(held.segs, held.casts)]
+    return [draw_segment(parse_caption(c), size) for c in held.captions]
 
 
-def batched(fn, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+def batched(fn, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+        return torch.cat([fn(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
 
 
-def vae_roundtrip(detok, x: torch.Tensor) -> list:
+def vae_roundtrip(detok, pixels: torch.Tensor) -> list:
     # The posterior mode: the VAE's best reconstruction, without its sampling noise.
-    y = batched(lambda b: detok.vae.decode(detok.vae.encode(b).latent_dist.mode()).sample, x)
-    return detok.pipeline.image_processor.postprocess(y, output_type="pil")
+    decoded = batched(lambda b: detok.vae.decode(detok.vae.encode(b).latent_dist.mode()).sample, pixels)
+    return detok.pipeline.image_processor.postprocess(decoded, output_type="pil")
 
 
-def vq_decoder(visual, detok, x: torch.Tensor) -> list:
+def vq_decoder(visual, detok, pixels: torch.Tensor) -> list:
     def decode(b):
         return visual.decode(visual.quantize(visual.latents(b))[1])  # what the reconstruction loss trained
 
-    return detok.pipeline.image_processor.postprocess(batched(decode, x).clamp(-1, 1), output_type="pil")
+    decoded = batched(decode, pixels).clamp(-1, 1)
+    return detok.pipeline.image_processor.postprocess(decoded, output_type="pil")
 
 
-def seeds(s: HeldSet) -> list[int]:
+def seeds(held: HeldSet) -> list[int]:
     """The eval's picture seeds for (story, segment), so a stage's renders match the eval's."""
-    return [i * 1000 + k for i, k in s.keys]
+    return [i * 1000 + k for i, k in held.keys]
 
 
-def render(detok, codes: list[list[int]], s: HeldSet, steps: int, guidance: float) -> list:
-    return render_all(detok, codes, seeds(s), EvalSettings(steps=steps, guidance=guidance))[0]
+def render(detok, codes: list[list[int]], held: HeldSet, steps: int, guidance: float) -> list:
+    return render_all(detok, codes, seeds(held), EvalSettings(steps=steps, guidance=guidance))[0]
 
 
-def img2img(detok, codes: list[list[int]], s: HeldSet, steps: int, guidance: float, batch: int = 16) -> list:
+def img2img(
+    detok, codes: list[list[int]], held: HeldSet, steps: int, guidance: float, batch: int = 16
+) -> list:
     """Half-noised VAE latents of the true pictures, denoised by the UNet under the codes' conditioning."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(detok.pipeline)  # shares the modules, no copy
     pipe.set_progress_bar_config(disable=True)
-    out, gens = [], [torch.Generator().manual_seed(x) for x in seeds(s)]
+    out, gens = [], [torch.Generator().manual_seed(x) for x in seeds(held)]
     with torch.no_grad():
         for i in range(0, len(codes), batch):
-            prompt, pooled = detok.adapter(torch.tensor(codes[i:i + batch]))
+            prompt, pooled = detok.adapter(torch.tensor(codes[i : i + batch]))
             neg, neg_pooled = detok.adapter.null(len(prompt))
-            out += pipe(image=s.loaded[i:i + batch], strength=IMG2IMG_STRENGTH, prompt_embeds=prompt,
-                        pooled_prompt_embeds=pooled, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
-                        num_inference_steps=steps, guidance_scale=guidance, generator=gens[i:i + batch]).images
+            out += pipe(
+                image=held.loaded[i : i + batch],
+                strength=IMG2IMG_STRENGTH,
+                prompt_embeds=prompt,
+                pooled_prompt_embeds=pooled,
+                negative_prompt_embeds=neg,
+                negative_pooled_prompt_embeds=neg_pooled,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens[i : i + batch],
+            ).images
     return out
 
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def run(a: argparse.Namespace) -> dict:
+
+def run(args: argparse.Namespace) -> dict:
     from actors.checkpoint import part_dir, read_manifest
     from actors.detokenizer.model import Detokenizer
     from actors.imageio import to_tensor
     from actors.tokenizer.model import VisualTokenizer
     from cluster.requests import StoryLimits
 
-    size = read_manifest(a.ckpt).image_size
+    size = read_manifest(args.ckpt).image_size
     served = StoryLimits()  # the steps and guidance a story gets when its request names none
-    detok = Detokenizer.from_pretrained(part_dir(a.ckpt, "detokenizer"))
-    visual = VisualTokenizer.from_pretrained(part_dir(a.ckpt, "visual_tokenizer")).eval()
-    s = read_set(a.heldout, a.stories, a.segments, size)
-    x = to_tensor(s.loaded)
-    codes = visual.encode(x).tolist()  # the ground-truth codes, as the TokenizerPool makes them
+    detok = Detokenizer.from_pretrained(part_dir(args.ckpt, "detokenizer"))
+    visual = VisualTokenizer.from_pretrained(part_dir(args.ckpt, "visual_tokenizer")).eval()
+    held = read_set(args.heldout, args.stories, args.segments, size)
+    pixels = to_tensor(held.loaded)
+    codes = visual.encode(pixels).tolist()  # the ground-truth codes, as the TokenizerPool makes them
     stages = {
-        "truth": lambda: truth(s, size),
-        **{f"blur {r:g}": (lambda r=r: [im.filter(ImageFilter.GaussianBlur(r)) for im in truth(s, size)])
-           for r in BLUR_RADII},
-        "loaded": lambda: s.loaded,
-        "vae": lambda: vae_roundtrip(detok, x),
-        "vq_decoder": lambda: vq_decoder(visual, detok, x),
-        "render": lambda: render(detok, codes, s, served.default_steps, served.default_guidance),
-        "img2img": lambda: img2img(detok, codes, s, served.default_steps, served.default_guidance),
+        "truth": lambda: truth(held, size),
+        **{
+            f"blur {r:g}": (lambda r=r: [im.filter(ImageFilter.GaussianBlur(r)) for im in truth(held, size)])
+            for r in BLUR_RADII
+        },
+        "loaded": lambda: held.loaded,
+        "vae": lambda: vae_roundtrip(detok, pixels),
+        "vq_decoder": lambda: vq_decoder(visual, detok, pixels),
+        "render": lambda: render(detok, codes, held, served.default_steps, served.default_guidance),
+        "img2img": lambda: img2img(detok, codes, held, served.default_steps, served.default_guidance),
     }
     results = {}
     for name, stage in stages.items():
-        results[name] = score(s, *timed(stage))
+        results[name] = score(held, *timed(stage))
         report(name, results[name])
-    return {"settings": settings(a, served, size), "stages": results, "sweep": sweep(detok, codes, s, a)}
+    return {
+        "settings": settings(args, served, size),
+        "stages": results,
+        "sweep": sweep(detok, codes, held, args),
+    }
 
 
-def sweep(detok, codes: list[list[int]], s: HeldSet, a: argparse.Namespace) -> list[dict]:
-    if a.sweep_segments == 0:
+def sweep(detok, codes: list[list[int]], held: HeldSet, args: argparse.Namespace) -> list[dict]:
+    if args.sweep_segments == 0:
         return []
-    sub = subset(s, a.sweep_segments)
-    sub_codes = [codes[n] for n, (_, k) in enumerate(s.keys) if k < a.sweep_segments]
+    sub = subset(held, args.sweep_segments)
+    sub_codes = [codes[n] for n, (_, k) in enumerate(held.keys) if k < args.sweep_segments]
     rows = []
     for steps in SWEEP_STEPS:
         for guidance in SWEEP_GUIDANCE:
-            r = score(sub, *timed(render, detok, sub_codes, sub, steps, guidance))
-            rows.append({"steps": steps, "guidance": guidance, **r})
-            report(f"steps {steps} guidance {guidance:g}", r)
+            scores = score(sub, *timed(render, detok, sub_codes, sub, steps, guidance))
+            rows.append({"steps": steps, "guidance": guidance, **scores})
+            report(f"steps {steps} guidance {guidance:g}", scores)
     return rows
 
 
-def settings(a: argparse.Namespace, served, size: int) -> dict:
-    source = a.heldout / "storyworld.json"
-    return {"ckpt": str(a.ckpt), "heldout": str(a.heldout), "stories": a.stories, "segments": a.segments,
-            "sweep_segments": a.sweep_segments, "image_size": size, "steps": served.default_steps,
-            "guidance": served.default_guidance, "img2img_strength": IMG2IMG_STRENGTH, "threads": 1,
-            "data": json.loads(source.read_text())["command"] if source.is_file() else None}
+def settings(args: argparse.Namespace, served, size: int) -> dict:
+    source = args.heldout / "storyworld.json"
+    return {
+        "ckpt": str(args.ckpt),
+        "heldout": str(args.heldout),
+        "stories": args.stories,
+        "segments": args.segments,
+        "sweep_segments": args.sweep_segments,
+        "image_size": size,
+        "steps": served.default_steps,
+        "guidance": served.default_guidance,
+        "img2img_strength": IMG2IMG_STRENGTH,
+        "threads": 1,
+        "data": json.loads(source.read_text())["command"] if source.is_file() else None,
+    }
 
 
 # -- output ----------------------------------------------------------------------------------------
 
-def report(name: str, r: dict) -> None:
-    print(f"[detok_stages] {name}: mean {r['mean']:.3f}, min {r['min']:.3f} ({r['pictures']} pictures, "
-          f"{r['seconds']:.1f} s)", flush=True)
+
+def report(name: str, scores: dict) -> None:
+    print(
+        f"[detok_stages] {name}: mean {scores['mean']:.3f}, min {scores['min']:.3f} "
+        f"({scores['pictures']} pictures, {scores['seconds']:.1f} s)",
+        flush=True,
+    )
 
 
 def table(result: dict) -> str:
     if "per_role" in result["stages"]["truth"]:
         return look_table(result)
     names = [c.name for c in CHARACTERS]
-    head = ("| stage | " + " | ".join(names) + " | mean | min | place | pictures | s |\n"
-            "| --- |" + " --- |" * (len(names) + 5))
+    head = (
+        "| stage | " + " | ".join(names) + " | mean | min | place | pictures | s |\n"
+        "| --- |" + " --- |" * (len(names) + 5)
+    )
     rows = [row(name, r, names) for name, r in result["stages"].items()]
-    rows += [row(f"render, {r['steps']} steps, guidance {r['guidance']:g}", r, names) for r in result["sweep"]]
-    wrong = [f"| {name} | " + "; ".join(f"{n} as {', '.join(f'{k} {v}' for k, v in c['drawn_as'].items())}"
-                                        for n, c in r["per_character"].items() if c["drawn_as"]) + " |"
-             for name, r in result["stages"].items()]
-    return "\n".join([head, *rows, "", "| stage | wrong pictures: the hero drawn as |", "| --- | --- |", *wrong])
+    rows += [
+        row(f"render, {r['steps']} steps, guidance {r['guidance']:g}", r, names) for r in result["sweep"]
+    ]
+    wrong = [
+        f"| {name} | "
+        + "; ".join(
+            f"{n} as {', '.join(f'{k} {v}' for k, v in c['drawn_as'].items())}"
+            for n, c in r["per_character"].items()
+            if c["drawn_as"]
+        )
+        + " |"
+        for name, r in result["stages"].items()
+    ]
+    return "\n".join(
+        [head, *rows, "", "| stage | wrong pictures: the hero drawn as |", "| --- | --- |", *wrong]
+    )
 
 
-def row(label: str, r: dict, names: list[str]) -> str:
-    per = r["per_character"]
+def row(label: str, scores: dict, names: list[str]) -> str:
+    per = scores["per_character"]
     cells = [f"{per[n]['hero']:.2f} ({per[n]['n']})" if n in per else "" for n in names]
-    return (f"| {label} | " + " | ".join(cells) +
-            f" | {r['mean']:.3f} | {r['min']:.2f} | {r['place']:.3f} | {r['pictures']} | {r['seconds']:.0f} |")
+    return (
+        f"| {label} | "
+        + " | ".join(cells)
+        + f" | {scores['mean']:.3f} | {scores['min']:.2f} | {scores['place']:.3f} "
+        f"| {scores['pictures']} | {scores['seconds']:.0f} |"
+    )
 
 
 def look_table(result: dict) -> str:
@@ -265,47 +341,73 @@ def look_table(result: dict) -> str:
     every = [*result["stages"].values(), *result["sweep"]]
     names = [n for n in NAMES if any(n in r["per_character"] for r in every)]
     roles = ("hero", "friend")
-    head = ("| stage | " + " | ".join([*names, *roles]) + " | mean | min | " + " | ".join(ATTRIBUTES)
-            + " | place | pictures | s |\n| --- |" + " --- |" * (len(names) + len(roles) + len(ATTRIBUTES) + 5))
+    head = (
+        "| stage | "
+        + " | ".join([*names, *roles])
+        + " | mean | min | "
+        + " | ".join(ATTRIBUTES)
+        + " | place | pictures | s |\n| --- |"
+        + " --- |" * (len(names) + len(roles) + len(ATTRIBUTES) + 5)
+    )
     rows = [look_row(name, r, names, roles) for name, r in result["stages"].items()]
-    rows += [look_row(f"render, {r['steps']} steps, guidance {r['guidance']:g}", r, names, roles)
-             for r in result["sweep"]]
+    rows += [
+        look_row(f"render, {r['steps']} steps, guidance {r['guidance']:g}", r, names, roles)
+        for r in result["sweep"]
+    ]
     return "\n".join([head, *rows])
 
 
-def look_row(label: str, r: dict, names: list[str], roles: tuple[str, ...]) -> str:
-    groups = [r["per_character"].get(n) for n in names] + [r["per_role"].get(role) for role in roles]
+def look_row(label: str, scores: dict, names: list[str], roles: tuple[str, ...]) -> str:
+    groups = [scores["per_character"].get(n) for n in names] + [
+        scores["per_role"].get(role) for role in roles
+    ]
     cells = [f"{g['right']:.2f} ({g['n']})" if g else "" for g in groups]
-    return (f"| {label} | " + " | ".join(cells) + f" | {r['mean']:.3f} | {r['min']:.2f} | "
-            + " | ".join(f"{r['per_attribute'][a]:.3f}" for a in ATTRIBUTES)
-            + f" | {r['place']:.3f} | {r['pictures']} | {r['seconds']:.0f} |")
+    return (
+        f"| {label} | "
+        + " | ".join(cells)
+        + f" | {scores['mean']:.3f} | {scores['min']:.2f} | "
+        + " | ".join(f"{scores['per_attribute'][a]:.3f}" for a in ATTRIBUTES)
+        + f" | {scores['place']:.3f} | {scores['pictures']} | {scores['seconds']:.0f} |"
+    )
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/tiny"))
-    ap.add_argument("--heldout", type=Path, default=Path("data/sw-heldout"),
-                    help="a StoryWorld folder the model never saw (seedstory data storyworld --seed 1), "
-                         "classic or returning")
-    ap.add_argument("--stories", type=int, default=64, help="held-out stories (all 64: every hero gets pictures)")
-    ap.add_argument("--segments", type=int, default=3, help="pictures per story for every stage but the sweep")
-    ap.add_argument("--sweep-segments", type=int, default=1,
-                    help="pictures per story in the steps x guidance sweep (0: no sweep)")
+    ap.add_argument(
+        "--heldout",
+        type=Path,
+        default=Path("data/sw-heldout"),
+        help="a StoryWorld folder the model never saw (seedstory data storyworld --seed 1), "
+        "classic or returning",
+    )
+    ap.add_argument(
+        "--stories", type=int, default=64, help="held-out stories (all 64: every hero gets pictures)"
+    )
+    ap.add_argument(
+        "--segments", type=int, default=3, help="pictures per story for every stage but the sweep"
+    )
+    ap.add_argument(
+        "--sweep-segments",
+        type=int,
+        default=1,
+        help="pictures per story in the steps x guidance sweep (0: no sweep)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/detok_stages.json"))
-    a = ap.parse_args()
-    if not 0 <= a.sweep_segments <= a.segments:
+    args = ap.parse_args()
+    if not 0 <= args.sweep_segments <= args.segments:
         ap.error("need 0 <= --sweep-segments <= --segments")
-    return a
+    return args
 
 
 def main() -> None:
     torch.set_num_threads(1)  # a shared 2-core machine; also makes the stage times comparable
-    a = parse_args()
+    args = parse_args()
     t0 = time.perf_counter()
-    result = run(a)
+    result = run(args)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
 

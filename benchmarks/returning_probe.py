@@ -42,21 +42,30 @@ import torch
 
 from actors.mllm.sink import MODES, kept_ranges, positions
 
-REGIONS = ("current", "window", "sink", "opening caption", "opening picture", "last seen picture",
-           "kept neighbourhoods", "other old")
+REGIONS = (
+    "current",
+    "window",
+    "sink",
+    "opening caption",
+    "opening picture",
+    "last seen picture",
+    "kept neighbourhoods",
+    "other old",
+)
 
 
 @dataclass
 class Story:
-    ids: list[int]                  # the whole teacher-forced sequence, <s> first
-    spans: list[tuple[int, int]]    # per segment: [first token, one past its </img>)
-    boi: list[int]                  # per segment: the position of its <img>
-    returning: list[list[str]]      # per segment: the friends back after 10+ segments away
-    present: list[list[str]]        # per segment: who is there
+    ids: list[int]  # the whole teacher-forced sequence, <s> first
+    spans: list[tuple[int, int]]  # per segment: [first token, one past its </img>)
+    boi: list[int]  # per segment: the position of its <img>
+    returning: list[list[str]]  # per segment: the friends back after 10+ segments away
+    present: list[list[str]]  # per segment: who is there
     looks: dict[str, dict[str, str]]
 
 
 # -- the stories, as token ids --------------------------------------------------------------------
+
 
 def read_stories(folder: Path, builder, stories: int, segments: int) -> list[Story]:
     from actors.tokenizer.text import segment_ids
@@ -65,7 +74,9 @@ def read_stories(folder: Path, builder, stories: int, segments: int) -> list[Sto
     rows = [json.loads(x) for x in (folder / "storyworld.jsonl").read_text().splitlines()[:stories]]
     truths = [json.loads(x) for x in (folder / "truth.jsonl").read_text().splitlines()[:stories]]
     if any(t.get("world") != "returning" for t in truths):
-        raise ValueError(f"{folder} is not a returning-world StoryWorld (seedstory data storyworld --world returning)")
+        raise ValueError(
+            f"{folder} is not a returning-world StoryWorld (seedstory data storyworld --world returning)"
+        )
     out = []
     for row, truth in zip(rows, truths):
         caps = builder.caption_ids(row["captions"][:segments])
@@ -77,94 +88,105 @@ def read_stories(folder: Path, builder, stories: int, segments: int) -> list[Sto
             spans.append((start, len(ids)))
             bois.append(start + len(cap))
         segs = truth["segments"][:segments]
-        out.append(Story(ids, spans, bois, [s["returning"] for s in segs], [s["present"] for s in segs],
-                         truth["looks"]))
+        out.append(
+            Story(
+                ids, spans, bois, [s["returning"] for s in segs], [s["present"] for s in segs], truth["looks"]
+            )
+        )
     return out
 
 
 # -- teacher forcing under a sink mode ---------------------------------------------------------------
 
+
 class SinkForcer:
     """The transformers MLLM read token by token with the engine's kept set and rank positions."""
 
-    def __init__(self, model, params):
+    def __init__(self, model, sink):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        self.m, self.p, self.rope = model.eval(), params, apply_rotary_pos_emb
-        cfg = model.config
-        self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.model, self.sink, self.rope = model.eval(), sink, apply_rotary_pos_emb
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
 
     def _rotate(self, x: torch.Tensor, pos: list[int]) -> torch.Tensor:
-        cos, sin = self.m.model.rotary_emb(x, torch.tensor([pos]))
+        cos, sin = self.model.model.rotary_emb(x, torch.tensor([pos]))
         return self.rope(x[None], x[None], cos, sin)[0][0]
 
     @torch.no_grad()
-    def run(self, ids: list[int], watch: set[int]) -> tuple[np.ndarray, dict[int, tuple[list[int], np.ndarray]]]:
+    def run(
+        self, ids: list[int], watch: set[int]
+    ) -> tuple[np.ndarray, dict[int, tuple[list[int], np.ndarray]]]:
         """Log-probabilities of every next token, and for each position in ``watch`` the kept
         positions it attended to with their attention (mean over layers and heads)."""
-        n_layers = len(self.m.model.layers)
-        keys = [torch.empty(self.kvh, 0, self.hd) for _ in range(n_layers)]
-        values = [torch.empty(self.kvh, 0, self.hd) for _ in range(n_layers)]
-        rotated = [torch.empty(self.kvh, 0, self.hd) for _ in range(n_layers)]  # kept keys at their ranks
+        n_layers = len(self.model.model.layers)
+        keys = [torch.empty(self.kv_heads, 0, self.head_dim) for _ in range(n_layers)]
+        values = [torch.empty(self.kv_heads, 0, self.head_dim) for _ in range(n_layers)]
+        # The kept keys, rotated to their ranks.
+        rotated = [torch.empty(self.kv_heads, 0, self.head_dim) for _ in range(n_layers)]
         logp, seen, before = np.zeros(len(ids)), {}, []
-        for t in range(len(ids)):
-            kept = positions(kept_ranges(ids[:t + 1], self.p))
+        for position in range(len(ids)):
+            kept = positions(kept_ranges(ids[: position + 1], self.sink))
             ranks, grew = list(range(len(kept))), kept[:-1] == before
             before = kept
-            x = self.m.model.embed_tokens(torch.tensor([ids[t]]))
+            hidden = self.model.model.embed_tokens(torch.tensor([ids[position]]))
             weights = torch.zeros(len(kept))
-            for li, layer in enumerate(self.m.model.layers):
-                a = layer.self_attn
-                h = layer.input_layernorm(x)
-                q = a.q_proj(h).view(self.h, 1, self.hd)
-                keys[li] = torch.cat([keys[li], a.k_proj(h).view(self.kvh, 1, self.hd)], 1)  # before RoPE
-                values[li] = torch.cat([values[li], a.v_proj(h).view(self.kvh, 1, self.hd)], 1)
+            for li, layer in enumerate(self.model.model.layers):
+                attn = layer.self_attn
+                h = layer.input_layernorm(hidden)
+                q = attn.q_proj(h).view(self.heads, 1, self.head_dim)
+                # Keys are kept before RoPE: a kept key is rotated again whenever its rank moves.
+                keys[li] = torch.cat([keys[li], attn.k_proj(h).view(self.kv_heads, 1, self.head_dim)], 1)
+                values[li] = torch.cat([values[li], attn.v_proj(h).view(self.kv_heads, 1, self.head_dim)], 1)
                 if grew:  # only the new token joined: rotate it alone (the others keep their ranks)
                     rotated[li] = torch.cat([rotated[li], self._rotate(keys[li][:, -1:], ranks[-1:])], 1)
-                else:     # something left: every kept key moves to its new rank
+                else:  # something left: every kept key moves to its new rank
                     rotated[li] = self._rotate(keys[li][:, kept], ranks)
-                k = rotated[li].repeat_interleave(self.h // self.kvh, 0)
-                v = values[li][:, kept].repeat_interleave(self.h // self.kvh, 0)
-                att = torch.softmax((self._rotate(q, ranks[-1:]) @ k.transpose(1, 2)) * a.scaling, -1)  # (h, 1, n)
+                k = rotated[li].repeat_interleave(self.heads // self.kv_heads, 0)
+                v = values[li][:, kept].repeat_interleave(self.heads // self.kv_heads, 0)
+                # (heads, 1, kept)
+                att = torch.softmax((self._rotate(q, ranks[-1:]) @ k.transpose(1, 2)) * attn.scaling, -1)
                 weights += att.mean((0, 1)) / n_layers
-                x = x + a.o_proj((att @ v).transpose(0, 1).reshape(1, -1))
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-            if t + 1 < len(ids):
-                logp[t + 1] = float(torch.log_softmax(self.m.lm_head(self.m.model.norm(x))[0], -1)[ids[t + 1]])
-            if t in watch:
-                seen[t] = (kept, weights.numpy())
+                hidden = hidden + attn.o_proj((att @ v).transpose(0, 1).reshape(1, -1))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            if position + 1 < len(ids):
+                logits = self.model.lm_head(self.model.model.norm(hidden))[0]
+                logp[position + 1] = float(torch.log_softmax(logits, -1)[ids[position + 1]])
+            if position in watch:
+                seen[position] = (kept, weights.numpy())
         return logp, seen
 
 
-def code_positions(s: Story, k: int) -> list[int]:
-    return list(range(s.boi[k] + 1, s.spans[k][1] - 1))
+def code_positions(story: Story, k: int) -> list[int]:
+    return list(range(story.boi[k] + 1, story.spans[k][1] - 1))
 
 
-def last_seen(s: Story, k: int, name: str) -> int | None:
+def last_seen(story: Story, k: int, name: str) -> int | None:
     """The last segment before k that showed ``name``."""
-    return next((j for j in range(k - 1, -1, -1) if name in s.present[j]), None)
+    return next((j for j in range(k - 1, -1, -1) if name in story.present[j]), None)
 
 
-def regions(s: Story, k: int, p) -> dict[int, str]:
+def regions(story: Story, k: int, sink) -> dict[int, str]:
     """Every position before segment k's end, labelled with the first region it falls in."""
-    end = s.spans[k][1]
-    window_from = s.spans[max(0, k - p.window_segments)][0]
-    kept_mm = set(positions(kept_ranges(s.ids[:s.spans[k][0]], replace(p, mode="multimodal"))))
-    seen_pics = {j for name in s.returning[k] for j in [last_seen(s, k, name)] if j is not None}
+    end = story.spans[k][1]
+    window_from = story.spans[max(0, k - sink.window_segments)][0]
+    kept_mm = set(positions(kept_ranges(story.ids[: story.spans[k][0]], replace(sink, mode="multimodal"))))
+    seen_pics = {j for name in story.returning[k] for j in [last_seen(story, k, name)] if j is not None}
     label = {}
     for i in range(end):
-        seg = next(j for j, (lo, hi) in enumerate(s.spans) if i < hi) if i else 0
+        seg = next(j for j, (lo, hi) in enumerate(story.spans) if i < hi) if i else 0
         if seg == k:
             label[i] = "current"
         elif i >= window_from:
             label[i] = "window"
-        elif i < p.sink_tokens:
+        elif i < sink.sink_tokens:
             label[i] = "sink"
-        elif seg == 0 and i < s.boi[0]:
+        elif seg == 0 and i < story.boi[0]:
             label[i] = "opening caption"
         elif seg == 0:
             label[i] = "opening picture"
-        elif seg in seen_pics and s.boi[seg] <= i:
+        elif seg in seen_pics and story.boi[seg] <= i:
             label[i] = "last seen picture"
         elif i in kept_mm:
             label[i] = "kept neighbourhoods"
@@ -173,15 +195,15 @@ def regions(s: Story, k: int, p) -> dict[int, str]:
     return label
 
 
-def probe_mode(model, s: Story, p) -> dict:
-    back = [k for k, names in enumerate(s.returning) if names]
-    watch = {i for k in back for i in code_positions(s, k)}
-    logp, seen = SinkForcer(model, p).run(s.ids, watch)
-    nll = {k: float(-np.mean(logp[code_positions(s, k)])) for k in range(len(s.spans))}
+def probe_mode(model, story: Story, sink) -> dict:
+    back = [k for k, names in enumerate(story.returning) if names]
+    watch = {i for k in back for i in code_positions(story, k)}
+    logp, seen = SinkForcer(model, sink).run(story.ids, watch)
+    nll = {k: float(-np.mean(logp[code_positions(story, k)])) for k in range(len(story.spans))}
     shares = []
     for k in back:
-        label = regions(s, k, p)
-        for i in code_positions(s, k):
+        label = regions(story, k, sink)
+        for i in code_positions(story, k):
             kept, w = seen[i]
             share = Counter()
             for pos, wt in zip(kept, w):
@@ -192,64 +214,78 @@ def probe_mode(model, s: Story, p) -> dict:
 
 # -- what the code slots carry ----------------------------------------------------------------------
 
-def slot_probe(stories: list[Story], layout, q: int) -> dict:
+
+def slot_probe(stories: list[Story], layout, num_queries: int) -> dict:
     """Per slot and attribute: held-out accuracy of a code -> majority friend-look table."""
     half = len(stories) // 2
     out = {}
     for attr in ("colour", "shape", "pattern"):
         acc = []
-        for slot in range(q):
+        for slot in range(num_queries):
             table = defaultdict(Counter)
-            for s in stories[:half]:
-                for code, friend in _friend_codes(s, layout, slot):
-                    table[code][s.looks[friend][attr]] += 1
-            hits = [table[code].most_common(1)[0][0] == s.looks[friend][attr] if table[code] else False
-                    for s in stories[half:] for code, friend in _friend_codes(s, layout, slot)]
+            for story in stories[:half]:
+                for code, friend in _friend_codes(story, layout, slot):
+                    table[code][story.looks[friend][attr]] += 1
+            hits = [
+                table[code].most_common(1)[0][0] == story.looks[friend][attr] if table[code] else False
+                for story in stories[half:]
+                for code, friend in _friend_codes(story, layout, slot)
+            ]
             acc.append(float(np.mean(hits)) if hits else float("nan"))
         out[attr] = acc
     return out
 
 
-def _friend_codes(s: Story, layout, slot: int):
-    """(the code in ``slot``, the friend) for every picture with exactly one friend (so the look is unambiguous)."""
-    hero = next(iter(s.looks))
-    for k in range(len(s.spans)):
-        friends = [n for n in s.present[k] if n != hero]
+def _friend_codes(story: Story, layout, slot: int):
+    """(the code in ``slot``, the friend) for every picture with exactly one friend (so the look is
+    unambiguous)."""
+    hero = next(iter(story.looks))
+    for k in range(len(story.spans)):
+        friends = [n for n in story.present[k] if n != hero]
         if len(friends) == 1:
-            yield layout.visual_code(s.ids[code_positions(s, k)[slot]]), friends[0]
+            yield layout.visual_code(story.ids[code_positions(story, k)[slot]]), friends[0]
 
 
 # -- the run --------------------------------------------------------------------------------------
+
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     d = np.subtract(a, b)
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def run(a: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     from actors.checkpoint import part_dir
     from actors.mllm.model import load_mllm
     from actors.tokenizer.prompts import PromptBuilder
     from cluster.mllm_config import resolve
 
-    torch.set_num_threads(a.threads)
-    ckpt, sink = resolve(a)  # the checkpoint and sink settings `seedstory eval` would use
+    torch.set_num_threads(args.threads)
+    ckpt, sink = resolve(args)  # the checkpoint and sink settings `seedstory eval` would use
     builder = PromptBuilder(str(ckpt))
-    layout, q = builder.manifest.tokens, builder.manifest.num_queries
+    layout, num_queries = builder.manifest.tokens, builder.manifest.num_queries
     model = load_mllm(part_dir(ckpt, "mllm"))
-    sink = sink.for_pictures(q)
-    stories = read_stories(a.heldout, builder, a.stories, a.segments)
-    result = {"settings": {"stories": len(stories), "segments": a.segments, "sink": asdict(sink)},
-              "regions": list(REGIONS), "modes": {}}
-    for mode in a.modes:
-        t0, p = time.time(), replace(sink, mode=mode).with_ids(layout.boi, layout.eoi)
-        runs = [probe_mode(model, s, p) for s in stories]
+    sink = sink.for_pictures(num_queries)
+    stories = read_stories(args.heldout, builder, args.stories, args.segments)
+    result = {
+        "settings": {"stories": len(stories), "segments": args.segments, "sink": asdict(sink)},
+        "regions": list(REGIONS),
+        "modes": {},
+    }
+    for mode in args.modes:
+        started, mode_sink = time.time(), replace(sink, mode=mode).with_ids(layout.boi, layout.eoi)
+        runs = [probe_mode(model, story, mode_sink) for story in stories]
         result["modes"][mode] = summarise(runs)
-        print(f"[{mode}] {time.time() - t0:.0f}s {json.dumps(result['modes'][mode]['summary'])}", flush=True)
+        print(
+            f"[{mode}] {time.time() - started:.0f}s {json.dumps(result['modes'][mode]['summary'])}",
+            flush=True,
+        )
     result["paired_vs_window"] = paired_table(result["modes"])
-    result["slots"] = slot_probe(stories, layout, q)
-    result["kept_slots"] = {"after <img>": list(range(1, sink.boi_after + 1)),
-                            "before </img>": list(range(q - sink.eoi_before + 1, q + 1))}
+    result["slots"] = slot_probe(stories, layout, num_queries)
+    result["kept_slots"] = {
+        "after <img>": list(range(1, sink.boi_after + 1)),
+        "before </img>": list(range(num_queries - sink.eoi_before + 1, num_queries + 1)),
+    }
     return result
 
 
@@ -257,11 +293,15 @@ def summarise(runs: list[dict]) -> dict:
     back = [float(np.mean([r["nll"][k] for k in r["back"]])) if r["back"] else None for r in runs]
     other = [float(np.mean([v for k, v in r["nll"].items() if k not in r["back"]])) for r in runs]
     att = [r["attention"] for r in runs if r["attention"] is not None]
-    return {"per_story": {"returning": back, "other": other},
-            "summary": {"nll_returning": float(np.mean([b for b in back if b is not None])),
-                        "nll_other": float(np.mean(other)),
-                        "returning_pictures": sum(len(r["back"]) for r in runs),
-                        "attention": dict(zip(REGIONS, np.mean(att, 0).round(4).tolist())) if att else None}}
+    return {
+        "per_story": {"returning": back, "other": other},
+        "summary": {
+            "nll_returning": float(np.mean([b for b in back if b is not None])),
+            "nll_other": float(np.mean(other)),
+            "returning_pictures": sum(len(r["back"]) for r in runs),
+            "attention": dict(zip(REGIONS, np.mean(att, 0).round(4).tolist())) if att else None,
+        },
+    }
 
 
 def paired_table(modes: dict) -> dict:
@@ -272,10 +312,16 @@ def paired_table(modes: dict) -> dict:
     for mode, r in modes.items():
         if mode == "window":
             continue
-        rows = [i for i, (x, y) in enumerate(zip(r["per_story"]["returning"], base["returning"])) if x is not None]
-        out[mode] = {"nll_returning": paired([r["per_story"]["returning"][i] for i in rows],
-                                             [base["returning"][i] for i in rows]),
-                     "nll_other": paired(r["per_story"]["other"], base["other"]), "stories": len(rows)}
+        rows = [
+            i for i, (x, y) in enumerate(zip(r["per_story"]["returning"], base["returning"])) if x is not None
+        ]
+        out[mode] = {
+            "nll_returning": paired(
+                [r["per_story"]["returning"][i] for i in rows], [base["returning"][i] for i in rows]
+            ),
+            "nll_other": paired(r["per_story"]["other"], base["other"]),
+            "stories": len(rows),
+        }
     return out
 
 
@@ -295,12 +341,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    a = parse_args()
+    args = parse_args()
     t0 = time.time()
-    result = run(a)
+    result = run(args)
     result["seconds"] = round(time.time() - t0, 1)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     for mode, r in result["modes"].items():
         print(mode, r["summary"])
     print("paired vs window:", json.dumps(result["paired_vs_window"]))

@@ -1,11 +1,12 @@
 """Visual tokenizer variants, trained briefly and judged by their own pixel decoder.
 
 Why: the de-tokenizer cannot draw what the codes do not carry, and on the returning world the
-embedded tokenizer's codes lose the friends' looks (``detok_stages.py``: its decoder and the
-de-tokenizer both score under 0.1). Training the whole pipeline to try a tokenizer costs an
-hour; this script trains one variant of the visual stage alone, in one process, with the
-stage's own loss and learning-rate schedule, and judges its decoder's reconstructions of
+embedded tokenizer's codes lose the friends' looks (``detok_stages.py``;
+docs/results.md#where-the-picture-path-loses-a-character). Training the whole pipeline to try a
+tokenizer is slow; this script trains one variant of the visual stage alone, in one process, with
+the stage's own loss and learning-rate schedule, and judges its decoder's reconstructions of
 held-out pictures with the eval's look judge (every character, colour, shape and pattern).
+Results: docs/results.md#which-tokenizer-would-carry-the-looks.
 
 ``--continuous`` skips the codebook (the decoder reads the resampler's unit vectors): the
 architecture's reach without quantisation, so the two rows of one variant say how much the
@@ -30,11 +31,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from detok_stages import batched, read_set, score  # its sibling: run as python benchmarks/visual_variants.py
 
 from actors.config import TINY
 from actors.imageio import to_tensor
 from actors.tokenizer.model import VisualTokenizer
-from detok_stages import batched, read_set, score  # its sibling: run as python benchmarks/visual_variants.py
 from training.loop import StageSpec, lr_at
 from training.stages import visual as stage
 
@@ -48,9 +49,17 @@ def training_pictures(folder: Path, count: int, seed: int) -> torch.Tensor:
     return to_tensor([Image.open(f).convert("RGB") for f in files])
 
 
-def variant(a: argparse.Namespace):
-    return replace(TINY.visual, num_queries=a.num_queries, codebook_size=a.codebook_size, code_dim=a.code_dim,
-                   width=a.width, depth=a.depth, resampler_depth=a.resampler_depth, decoder_depth=a.decoder_depth)
+def variant(args: argparse.Namespace):
+    return replace(
+        TINY.visual,
+        num_queries=args.num_queries,
+        codebook_size=args.codebook_size,
+        code_dim=args.code_dim,
+        width=args.width,
+        depth=args.depth,
+        resampler_depth=args.resampler_depth,
+        decoder_depth=args.decoder_depth,
+    )
 
 
 def continuous_loss(visual: VisualTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -63,44 +72,53 @@ def reconstruct(visual: VisualTokenizer, images: torch.Tensor, continuous: bool)
     return visual.decode(z if continuous else visual.quantize(z)[1]).clamp(-1, 1)
 
 
-def train(visual: VisualTokenizer, pictures: torch.Tensor, a: argparse.Namespace, on_judge=None) -> dict:
+def train(visual: VisualTokenizer, pictures: torch.Tensor, args: argparse.Namespace, on_judge=None) -> dict:
     """The stage's loop; every ``--judge-every`` steps (and at the end) ``on_judge(step, metrics)``."""
-    spec = StageSpec("visual", ckpt="", steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    opt = torch.optim.AdamW(visual.parameters(), lr=a.lr, weight_decay=spec.weight_decay)
-    draw = torch.Generator().manual_seed(a.seed)
+    spec = StageSpec(
+        "visual", ckpt="", steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    opt = torch.optim.AdamW(visual.parameters(), lr=args.lr, weight_decay=spec.weight_decay)
+    draw = torch.Generator().manual_seed(args.seed)
     metrics: dict = {}
-    for step in range(a.steps):
+    for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(spec, step)
-        images = pictures[torch.randint(len(pictures), (a.batch_size,), generator=draw)]
-        loss, metrics = (continuous_loss(visual, images) if a.continuous
-                         else stage.loss({"visual": visual}, images, spec, step))
+        images = pictures[torch.randint(len(pictures), (args.batch_size,), generator=draw)]
+        loss, metrics = (
+            continuous_loss(visual, images)
+            if args.continuous
+            else stage.loss({"visual": visual}, images, spec, step)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 200 == 0:
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         done = step + 1
-        if on_judge and (done == a.steps or (a.judge_every and done % a.judge_every == 0)):
+        if on_judge and (done == args.steps or (args.judge_every and done % args.judge_every == 0)):
             on_judge(done, metrics)
     return metrics
 
 
-def judge(visual: VisualTokenizer, a: argparse.Namespace) -> dict:
+def judge(visual: VisualTokenizer, args: argparse.Namespace) -> dict:
     """The look judge on the decoder's reconstructions of the held-out pictures, turned into
     pictures as ``detok_stages.py`` turns its decoder row (diffusers' image processor)."""
     from diffusers.image_processor import VaeImageProcessor
 
-    held = read_set(a.heldout, a.stories, a.segments, visual.config.image_size)
-    y = batched(lambda b: reconstruct(visual, b, a.continuous), to_tensor(held.loaded))
-    return score(held, VaeImageProcessor().postprocess(y, output_type="pil"), 0.0)
+    held = read_set(args.heldout, args.stories, args.segments, visual.config.image_size)
+    reconstructions = batched(lambda b: reconstruct(visual, b, args.continuous), to_tensor(held.loaded))
+    return score(held, VaeImageProcessor().postprocess(reconstructions, output_type="pil"), 0.0)
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", required=True, help="the variant's name in the results")
-    ap.add_argument("--data", type=Path, default=Path("data/rw-train"), help="a StoryWorld folder to train on")
-    ap.add_argument("--heldout", type=Path, default=Path("data/rw-heldout"), help="a StoryWorld folder to judge on")
+    ap.add_argument(
+        "--data", type=Path, default=Path("data/rw-train"), help="a StoryWorld folder to train on"
+    )
+    ap.add_argument(
+        "--heldout", type=Path, default=Path("data/rw-heldout"), help="a StoryWorld folder to judge on"
+    )
     ap.add_argument("--stories", type=int, default=64)
     ap.add_argument("--segments", type=int, default=3)
     ap.add_argument("--pictures", type=int, default=12000, help="training pictures held in memory")
@@ -109,51 +127,70 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--judge-every", type=int, default=0,
-                    help="also judge (and write a row) every N steps: the score against training time")
-    ap.add_argument("--restart-every", type=int, default=stage.RESTART_EVERY,
-                    help="steps between restarts of the codes unused since the last one")
-    ap.add_argument("--continuous", action="store_true", help="no codebook: the decoder reads the resampler's output")
-    v = TINY.visual
-    ap.add_argument("--num-queries", type=int, default=v.num_queries)
-    ap.add_argument("--codebook-size", type=int, default=v.codebook_size)
-    ap.add_argument("--code-dim", type=int, default=v.code_dim)
-    ap.add_argument("--width", type=int, default=v.width)
-    ap.add_argument("--depth", type=int, default=v.depth)
-    ap.add_argument("--resampler-depth", type=int, default=v.resampler_depth)
-    ap.add_argument("--decoder-depth", type=int, default=v.decoder_depth)
+    ap.add_argument(
+        "--judge-every",
+        type=int,
+        default=0,
+        help="also judge (and write a row) every N steps: the score against training time",
+    )
+    ap.add_argument(
+        "--restart-every",
+        type=int,
+        default=stage.RESTART_EVERY,
+        help="steps between restarts of the codes unused since the last one",
+    )
+    ap.add_argument(
+        "--continuous", action="store_true", help="no codebook: the decoder reads the resampler's output"
+    )
+    tiny = TINY.visual
+    ap.add_argument("--num-queries", type=int, default=tiny.num_queries)
+    ap.add_argument("--codebook-size", type=int, default=tiny.codebook_size)
+    ap.add_argument("--code-dim", type=int, default=tiny.code_dim)
+    ap.add_argument("--width", type=int, default=tiny.width)
+    ap.add_argument("--depth", type=int, default=tiny.depth)
+    ap.add_argument("--resampler-depth", type=int, default=tiny.resampler_depth)
+    ap.add_argument("--decoder-depth", type=int, default=tiny.decoder_depth)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/visual_variants.jsonl"))
     return ap.parse_args()
 
 
 def main() -> None:
-    a = parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    config = variant(a)
-    stage.RESTART_EVERY = a.restart_every
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = variant(args)
+    stage.RESTART_EVERY = args.restart_every
     visual = VisualTokenizer(config).train()
-    pictures = training_pictures(a.data, a.pictures, a.seed)
-    t0 = time.perf_counter()
+    pictures = training_pictures(args.data, args.pictures, args.seed)
+    started = time.perf_counter()
     spent = {"judging": 0.0}
 
     def on_judge(step: int, final: dict) -> None:
         start = time.perf_counter()
-        r = judge(visual.eval(), a)
+        scores = judge(visual.eval(), args)
         visual.train()
-        row = {"name": a.name, "continuous": a.continuous, "steps": step, "of_steps": a.steps,
-               "restart_every": a.restart_every, "visual": asdict(config),
-               "train_s": round(start - t0 - spent["judging"]), "final": {k: round(v, 4) for k, v in final.items()},
-               "mean": round(r["mean"], 3), "min": round(r["min"], 3),
-               "per_role": {k: round(v["right"], 3) for k, v in r["per_role"].items()},
-               "per_attribute": {k: round(v, 3) for k, v in r["per_attribute"].items()}, "place": round(r["place"], 3)}
+        row = {
+            "name": args.name,
+            "continuous": args.continuous,
+            "steps": step,
+            "of_steps": args.steps,
+            "restart_every": args.restart_every,
+            "visual": asdict(config),
+            "train_s": round(start - started - spent["judging"]),
+            "final": {k: round(v, 4) for k, v in final.items()},
+            "mean": round(scores["mean"], 3),
+            "min": round(scores["min"], 3),
+            "per_role": {k: round(v["right"], 3) for k, v in scores["per_role"].items()},
+            "per_attribute": {k: round(v, 3) for k, v in scores["per_attribute"].items()},
+            "place": round(scores["place"], 3),
+        }
         spent["judging"] += time.perf_counter() - start
         print(json.dumps(row), flush=True)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with a.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as jsonl:
+            jsonl.write(json.dumps(row) + "\n")
 
-    train(visual, pictures, a, on_judge)
+    train(visual, pictures, args, on_judge)
 
 
 if __name__ == "__main__":

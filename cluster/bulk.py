@@ -1,6 +1,7 @@
 """Bulk offline generation: a Ray Data pipeline from a Parquet of prompts to a Parquet of stories.
 
-    python -m cluster.bulk --prompts prompts.parquet --out DIR [--segments N] [--gallery] [--config ray_config.yaml]
+    python -m cluster.bulk --prompts prompts.parquet --out DIR [--segments N] [--gallery]
+                           [--config ray_config.yaml]
     ray job submit --working-dir . -- python -m cluster.bulk --prompts … --out …
 
     1. read the prompts (columns: caption, optional image bytes, optional story_id, optional seed)
@@ -11,7 +12,7 @@
        sink settings and the default checkpoint come from --config (ray_config.yaml), as serve's
     5. de-tokenizer actors: every picture of the batch -> PNG, then commit: the batch's whole
        stories become one Parquet file, written to a temporary name and renamed into place, so a
-       file is whole or absent; bad rows go to the errors table
+       file is whole or absent; bad rows go to the errors table (``cluster/bulk_output.py``)
 
 A job killed midway loses only the batches in flight; the rerun skips every committed story.
 """
@@ -20,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,10 +31,15 @@ import pyarrow.parquet as pq
 from actors.mllm.sink import SinkSettings
 from actors.tokenizer.text import caption_text
 from cluster import mllm_config
-
-SEGMENTS = pa.schema([("story_id", pa.string()), ("segment", pa.int32()), ("caption", pa.string()),
-                      ("png", pa.binary()), ("visual_codes", pa.list_(pa.int32())), ("opening", pa.string())])
-ERRORS = pa.schema([("story_id", pa.string()), ("caption", pa.string()), ("reason", pa.string())])
+from cluster.bulk_output import (
+    ERRORS,
+    atomic_write,
+    cell_caption,
+    cell_text,
+    commit,
+    committed,
+    write_gallery,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class BulkConfig:
     guidance: float = 5.0  # as the service's default: the tiny de-tokenizer draws its characters with it
     temperature: float = 0.8
     top_p: float = 0.95
-    stories_per_batch: int = 8      # stories one MLLM actor writes together
+    stories_per_batch: int = 8  # stories one MLLM actor writes together
     mllm_actors: int = 1
     render_actors: int = 1
     sink: SinkSettings = field(default_factory=SinkSettings)
@@ -61,15 +65,14 @@ class BulkConfig:
 # -- 1-2. prompts, and what is already done ----------------------------------------------------
 def story_ids(prompts: pa.Table) -> list[str]:
     """Each prompt's story id: its own column if given, else a hash of its content, so reruns agree."""
+
     def column(name: str) -> list:
         return prompts.column(name).to_pylist() if name in prompts.column_names else [None] * prompts.num_rows
 
-    return [sid if isinstance(sid, str) and sid else _digest(f"{_text(cap)}\0".encode() + _bytes(img))[:16]
-            for sid, cap, img in zip(column("story_id"), column("caption"), column("image"))]
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else ""
+    return [
+        sid if isinstance(sid, str) and sid else _digest(f"{cell_text(cap)}\0".encode() + _bytes(img))[:16]
+        for sid, cap, img in zip(column("story_id"), column("caption"), column("image"))
+    ]
 
 
 def _bytes(value) -> bytes:
@@ -86,27 +89,9 @@ def _seed(text: str) -> int:
     return int(_digest(text.encode())[:12], 16)
 
 
-def committed(out: Path) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
-    """(story id, caption) pairs in committed files: the stories (with their opening) and the error rows."""
-    return _committed_pairs(out / "segments", "opening"), _committed_pairs(out / "errors", "caption")
-
-
-def _committed_pairs(folder: Path, caption: str) -> set[tuple[str, str]]:
-    """Half-written temporaries are removed (one job writes into a folder at a time)."""
-    for tmp in folder.glob(".tmp-*"):
-        tmp.unlink()  # a commit that never reached its rename
-    pairs: set[tuple[str, str]] = set()
-    for part in sorted(folder.glob("part-*.parquet")):
-        t = pq.read_table(part, columns=["story_id", caption])
-        pairs.update(zip(t.column("story_id").to_pylist(), map(_caption, t.column(caption).to_pylist())))
-    return pairs
-
-
-def _caption(value) -> str:
-    return _text(value).strip()
-
-
-def triage(ids: list[str], captions: list[str], stories: set, errors: set) -> tuple[list[int], list[int], list[dict]]:
+def triage(
+    ids: list[str], captions: list[str], stories: set, errors: set
+) -> tuple[list[int], list[int], list[dict]]:
     """Rows to write, rows already done, and error rows for rows that may not take their story id.
 
     The first row of an id in the file wins; a later row with that id is an error. A row whose id
@@ -117,15 +102,22 @@ def triage(ids: list[str], captions: list[str], stories: set, errors: set) -> tu
     done_ids = {sid for sid, _ in stories | errors}
     first: dict[str, int] = {}
     todo, done, bad = [], [], []
-    for row, (sid, caption) in enumerate(zip(ids, map(_caption, captions))):
+    for row, (sid, caption) in enumerate(zip(ids, map(cell_caption, captions))):
         at = first.setdefault(sid, row)
         if (sid, caption) in errors or (at == row and (sid, caption) in stories):
             done.append(row)
         elif at != row:
-            bad.append({"story_id": sid, "caption": caption, "reason": f"story_id: repeated (first at row {at})"})
+            bad.append(
+                {"story_id": sid, "caption": caption, "reason": f"story_id: repeated (first at row {at})"}
+            )
         elif sid in done_ids:
-            bad.append({"story_id": sid, "caption": caption,
-                        "reason": "story_id: already committed with another caption"})
+            bad.append(
+                {
+                    "story_id": sid,
+                    "caption": caption,
+                    "reason": "story_id: already committed with another caption",
+                }
+            )
         else:
             todo.append(row)
     return todo, done, bad
@@ -141,7 +133,7 @@ class Tokenize:
     def __call__(self, batch):
         from actors.errors import InputError
 
-        captions = [_text(c).strip() for c in batch["caption"]]
+        captions = [cell_caption(c) for c in batch["caption"]]
         images = list(batch["image"]) if "image" in batch.columns else [None] * len(batch)
         has_image = [len(_bytes(i)) > 0 for i in images]
         codes = iter(self.builder.image_codes([i for i, ok in zip(images, has_image) if ok]))
@@ -170,7 +162,9 @@ class Write:
         from actors.tokenizer.text import load_text_tokenizer
 
         # The longest story: the opening plus the segments asked for.
-        self.engine = StoryEngine(EngineConfig(checkpoint, SinkSettings(**sink), max_story_segments=segments + 1))
+        self.engine = StoryEngine(
+            EngineConfig(checkpoint, SinkSettings(**sink), max_story_segments=segments + 1)
+        )
         self.driver = StoryDriver(self.engine)
         self.text = load_text_tokenizer(part_dir(checkpoint, "tokenizer"))
         self.segments, self.temperature, self.top_p = segments, temperature, top_p
@@ -181,7 +175,9 @@ class Write:
         seeds = batch["seed"] if "seed" in batch.columns else [_seed(sid) for sid in batch["story_id"]]
         for sid, prompt, error, seed in zip(batch["story_id"], batch["prompt_ids"], batch["error"], seeds):
             if not error:
-                self.engine.submit(sid, list(prompt), self.segments, Sampling(self.temperature, self.top_p, int(seed)))
+                self.engine.submit(
+                    sid, list(prompt), self.segments, Sampling(self.temperature, self.top_p, int(seed))
+                )
         written = self.driver.drain().pictures
         captions, codes = [], []
         for sid, opening in zip(batch["story_id"], batch["caption"]):
@@ -200,8 +196,8 @@ class Render:
     """Renders a batch, then commits it from the same actor call.
 
     Committing here, not in a stage of its own, is what makes a kill lose only the batches in
-    flight: Ray Data ran a separate light commit stage only once every batch had been rendered
-    (all part files appeared within 0.1 s at the end of a 50 s job), so a kill lost everything.
+    flight: Ray Data ran a separate light commit stage only once every batch had been rendered, so
+    a kill lost everything (docs/bulk.md#exactly-once).
     """
 
     def __init__(self, checkpoint: str, steps: int, guidance: float, out: str, segments: int):
@@ -216,7 +212,11 @@ class Render:
 
         jobs = [(row, k, c) for row, story in enumerate(batch["codes"]) for k, c in enumerate(story)]
         seeds = [_seed(f"{batch['story_id'].iloc[row]}/{k}") for row, k, _ in jobs]
-        images = self.model.render_seeded([c for _, _, c in jobs], seeds, self.steps, self.guidance) if jobs else []
+        images = (
+            self.model.render_seeded([c for _, _, c in jobs], seeds, self.steps, self.guidance)
+            if jobs
+            else []
+        )
         pngs = [[] for _ in range(len(batch))]
         for (row, _, _), img in zip(jobs, images):
             pngs[row].append(to_png(img))
@@ -224,154 +224,148 @@ class Render:
         return commit(batch, self.out, self.segments)
 
 
-# -- commit ---------------------------------------------------------------------------------------
-def commit(batch, out: str, segments: int):
-    """Whole stories -> one segments file; bad rows -> one errors file. Returns what it wrote."""
-    ok = batch[batch["error"] == ""]
-    bad = batch[batch["error"] != ""]
-    short = ok[[len(c) != segments for c in ok["captions"]]]
-    if len(short):  # the engine ended a story early: a bug, never a silent partial story
-        raise RuntimeError(f"stories {list(short['story_id'])} have fewer than {segments} segments")
-    rows = [{"story_id": sid, "segment": k, "caption": cap, "png": png, "visual_codes": codes, "opening": opening}
-            for sid, opening, caps, pngs, all_codes in zip(ok["story_id"], ok["caption"], ok["captions"],
-                                                            ok["pngs"], ok["codes"])
-            for k, (cap, png, codes) in enumerate(zip(caps, pngs, all_codes))]
-    _atomic_write(Path(out) / "segments", pa.Table.from_pylist(rows, schema=SEGMENTS))
-    errors = [{"story_id": s, "caption": c, "reason": r} for s, c, r in zip(bad["story_id"], bad["caption"], bad["error"])]
-    _atomic_write(Path(out) / "errors", pa.Table.from_pylist(errors, schema=ERRORS))
-    import pandas as pd
-
-    return pd.DataFrame({"stories": [len(ok)], "errors": [len(bad)]})
-
-
-def _atomic_write(folder: Path, table: pa.Table) -> None:
-    if table.num_rows == 0:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = folder / f".tmp-{name}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)  # atomic on one filesystem: readers see the whole file or none
-
-
 # -- the pipeline -----------------------------------------------------------------------------------
-def run_bulk(c: BulkConfig) -> dict:
-    out = Path(c.out)
-    t0 = time.time()
+def run_bulk(config: BulkConfig) -> dict:
+    out = Path(config.out)
+    started = time.time()
     # The driver reads the prompts (one small row each): read_parquet's file listing wants a whole
     # CPU, which the actor pools hold on a small machine. Ids are checked here, across the file.
-    prompts = pq.read_table(c.prompts)
+    prompts = pq.read_table(config.prompts)
     if "caption" not in prompts.column_names:
-        raise ValueError(f"{c.prompts} has no 'caption' column (columns: {prompts.column_names})")
+        raise ValueError(f"{config.prompts} has no 'caption' column (columns: {prompts.column_names})")
     ids = story_ids(prompts)
     todo, done, bad = triage(ids, prompts.column("caption").to_pylist(), *committed(out))
     if "story_id" in prompts.column_names:
         prompts = prompts.drop_columns(["story_id"])
     prompts = prompts.append_column("story_id", pa.array(ids, pa.string())).take(pa.array(todo, pa.int64()))
-    written = _generate(c, prompts) if todo else {"stories": 0, "errors": 0}  # nothing to do: no actors
-    _atomic_write(out / "errors", pa.Table.from_pylist(bad, schema=ERRORS))  # after the stories: see triage
-    return {"skipped": len(done), "stories": written["stories"], "errors": written["errors"] + len(bad),
-            "seconds": time.time() - t0}
+    written = _generate(config, prompts) if todo else {"stories": 0, "errors": 0}  # nothing to do: no actors
+    atomic_write(out / "errors", pa.Table.from_pylist(bad, schema=ERRORS))  # after the stories: see triage
+    return {
+        "skipped": len(done),
+        "stories": written["stories"],
+        "errors": written["errors"] + len(bad),
+        "seconds": time.time() - started,
+    }
 
 
-def _generate(c: BulkConfig, prompts: pa.Table) -> dict:
+def _generate(config: BulkConfig, prompts: pa.Table) -> dict:
     """The Ray Data pipeline over the rows to write; returns how many stories and bad rows it committed."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    ds = (ray.data.from_arrow(prompts)
-          .map_batches(Tokenize, fn_constructor_args=(c.checkpoint,), batch_size=c.stories_per_batch,
-                       batch_format="pandas", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
-          .map_batches(Write, fn_constructor_args=(c.checkpoint, asdict(c.sink), c.segments, c.temperature, c.top_p),
-                       batch_size=c.stories_per_batch, batch_format="pandas",
-                       compute=ActorPoolStrategy(size=c.mllm_actors), num_cpus=1)
-          .map_batches(Render, fn_constructor_args=(c.checkpoint, c.steps, c.guidance, c.out, c.segments),
-                       batch_size=c.stories_per_batch, batch_format="pandas",
-                       compute=ActorPoolStrategy(size=c.render_actors), num_cpus=0.5))
-    written = ds.to_pandas()
+    dataset = (
+        ray.data.from_arrow(prompts)
+        .map_batches(
+            Tokenize,
+            fn_constructor_args=(config.checkpoint,),
+            batch_size=config.stories_per_batch,
+            batch_format="pandas",
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=0.25,
+        )
+        .map_batches(
+            Write,
+            fn_constructor_args=(
+                config.checkpoint,
+                asdict(config.sink),
+                config.segments,
+                config.temperature,
+                config.top_p,
+            ),
+            batch_size=config.stories_per_batch,
+            batch_format="pandas",
+            compute=ActorPoolStrategy(size=config.mllm_actors),
+            num_cpus=1,
+        )
+        .map_batches(
+            Render,
+            fn_constructor_args=(
+                config.checkpoint,
+                config.steps,
+                config.guidance,
+                config.out,
+                config.segments,
+            ),
+            batch_size=config.stories_per_batch,
+            batch_format="pandas",
+            compute=ActorPoolStrategy(size=config.render_actors),
+            num_cpus=0.5,
+        )
+    )
+    written = dataset.to_pandas()
     return {k: int(written[k].sum()) if len(written) else 0 for k in ("stories", "errors")}
-
-
-def read_stories(out: str | Path) -> pa.Table:
-    """Every committed segment row, sorted by story and segment."""
-    parts = sorted((Path(out) / "segments").glob("part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SEGMENTS.empty_table()
-    return table.sort_by([("story_id", "ascending"), ("segment", "ascending")])
-
-
-def read_errors(out: str | Path) -> pa.Table:
-    parts = sorted((Path(out) / "errors").glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else ERRORS.empty_table()
-
-
-def write_gallery(out: Path, limit: int = 50) -> Path:
-    """gallery/<story_id>/story.html for up to ``limit`` stories, and gallery.html linking them."""
-    import html
-
-    from seedstory_client import Story, StorySegment, write_story
-
-    stories: dict[str, Story] = {}
-    for row in read_stories(out).to_pylist():
-        story = stories.setdefault(row["story_id"], Story(story_id=row["story_id"]))
-        story.segments.append(StorySegment(row["segment"], row["caption"], row["png"], row["visual_codes"]))
-    links = []
-    for sid, story in list(stories.items())[:limit]:
-        write_story(out / "gallery" / sid, story)
-        links.append(f"<li><a href='gallery/{sid}/story.html'>{html.escape(story.segments[0].caption)}</a></li>")
-    page = out / "gallery.html"
-    page.write_text(f"<!doctype html><meta charset=utf-8><title>seedstory bulk</title><h1>{len(stories)} stories"
-                    f"</h1><ul>{''.join(links)}</ul>\n")
-    return page
 
 
 # -- the command: `seedstory bulk` and `python -m cluster.bulk` ------------------------------------------
 def add_command(commands) -> argparse.ArgumentParser:
     """``seedstory bulk``, registered on the ``seedstory`` parser's subcommands."""
-    p = commands.add_parser("bulk", help="Parquet of prompts -> Parquet of stories, as a Ray Data job (also: "
-                                         "python -m cluster.bulk under `ray job submit`)")
-    add_arguments(p)
-    p.set_defaults(func=run_cli)
-    return p
+    bulk_parser = commands.add_parser(
+        "bulk",
+        help="Parquet of prompts -> Parquet of stories, as a Ray Data job (also: "
+        "python -m cluster.bulk under `ray job submit`)",
+    )
+    add_arguments(bulk_parser)
+    bulk_parser.set_defaults(func=run_cli)
+    return bulk_parser
 
 
 def parser() -> argparse.ArgumentParser:
     """``python -m cluster.bulk`` (as ``ray job submit`` runs it): the same options."""
-    p = argparse.ArgumentParser(prog="seedstory bulk", description="Parquet of prompts -> Parquet of stories.")
-    add_arguments(p)
-    return p
+    bulk_parser = argparse.ArgumentParser(
+        prog="seedstory bulk", description="Parquet of prompts -> Parquet of stories."
+    )
+    add_arguments(bulk_parser)
+    return bulk_parser
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", required=True, help="Parquet with a caption column (+ image, story_id, seed)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--ckpt", help="checkpoint folder (default: the config's: the embedded tiny model)")
-    p.add_argument("--segments", type=int, default=10)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=BulkConfig.guidance, help="classifier-free guidance")
-    p.add_argument("--stories-per-batch", type=int, default=8)
-    p.add_argument("--mllm-actors", type=int, default=1)
-    p.add_argument("--render-actors", type=int, default=1)
-    p.add_argument("--gallery", action="store_true", help="also write gallery.html")
-    mllm_config.add_arguments(p)
+def add_arguments(bulk_parser: argparse.ArgumentParser) -> None:
+    bulk_parser.add_argument(
+        "--prompts", required=True, help="Parquet with a caption column (+ image, story_id, seed)"
+    )
+    bulk_parser.add_argument("--out", required=True)
+    bulk_parser.add_argument(
+        "--ckpt", help="checkpoint folder (default: the config's: the embedded tiny model)"
+    )
+    bulk_parser.add_argument("--segments", type=int, default=10)
+    bulk_parser.add_argument("--steps", type=int, default=20)
+    bulk_parser.add_argument(
+        "--guidance", type=float, default=BulkConfig.guidance, help="classifier-free guidance"
+    )
+    bulk_parser.add_argument("--stories-per-batch", type=int, default=8)
+    bulk_parser.add_argument("--mllm-actors", type=int, default=1)
+    bulk_parser.add_argument("--render-actors", type=int, default=1)
+    bulk_parser.add_argument("--gallery", action="store_true", help="also write gallery.html")
+    mllm_config.add_arguments(bulk_parser)
 
 
 def main(argv: list[str] | None = None) -> None:
     run_cli(parser().parse_args(argv))
 
 
-def run_cli(a: argparse.Namespace) -> None:
+def run_cli(args: argparse.Namespace) -> None:
     import ray
 
-    out = Path(a.out)
-    ckpt, sink = mllm_config.resolve(a)
-    config = BulkConfig(a.prompts, str(out), str(_checkpoint(ckpt, a.ckpt, out).resolve()), a.segments, a.steps,
-                        a.guidance, stories_per_batch=a.stories_per_batch, mllm_actors=a.mllm_actors,
-                        render_actors=a.render_actors, sink=sink)
+    out = Path(args.out)
+    ckpt, sink = mllm_config.resolve(args)
+    config = BulkConfig(
+        args.prompts,
+        str(out),
+        str(_checkpoint(ckpt, args.ckpt, out).resolve()),
+        args.segments,
+        args.steps,
+        args.guidance,
+        stories_per_batch=args.stories_per_batch,
+        mllm_actors=args.mllm_actors,
+        render_actors=args.render_actors,
+        sink=sink,
+    )
     ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS under `ray job submit`
     summary = run_bulk(config)
-    print(f"bulk: {summary['stories']} stories written, {summary['errors']} bad rows, {summary['skipped']} "
-          f"already done, in {summary['seconds']:.1f}s -> {out / 'segments'}")
-    if a.gallery:
+    print(
+        f"bulk: {summary['stories']} stories written, {summary['errors']} bad rows, {summary['skipped']} "
+        f"already done, in {summary['seconds']:.1f}s -> {out / 'segments'}"
+    )
+    if args.gallery:
         print(f"gallery: {write_gallery(out)}")
 
 

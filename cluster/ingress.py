@@ -30,25 +30,26 @@ import logging
 import time
 import uuid
 import zlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from ray import serve
 from ray.util import metrics
-from seedstory_client.v1.story_pb2 import CaptionEvent, ImageEvent, StoryEvent, StoryStats
 
 from actors.checkpoint import read_manifest
 from actors.errors import InputError
 from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
 from actors.tokenizer.text import segment_ids
-from cluster.app import AppSettings
 from cluster.recovery import Recovery, StageUnavailable, within
 from cluster.requests import StorySpec, check_request
-
+from cluster.settings import AppSettings
+from seedstory_client.v1.story_pb2 import CaptionEvent, ImageEvent, StoryEvent, StoryStats
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, tagged with the request id
-INGRESS_LOST = ("ingress: the replica serving this story was lost; the segments received are final, "
-                "continue the story with story_so_far")
+INGRESS_LOST = (
+    "ingress: the replica serving this story was lost; the segments received are final, "
+    "continue the story with story_so_far"
+)
 
 
 class StoryError(Exception):
@@ -70,14 +71,22 @@ class StoryIngress:
         self.layout = manifest.tokens
         self.tokenizer, self.mllm, self.detokenizer = tokenizer, mllm, detokenizer
         self.active = 0
-        self.m_stage = metrics.Histogram("seedstory_stage_seconds", "per-stage latency",
-                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120],
-                                         tag_keys=("stage",))
+        self.m_stage = metrics.Histogram(
+            "seedstory_stage_seconds",
+            "per-stage latency",
+            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120],
+            tag_keys=("stage",),
+        )
         self.m_stories = metrics.Counter("seedstory_stories", "stories by outcome", tag_keys=("outcome",))
-        self.m_resumes = metrics.Counter("seedstory_resumes", "pool replicas lost under a running story, "
-                                         "by stage (each one resumed or retried elsewhere)", tag_keys=("stage",))
+        self.m_resumes = metrics.Counter(
+            "seedstory_resumes",
+            "pool replicas lost under a running story, by stage (each one resumed or retried elsewhere)",
+            tag_keys=("stage",),
+        )
         self.m_active = metrics.Gauge("seedstory_stories_active", "stories in flight at this ingress replica")
-        self.m_renders = metrics.Gauge("seedstory_render_queue", "pictures sent to the de-tokenizer, not yet back")
+        self.m_renders = metrics.Gauge(
+            "seedstory_render_queue", "pictures sent to the de-tokenizer, not yet back"
+        )
         self.pending_renders = 0
 
     async def GenerateStory(self, request, grpc_context) -> AsyncIterator[StoryEvent]:
@@ -109,9 +118,13 @@ class StoryIngress:
         except InputError as e:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         if self.active >= self.settings.max_stories_per_replica:
-            self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       f"{self.active} stories in flight, the limit is {self.settings.max_stories_per_replica}; "
-                       "retry later", "refused")
+            self._fail(
+                grpc_context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.active} stories in flight, the limit is {self.settings.max_stories_per_replica}; "
+                "retry later",
+                "refused",
+            )
         self.active += 1
         self.m_active.set(self.active)
         outcome = "cancelled"  # stays so if Serve cancels us (client gone, deadline)
@@ -124,27 +137,39 @@ class StoryIngress:
             raise
         except StageUnavailable as e:
             outcome = ""
-            self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, f"{e}; the segments sent so far are final, "
-                       "continue the story with story_so_far", "unavailable")
+            self._fail(
+                grpc_context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"{e}; the segments sent so far are final, continue the story with story_so_far",
+                "unavailable",
+            )
         except Exception as e:
             outcome = ""
             log.error(f"story {story_id}: INTERNAL: {type(e).__name__}", exc_info=e)  # the details stay here
-            self._fail(grpc_context, grpc.StatusCode.INTERNAL,
-                       f"story {story_id} failed inside the service; its log has the details", "error")
+            self._fail(
+                grpc_context,
+                grpc.StatusCode.INTERNAL,
+                f"story {story_id} failed inside the service; its log has the details",
+                "error",
+            )
         finally:
             self.active -= 1
             self.m_active.set(self.active)
             if outcome:
                 self.m_stories.inc(tags={"outcome": outcome})
             if outcome == "cancelled":
-                log.info(f"story {story_id}: CANCELLED: the client cancelled, disconnected or ran out of time")
+                log.info(
+                    f"story {story_id}: CANCELLED: the client cancelled, disconnected or ran out of time"
+                )
 
     # -- checks ----------------------------------------------------------------------------
     def _authorize(self, ctx) -> None:
         # compare_digest: the time taken must not tell how much of a guessed token was right.
         sent = dict(ctx.invocation_metadata()).get("authorization", "")
         if self.token and not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
-            self._fail(ctx, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", "unauthenticated")
+            self._fail(
+                ctx, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", "unauthenticated"
+            )
 
     def _lost(self, story_id: str, stage: str) -> None:
         log.warning(f"story {story_id}: {stage}: a replica was lost under it; going on with another")
@@ -158,10 +183,20 @@ class StoryIngress:
 
     # -- one story -------------------------------------------------------------------------
     async def _story(self, spec: StorySpec, story_id: str, received: float, ctx) -> AsyncIterator[StoryEvent]:
-        s = self.settings
-        recovery = Recovery(s.max_resumes, s.resume_deadline_s, on_loss=lambda stage: self._lost(story_id, stage))
-        prep = await recovery.call("tokenizer", lambda timeout: within(self.tokenizer.prompt.remote(
-            spec.caption, spec.caption_ids, spec.start_image, spec.story_so_far), timeout))
+        recovery = Recovery(
+            self.settings.max_resumes,
+            self.settings.resume_deadline_s,
+            on_loss=lambda stage: self._lost(story_id, stage),
+        )
+        prep = await recovery.call(
+            "tokenizer",
+            lambda timeout: within(
+                self.tokenizer.prompt.remote(
+                    spec.caption, spec.caption_ids, spec.start_image, spec.story_so_far
+                ),
+                timeout,
+            ),
+        )
         tokenized = time.time()
         self.m_stage.observe(tokenized - received, tags={"stage": "tokenize"})
         if "error" in prep:
@@ -176,10 +211,14 @@ class StoryIngress:
                     raise item
                 yield item
             if run.end is not None and run.end.truncated:  # every segment written is delivered first
-                self._fail(ctx, grpc.StatusCode.OUT_OF_RANGE,
-                           f"segments: the MLLM's length limit ended the story after {run.pictures} of "
-                           f"{spec.segments} segments (dense attention keeps every token); ask for fewer "
-                           "segments or serve a sink mode", "truncated")
+                self._fail(
+                    ctx,
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"segments: the MLLM's length limit ended the story after {run.pictures} of "
+                    f"{spec.segments} segments (dense attention keeps every token); ask for fewer "
+                    "segments or serve a sink mode",
+                    "truncated",
+                )
             _context_ok(ctx)
             yield run.stats(received, tokenized)
             self.m_stage.observe(time.time() - received, tags={"stage": "story"})
@@ -203,21 +242,34 @@ class _StoryRun:
     the story's exact state: the tokens the MLLM wrote for every event passed on, from which a
     lost MLLM replica's story resumes."""
 
-    def __init__(self, ingress: StoryIngress, spec: StorySpec, story_id: str, prep: dict,
-                 recovery: Recovery, out: asyncio.Queue):
-        self.ingress, self.spec, self.story_id, self.recovery, self.out = ingress, spec, story_id, recovery, out
+    def __init__(
+        self,
+        ingress: StoryIngress,
+        spec: StorySpec,
+        story_id: str,
+        prep: dict,
+        recovery: Recovery,
+        out: asyncio.Queue,
+    ):
+        self.ingress, self.spec, self.story_id, self.recovery, self.out = (
+            ingress,
+            spec,
+            story_id,
+            recovery,
+            out,
+        )
         self.prompt_ids: list[int] = prep["prompt_ids"]
         self.opening = (prep["caption_ids"], prep["caption"])  # the request's own caption, for event 0
-        self.output: list[int] = []      # tokens written for the events passed on (caption ids, pictures)
-        self.captions = 0                # captions sent to the client
-        self.renders: list[tuple] = []   # (index, render task, codes_at, codes), in segment order
-        self.sent = 0                    # pictures sent to the client
-        self.ready = asyncio.Event()     # set when a render is added or the writing ends
+        self.output: list[int] = []  # tokens written for the events passed on (caption ids, pictures)
+        self.captions = 0  # captions sent to the client
+        self.renders: list[tuple] = []  # (index, render task, codes_at, codes), in segment order
+        self.sent = 0  # pictures sent to the client
+        self.ready = asyncio.Event()  # set when a render is added or the writing ends
         self.written = False
         self.attempts = 0
         self.stream = None
         self.end: StoryEnd | None = None
-        self.tokens_before = 0           # output tokens of the attempts before the last
+        self.tokens_before = 0  # output tokens of the attempts before the last
         self.render_s = 0.0
         self.last_at = 0.0
 
@@ -257,7 +309,8 @@ class _StoryRun:
         if self.stream is not None:
             self.stream.cancel()  # the lost attempt's, in case its replica still runs it
         self.stream = self.ingress.mllm.options(stream=True).generate.remote(
-            request_id, self.prompt_ids + self.output, left, self.spec.sampling)
+            request_id, self.prompt_ids + self.output, left, self.spec.sampling
+        )
         events = aiter(self.stream)
         self.on_mllm(await within(anext(events), timeout), base)  # a resume waits at most `timeout`
         self.recovery.recovered("mllm")
@@ -276,11 +329,15 @@ class _StoryRun:
 
     def on_caption(self, ev: CaptionWritten, index: int) -> None:
         self.output += ev.caption_ids  # empty for a caption the prompt ended with
-        if index < self.captions:      # a resume whose prompt ended with it: the client has it
+        if index < self.captions:  # a resume whose prompt ended with it: the client has it
             return
         ids, text = (ev.caption_ids, ev.caption) if ev.caption_ids else self.opening
-        self.out.put_nowait(_event(self.story_id, caption=CaptionEvent(
-            index=index, caption=text, caption_ids=ids, written_at=ev.at)))
+        self.out.put_nowait(
+            _event(
+                self.story_id,
+                caption=CaptionEvent(index=index, caption=text, caption_ids=ids, written_at=ev.at),
+            )
+        )
         self.captions += 1
         if self.last_at:
             self.ingress.m_stage.observe(ev.at - self.last_at, tags={"stage": "segment"})
@@ -288,9 +345,17 @@ class _StoryRun:
 
     # -- rendering -------------------------------------------------------------------------
     def start_render(self, index: int, codes: list[int], codes_at: float) -> None:
-        job = {"codes": codes, "steps": self.spec.steps, "guidance": self.spec.guidance, "seed": self.seed(index)}
-        task = asyncio.create_task(self.recovery.call(
-            "detokenizer", lambda timeout: within(self.ingress.detokenizer.render.remote(job), timeout)))
+        job = {
+            "codes": codes,
+            "steps": self.spec.steps,
+            "guidance": self.spec.guidance,
+            "seed": self.seed(index),
+        }
+        task = asyncio.create_task(
+            self.recovery.call(
+                "detokenizer", lambda timeout: within(self.ingress.detokenizer.render.remote(job), timeout)
+            )
+        )
         task.add_done_callback(self.render_done)
         self.renders.append((index, task, codes_at, codes))
         self.ingress.pending_renders += 1
@@ -312,35 +377,58 @@ class _StoryRun:
                 continue
             index, task, codes_at, codes = self.renders[self.sent]
             try:
-                img = await task
+                rendered = await task
             except Exception:
                 return  # render_done has passed the error on
-            self.ingress.m_stage.observe(img["end"] - img["start"], tags={"stage": "render"})
-            self.render_s += (img["end"] - img["start"]) / img["batch"]
-            self.out.put_nowait(_event(self.story_id, image=ImageEvent(
-                index=index, png=img["png"], visual_codes=codes, width=img["width"], height=img["height"],
-                codes_at=codes_at, render_start=img["start"], render_end=img["end"])))
+            self.ingress.m_stage.observe(rendered["end"] - rendered["start"], tags={"stage": "render"})
+            self.render_s += (rendered["end"] - rendered["start"]) / rendered["batch"]
+            self.out.put_nowait(
+                _event(
+                    self.story_id,
+                    image=ImageEvent(
+                        index=index,
+                        png=rendered["png"],
+                        visual_codes=codes,
+                        width=rendered["width"],
+                        height=rendered["height"],
+                        codes_at=codes_at,
+                        render_start=rendered["start"],
+                        render_end=rendered["end"],
+                    ),
+                )
+            )
             self.sent += 1
 
     def seed(self, index: int) -> int:
-        base = self.spec.render_seed if self.spec.render_seed is not None else zlib.crc32(self.story_id.encode())
+        base = (
+            self.spec.render_seed if self.spec.render_seed is not None else zlib.crc32(self.story_id.encode())
+        )
         return (base + index) % (1 << 63)
 
     def stats(self, received: float, tokenized: float) -> StoryEvent:
         end = self.end or StoryEnd(self.story_id, False, len(self.prompt_ids), 0, at=time.time())
         mllm_s = end.at - tokenized
         out_tokens = self.tokens_before + end.output_tokens
-        return _event(self.story_id, done=StoryStats(
-            prompt_tokens=len(self.prompt_ids), output_tokens=out_tokens,
-            peak_kv_blocks=end.peak_blocks, kv_block_bytes=end.block_bytes,
-            tokenize_s=tokenized - received, mllm_s=mllm_s, render_s=self.render_s,
-            total_s=time.time() - received, tokens_per_s=out_tokens / mllm_s if mllm_s > 0 else 0.0,
-            resumes=self.recovery.resumes))
+        return _event(
+            self.story_id,
+            done=StoryStats(
+                prompt_tokens=len(self.prompt_ids),
+                output_tokens=out_tokens,
+                peak_kv_blocks=end.peak_blocks,
+                kv_block_bytes=end.block_bytes,
+                tokenize_s=tokenized - received,
+                mllm_s=mllm_s,
+                render_s=self.render_s,
+                total_s=time.time() - received,
+                tokens_per_s=out_tokens / mllm_s if mllm_s > 0 else 0.0,
+                resumes=self.recovery.resumes,
+            ),
+        )
 
     def cancel(self) -> None:
         """Drop everything still in flight: the MLLM stream (frees the KV blocks) and pending renders."""
         if self.stream is not None:
             self.stream.cancel()
-        for _, task, _, _ in self.renders[self.sent:]:
+        for _, task, _, _ in self.renders[self.sent :]:
             task.cancel()
         self.sent = self.pictures

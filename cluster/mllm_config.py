@@ -12,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from actors.mllm.sink import MODES, NEIGHBOURHOODS, SinkSettings
-from cluster.app import AppSettings
 from cluster.serving import CONFIG, load_config
+from cluster.settings import AppSettings
 
 
 def app_settings(config: str | Path = CONFIG) -> AppSettings:
@@ -21,21 +21,33 @@ def app_settings(config: str | Path = CONFIG) -> AppSettings:
     return AppSettings.from_args(load_config(config)["applications"][0]["args"])
 
 
-def add_arguments(p: argparse.ArgumentParser, sink_mode: bool = True) -> None:
+def add_arguments(parser: argparse.ArgumentParser, sink_mode: bool = True) -> None:
     """--config and the sink flags. ``sink_mode=False`` for a command that picks modes itself (eval)."""
-    p.add_argument("--config", default=str(CONFIG),
-                   help="Serve config to take the sink settings and the default checkpoint from "
-                        "(default: the project's ray_config.yaml)")
+    parser.add_argument(
+        "--config",
+        default=str(CONFIG),
+        help="Serve config to take the sink settings and the default checkpoint from "
+        "(default: the project's ray_config.yaml)",
+    )
     if sink_mode:
-        p.add_argument("--sink-mode", choices=MODES, help="attention sink mode (default: the config's)")
-    p.add_argument("--sink-tokens", type=int, help="first tokens every story keeps (default: the config's)")
-    p.add_argument("--sink-segments", type=int,
-                   help="opening segments every story keeps whole, whatever their length (default: the config's)")
-    p.add_argument("--window-segments", type=int, help="segments in the window (default: the config's)")
-    p.add_argument("--neighbourhoods", type=neighbourhoods, metavar="B,A,B,A",
-                   help="multimodal sink: tokens kept before/after each old <img> and before/after each old "
-                        "</img>, e.g. 4,7,8,3; 'scaled': SEED-Story's scaled to the checkpoint's Q "
-                        "(default: the config's)")
+        parser.add_argument("--sink-mode", choices=MODES, help="attention sink mode (default: the config's)")
+    parser.add_argument(
+        "--sink-tokens", type=int, help="first tokens every story keeps (default: the config's)"
+    )
+    parser.add_argument(
+        "--sink-segments",
+        type=int,
+        help="opening segments every story keeps whole, whatever their length (default: the config's)",
+    )
+    parser.add_argument("--window-segments", type=int, help="segments in the window (default: the config's)")
+    parser.add_argument(
+        "--neighbourhoods",
+        type=neighbourhoods,
+        metavar="B,A,B,A",
+        help="multimodal sink: tokens kept before/after each old <img> and before/after each old "
+        "</img>, e.g. 4,7,8,3; 'scaled': SEED-Story's scaled to the checkpoint's Q "
+        "(default: the config's)",
+    )
 
 
 def neighbourhoods(text: str) -> dict[str, int | None]:
@@ -48,15 +60,19 @@ def neighbourhoods(text: str) -> dict[str, int | None]:
     return dict(zip(NEIGHBOURHOODS, map(int, counts)))
 
 
-def sink(a: argparse.Namespace, settings: AppSettings) -> SinkSettings:
+def sink(args: argparse.Namespace, settings: AppSettings) -> SinkSettings:
     """The config's sink, with the flags given on top."""
-    given = {"mode": getattr(a, "sink_mode", None), "sink_tokens": a.sink_tokens,
-             "sink_segments": a.sink_segments, "window_segments": a.window_segments}
-    s = replace(settings.sink, **{k: v for k, v in given.items() if v is not None})
-    return replace(s, **a.neighbourhoods) if a.neighbourhoods is not None else s
+    given = {
+        "mode": getattr(args, "sink_mode", None),
+        "sink_tokens": args.sink_tokens,
+        "sink_segments": args.sink_segments,
+        "window_segments": args.window_segments,
+    }
+    flagged = replace(settings.sink, **{k: v for k, v in given.items() if v is not None})
+    return replace(flagged, **args.neighbourhoods) if args.neighbourhoods is not None else flagged
 
 
-def resolve(a: argparse.Namespace) -> tuple[Path, SinkSettings]:
+def resolve(args: argparse.Namespace) -> tuple[Path, SinkSettings]:
     """The checkpoint (--ckpt, else the config's) and the sink settings a command runs the MLLM with."""
-    settings = app_settings(a.config)
-    return Path(a.ckpt) if a.ckpt else Path(settings.checkpoint), sink(a, settings)
+    settings = app_settings(args.config)
+    return Path(args.ckpt) if args.ckpt else Path(settings.checkpoint), sink(args, settings)

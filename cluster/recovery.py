@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
@@ -44,8 +45,16 @@ def failure_kind(error: BaseException) -> str | None:
     error = cause(error)
     if isinstance(error, PoolFailure):
         return REFUSED if error.refused else LOST
-    if isinstance(error, (ray_errors.RayActorError, ray_errors.WorkerCrashedError, ray_errors.NodeDiedError,
-                          ray_errors.OwnerDiedError, serve_errors.ReplicaUnavailableError)):
+    if isinstance(
+        error,
+        (
+            ray_errors.RayActorError,
+            ray_errors.WorkerCrashedError,
+            ray_errors.NodeDiedError,
+            ray_errors.OwnerDiedError,
+            serve_errors.ReplicaUnavailableError,
+        ),
+    ):
         return LOST
     if isinstance(error, serve_errors.DeploymentUnavailableError):
         return REFUSED
@@ -68,11 +77,12 @@ def replica_key(error: BaseException) -> object:
 @dataclass
 class Recovery:
     """One story's losses, per stage."""
+
     max_resumes: int
     deadline_s: float
     pause_s: float = 1.0
-    on_loss: Callable[[str], None] = lambda stage: None    # told of each newly lost replica
-    lost: dict[str, set] = field(default_factory=dict)        # stage -> lost replicas
+    on_loss: Callable[[str], None] = lambda stage: None  # told of each newly lost replica
+    lost: dict[str, set] = field(default_factory=dict)  # stage -> lost replicas
     failing_since: dict[str, float] = field(default_factory=dict)  # stage -> first failure not yet recovered
 
     async def after(self, stage: str, error: BaseException) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.app import ROOT
+from cluster.settings import ROOT
 
 CONFIG = ROOT / "ray_config.yaml"
 
@@ -60,9 +60,11 @@ def deploy(config: dict, timeout_s: float = 300) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
-                                   proxy_location=schema.proxy_location)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+    )
     client.deploy_apps(schema, _blocking=False)
     wait_running([app.name for app in schema.applications], timeout_s)
 
@@ -74,41 +76,50 @@ def wait_running(names: list[str], timeout_s: float) -> None:
     while True:
         apps = serve.status().applications
         states = {name: apps[name] if name in apps else None for name in names}
-        failed = {n: a.message for n, a in states.items() if a is not None and a.status == "DEPLOY_FAILED"}
+        failed = {
+            n: app.message for n, app in states.items() if app is not None and app.status == "DEPLOY_FAILED"
+        }
         if failed:
             raise RuntimeError(f"deploy failed: {failed}")
-        if all(a is not None and a.status == "RUNNING" for a in states.values()):
+        if all(app is not None and app.status == "RUNNING" for app in states.values()):
             return
         if time.time() > deadline:
-            raise TimeoutError(f"applications not RUNNING after {timeout_s}s: "
-                               f"{ {n: (a.status if a else 'absent') for n, a in states.items()} } "
-                               "(do the replicas' num_cpus/num_gpus fit the cluster? see `ray status`)")
+            raise TimeoutError(
+                f"applications not RUNNING after {timeout_s}s: "
+                f"{ {n: (app.status if app else 'absent') for n, app in states.items()} } "
+                "(do the replicas' num_cpus/num_gpus fit the cluster? see `ray status`)"
+            )
         time.sleep(0.5)
 
 
 # -- the command: `seedstory serve` ------------------------------------------------------------------
 def add_command(commands) -> argparse.ArgumentParser:
     """``seedstory serve``, registered on the ``seedstory`` parser's subcommands."""
-    sv = commands.add_parser("serve", help="start Ray (or join --address) and deploy the story cluster")
-    sv.add_argument("--config", default=str(CONFIG))
-    sv.add_argument("--ckpt", help="checkpoint folder (default: the config's)")
-    sv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
-    sv.set_defaults(func=run_command)
-    return sv
+    serve_parser = commands.add_parser(
+        "serve", help="start Ray (or join --address) and deploy the story cluster"
+    )
+    serve_parser.add_argument("--config", default=str(CONFIG))
+    serve_parser.add_argument("--ckpt", help="checkpoint folder (default: the config's)")
+    serve_parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    serve_parser.set_defaults(func=run_command)
+    return serve_parser
 
 
-def run_command(a: argparse.Namespace) -> None:
+def run_command(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    config = load_config(a.config)
-    if a.ckpt:
-        config = with_args(config, checkpoint=str(Path(a.ckpt).resolve()))
-    ray.init(address=a.address, include_dashboard=False)
-    t0 = time.time()
+    config = load_config(args.config)
+    if args.ckpt:
+        config = with_args(config, checkpoint=str(Path(args.ckpt).resolve()))
+    ray.init(address=args.address, include_dashboard=False)
+    started = time.time()
     deploy(config)
-    print(f"serving {a.config} in {time.time() - t0:.1f}s: gRPC {grpc_target(config)}, "
-          f"HTTP :{config['http_options']['port']} (Ctrl-C stops)", flush=True)
+    print(
+        f"serving {args.config} in {time.time() - started:.1f}s: gRPC {grpc_target(config)}, "
+        f"HTTP :{config['http_options']['port']} (Ctrl-C stops)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

@@ -11,4 +11,7 @@ if ! command -v chromium >/dev/null 2>&1; then
         echo "warning: no chromium on PATH and no root apt-get; the browser test will fail" >&2
     fi
 fi
+# The linter and the formatter first (configured in pyproject.toml): CI fails on either.
+ruff check .
+ruff format --check .
 exec python -m pytest "$@"

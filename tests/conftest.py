@@ -19,7 +19,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def storyworld(tmp_path_factory):
     """Six 30-segment stories at 64 px in the official layout; tests copy it before changing it."""
-    from training.storyworld import write_storyworld
+    from training.storyworld_writer import write_storyworld
 
     out = tmp_path_factory.mktemp("storyworld")
     write_storyworld(out, stories=6, segments=30, seed=7, size=64)
@@ -53,9 +53,23 @@ def story_service(ray_cluster, tiny_ckpt):
 
     from cluster.serving import deploy, grpc_target, load_config, with_args, with_deployment
 
-    config = with_args(load_config(), checkpoint=str(tiny_ckpt), auth_token=TOKEN, max_stories_per_replica=2,
-                       max_resumes=1)
+    config = with_args(
+        load_config(), checkpoint=str(tiny_ckpt), auth_token=TOKEN, max_stories_per_replica=2, max_resumes=1
+    )
     config = with_deployment(config, "StoryIngress", num_replicas=1)
     deploy(config)
     yield SimpleNamespace(target=grpc_target(config), token=TOKEN, config=config)
     serve.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where torch sees a CUDA device; elsewhere they are skipped,
+    saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

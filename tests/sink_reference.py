@@ -34,8 +34,8 @@ def kept_mask(ids: list[int], p: SinkParams) -> list[bool]:
     old = max(0, len(ends) - p.window_segments)
     keep = [i > ends[old - 1] if old else True for i in range(n)]
     if p.mode in ("streaming", "multimodal"):
-        keep[:p.sink_tokens] = [True] * min(p.sink_tokens, n)
-        opening = ends[:p.sink_segments]
+        keep[: p.sink_tokens] = [True] * min(p.sink_tokens, n)
+        opening = ends[: p.sink_segments]
         end = opening[-1] + 1 if opening else 0
         keep[:end] = [True] * end
     for j in range(old if p.mode == "multimodal" else 0):

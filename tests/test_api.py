@@ -6,10 +6,10 @@ import runpy
 from pathlib import Path
 
 import pytest
-from seedstory_client import API_VERSION, __version__, build_request
 
 from actors.errors import InputError
 from cluster.requests import StoryLimits, check_request
+from seedstory_client import API_VERSION, __version__, build_request
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "clients" / "python"
@@ -17,14 +17,19 @@ CLIENT = ROOT / "clients" / "python"
 
 def test_the_client_packages_stubs_match_the_proto(tmp_path):
     """The only stubs in the project are the client package's; the server imports them from there."""
-    generator = runpy.run_path(str(CLIENT / "generate_stubs.py"))  # a checkout's tool, not an installed module
+    generator = runpy.run_path(
+        str(CLIENT / "generate_stubs.py")
+    )  # a checkout's tool, not an installed module
     fresh = generator["generate"](tmp_path)
     for path in fresh:
         committed = CLIENT / "seedstory_client" / "v1" / path.name
-        assert committed.read_bytes() == path.read_bytes(), \
+        assert committed.read_bytes() == path.read_bytes(), (
             f"{path.name} is stale: run `python clients/python/generate_stubs.py`"
+        )
     assert {p.name for p in fresh} == set(generator["STUBS"])
-    assert not [p for p in ROOT.glob("[!.]*/**/*_pb2*.py") if CLIENT not in p.parents], "a second copy of the stubs"
+    assert not [p for p in ROOT.glob("[!.]*/**/*_pb2*.py") if CLIENT not in p.parents], (
+        "a second copy of the stubs"
+    )
 
 
 def test_the_api_version_is_the_proto_package_and_the_client_major_version():
@@ -36,7 +41,9 @@ def test_the_api_version_is_the_proto_package_and_the_client_major_version():
 
 def test_a_good_request_becomes_a_plain_spec_with_the_servers_defaults():
     limits = StoryLimits()
-    spec = check_request(build_request("  Milo walks.  ", story_so_far=[("Milo sits.", [1] * 16)]), limits, 16, 256)
+    spec = check_request(
+        build_request("  Milo walks.  ", story_so_far=[("Milo sits.", [1] * 16)]), limits, 16, 256
+    )
     assert spec.caption == "Milo walks." and spec.segments == limits.default_segments
     assert spec.steps == limits.default_steps and spec.guidance == limits.default_guidance
     assert spec.sampling == {"temperature": pytest.approx(0.8), "top_p": pytest.approx(0.95), "seed": None}
@@ -44,15 +51,18 @@ def test_a_good_request_becomes_a_plain_spec_with_the_servers_defaults():
     assert spec.story_so_far == [{"caption": "Milo sits.", "caption_ids": [], "visual_codes": [1] * 16}]
 
 
-@pytest.mark.parametrize("request_kwargs,field", [
-    (dict(caption=""), "caption"),
-    (dict(caption="x", segments=26), "segments"),
-    (dict(caption="x", temperature=-1), "sampling.temperature"),
-    (dict(caption="x", guidance=float("nan")), "rendering.guidance"),
-    (dict(caption="x", story_so_far=[("", [1] * 16)]), "story_so_far[0].caption"),
-    (dict(caption="x", story_so_far=[("a", [1] * 15)]), "story_so_far[0].visual_codes"),
-    (dict(caption="x", story_so_far=[("a", [256] * 16)]), "story_so_far[0].visual_codes"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs,field",
+    [
+        (dict(caption=""), "caption"),
+        (dict(caption="x", segments=26), "segments"),
+        (dict(caption="x", temperature=-1), "sampling.temperature"),
+        (dict(caption="x", guidance=float("nan")), "rendering.guidance"),
+        (dict(caption="x", story_so_far=[("", [1] * 16)]), "story_so_far[0].caption"),
+        (dict(caption="x", story_so_far=[("a", [1] * 15)]), "story_so_far[0].visual_codes"),
+        (dict(caption="x", story_so_far=[("a", [256] * 16)]), "story_so_far[0].visual_codes"),
+    ],
+)
 def test_each_bad_field_is_named(request_kwargs, field):
     with pytest.raises(InputError) as err:
         check_request(build_request(**request_kwargs), StoryLimits(), 16, 256)

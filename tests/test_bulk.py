@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cluster.app import ROOT
-from cluster.bulk import BulkConfig, read_errors, read_stories, run_bulk, triage, write_gallery
+from cluster.bulk import BulkConfig, run_bulk, triage
+from cluster.bulk_output import read_errors, read_stories, write_gallery
+from cluster.settings import ROOT
 
 GOOD, SEGMENTS = 20, 3
 
@@ -30,8 +31,15 @@ def prompts(tmp_path_factory):
     captions = [f"Once upon a time, Milo the red circle walks in the park, day {i}." for i in range(GOOD)]
     images = [buf.getvalue()] + [None] * (GOOD - 1)
     path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
-    pq.write_table(pa.table({"caption": captions + [None, "Kip jumps."],
-                             "image": pa.array(images + [None, b"\x89PNG broken"], pa.binary())}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "caption": captions + [None, "Kip jumps."],
+                "image": pa.array(images + [None, b"\x89PNG broken"], pa.binary()),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -52,9 +60,13 @@ def assert_bad_rows(out) -> None:
     assert reasons[0].startswith("caption:") and reasons[1].startswith("start_image:")
 
 
-def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(ray_cluster, tiny_ckpt, prompts, tmp_path):
+def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(
+    ray_cluster, tiny_ckpt, prompts, tmp_path
+):
     out = tmp_path / "out"
-    config = BulkConfig(str(prompts), str(out), str(tiny_ckpt), segments=SEGMENTS, steps=2, stories_per_batch=8)
+    config = BulkConfig(
+        str(prompts), str(out), str(tiny_ckpt), segments=SEGMENTS, steps=2, stories_per_batch=8
+    )
     summary = run_bulk(config)
     assert (summary["stories"], summary["errors"], summary["skipped"]) == (GOOD, 2, 0)
     assert_exactly_once(out)
@@ -66,7 +78,7 @@ def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(ray_clust
     for row in (r for r in rows if r["segment"] == 0):
         if row["opening"].endswith("day 0."):  # its picture was given: every caption is the model's
             assert row["caption"] != row["opening"]
-        else:                           # the opening caption gets the first picture
+        else:  # the opening caption gets the first picture
             assert row["caption"] == row["opening"]
     # Re-running into the same folder skips everything already there and adds nothing.
     again = run_bulk(config)
@@ -76,11 +88,28 @@ def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(ray_clust
     assert page.read_text().count("<li>") == GOOD
 
 
-def test_a_killed_bulk_job_rerun_ends_with_every_story_exactly_once(ray_cluster, tiny_ckpt, prompts, tmp_path):
+def test_a_killed_bulk_job_rerun_ends_with_every_story_exactly_once(
+    ray_cluster, tiny_ckpt, prompts, tmp_path
+):
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "cluster.bulk", "--prompts", str(prompts), "--out", str(out), "--ckpt",
-           str(tiny_ckpt), "--segments", str(SEGMENTS), "--steps", "2", "--stories-per-batch", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.bulk",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--ckpt",
+        str(tiny_ckpt),
+        "--segments",
+        str(SEGMENTS),
+        "--steps",
+        "2",
+        "--stories-per-batch",
+        "2",
+    ]
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -92,29 +121,45 @@ def test_a_killed_bulk_job_rerun_ends_with_every_story_exactly_once(ray_cluster,
         job.wait()
     committed = len(set(read_stories(out).column("story_id").to_pylist()))
     assert 0 < committed < GOOD, f"{committed} stories committed: the kill was not midway"
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cmd, cwd=ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     assert_exactly_once(out)
     assert_bad_rows(out)
 
 
-def test_a_repeated_story_id_gets_one_story_and_the_repeats_go_to_the_errors_table(ray_cluster, tiny_ckpt, tmp_path):
+def test_a_repeated_story_id_gets_one_story_and_the_repeats_go_to_the_errors_table(
+    ray_cluster, tiny_ckpt, tmp_path
+):
     caption = [f"Once upon a time, Milo the red circle walks in the park, day {i}." for i in range(4)]
-    rows = [("s1", caption[0]), ("s2", caption[1]), ("s3", caption[2]), ("s3", caption[3]), ("s1", caption[0])]
+    rows = [
+        ("s1", caption[0]),
+        ("s2", caption[1]),
+        ("s3", caption[2]),
+        ("s3", caption[3]),
+        ("s1", caption[0]),
+    ]
     prompts = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"story_id": [i for i, _ in rows], "caption": [c for _, c in rows]}), prompts)
     out = tmp_path / "out"
-    config = BulkConfig(str(prompts), str(out), str(tiny_ckpt), segments=SEGMENTS, steps=2, stories_per_batch=2)
+    config = BulkConfig(
+        str(prompts), str(out), str(tiny_ckpt), segments=SEGMENTS, steps=2, stories_per_batch=2
+    )
     assert counts(run_bulk(config)) == (3, 2, 0)
     stories = read_stories(out)
     keys = Counter(zip(stories.column("story_id").to_pylist(), stories.column("segment").to_pylist()))
     assert sorted(keys) == [(sid, k) for sid in ("s1", "s2", "s3") for k in range(SEGMENTS)]
     assert max(keys.values()) == 1
     # The first row of an id wins.
-    assert {r["story_id"]: r["opening"] for r in stories.to_pylist()} == {"s1": caption[0], "s2": caption[1],
-                                                                         "s3": caption[2]}
-    assert error_rows(out) == [("s1", caption[0], "story_id: repeated (first at row 0)"),
-                               ("s3", caption[3], "story_id: repeated (first at row 2)")]
+    assert {r["story_id"]: r["opening"] for r in stories.to_pylist()} == {
+        "s1": caption[0],
+        "s2": caption[1],
+        "s3": caption[2],
+    }
+    assert error_rows(out) == [
+        ("s1", caption[0], "story_id: repeated (first at row 0)"),
+        ("s3", caption[3], "story_id: repeated (first at row 2)"),
+    ]
     assert counts(run_bulk(config)) == (0, 0, 5)  # a rerun adds nothing
     # A later run that gives a committed id another caption: a bad row, never a second story.
     other = tmp_path / "other.parquet"

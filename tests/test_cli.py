@@ -9,10 +9,10 @@ import yaml
 
 from actors.mllm.sink import SinkSettings
 from cluster import mllm_config
-from cluster.app import AppSettings
 from cluster.cli import eval_settings, parser
 from cluster.serving import CONFIG, load_config
-from training.evaluate import EvalSettings
+from cluster.settings import AppSettings
+from training.evaluation.settings import EvalSettings
 
 SINK_FLAGS = ["--config", "--sink-tokens", "--sink-segments", "--window-segments", "--neighbourhoods"]
 # Every command and its options, in order: the README documents them, scripts use them.
@@ -21,16 +21,68 @@ OPTIONS = {
     "data storyworld": ["--stories", "--segments", "--seed", "--size", "--world", "--out"],
     "init": ["--preset", "--out", "--seed", "--dtype"],
     "serve": ["--config", "--ckpt", "--address"],
-    "generate": ["--prompt", "--continue", "--image", "--segments", "--out", "--target", "--token", "--seed",
-                 "--steps", "--temperature", "--resume", "--no-resume"],
-    "bulk": ["--prompts", "--out", "--ckpt", "--segments", "--steps", "--guidance", "--stories-per-batch",
-             "--mllm-actors", "--render-actors", "--gallery", "--config", "--sink-mode", *SINK_FLAGS[1:]],
+    "generate": [
+        "--prompt",
+        "--continue",
+        "--image",
+        "--segments",
+        "--out",
+        "--target",
+        "--token",
+        "--seed",
+        "--steps",
+        "--temperature",
+        "--resume",
+        "--no-resume",
+    ],
+    "bulk": [
+        "--prompts",
+        "--out",
+        "--ckpt",
+        "--segments",
+        "--steps",
+        "--guidance",
+        "--stories-per-batch",
+        "--mllm-actors",
+        "--render-actors",
+        "--gallery",
+        "--config",
+        "--sink-mode",
+        *SINK_FLAGS[1:],
+    ],
     "k8s": ["--out"],
     "demo": ["--segments", "--out", "--prompt", "--ckpt", "--seed", "--grpc-port", "--http-port"],
-    "train": ["--preset", "--data", "--out", "--stages", "--workers", "--gpu", "--cpus-per-worker", "--threads",
-              "--steps", "--batch-size", "--seed", "--address", "--config", "--sink-mode", *SINK_FLAGS[1:]],
-    "eval": ["--ckpt", "--heldout", "--out", "--stories", "--segments", "--modes", "--steps", "--guidance", "--seed",
-             "--card", "--no-ceiling", *SINK_FLAGS],
+    "train": [
+        "--preset",
+        "--data",
+        "--out",
+        "--stages",
+        "--workers",
+        "--gpu",
+        "--cpus-per-worker",
+        "--threads",
+        "--steps",
+        "--batch-size",
+        "--seed",
+        "--address",
+        "--config",
+        "--sink-mode",
+        *SINK_FLAGS[1:],
+    ],
+    "eval": [
+        "--ckpt",
+        "--heldout",
+        "--out",
+        "--stories",
+        "--segments",
+        "--modes",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--card",
+        "--no-ceiling",
+        *SINK_FLAGS,
+    ],
 }
 
 
@@ -70,17 +122,38 @@ def a_config(tmp_path: Path, **sink) -> Path:
 
 
 def test_bulk_takes_the_sink_and_the_checkpoint_from_the_config(tmp_path):
-    config = a_config(tmp_path, mode="window", sink_tokens=2, window_segments=3, boi_before=1, boi_after=1,
-                      eoi_before=1, eoi_after=1)
+    config = a_config(
+        tmp_path,
+        mode="window",
+        sink_tokens=2,
+        window_segments=3,
+        boi_before=1,
+        boi_after=1,
+        eoi_before=1,
+        eoi_after=1,
+    )
     base = ["bulk", "--prompts", "p", "--out", "o", "--config", str(config)]
     ckpt, sink = mllm_config.resolve(parser().parse_args(base))
     assert ckpt == Path("/somewhere/ckpt")
-    assert sink == SinkSettings(mode="window", sink_tokens=2, window_segments=3, boi_before=1, boi_after=1,
-                                eoi_before=1, eoi_after=1)
+    assert sink == SinkSettings(
+        mode="window", sink_tokens=2, window_segments=3, boi_before=1, boi_after=1, eoi_before=1, eoi_after=1
+    )
     # Each flag overrides one setting; 'scaled' unsets the neighbourhoods (resolved against Q).
-    ckpt, sink = mllm_config.resolve(parser().parse_args(base + ["--ckpt", "mine", "--sink-mode", "multimodal",
-                                                                 "--window-segments", "5",
-                                                                 "--neighbourhoods", "scaled"]))
+    ckpt, sink = mllm_config.resolve(
+        parser().parse_args(
+            base
+            + [
+                "--ckpt",
+                "mine",
+                "--sink-mode",
+                "multimodal",
+                "--window-segments",
+                "5",
+                "--neighbourhoods",
+                "scaled",
+            ]
+        )
+    )
     assert ckpt == Path("mine")
     assert sink == SinkSettings(mode="multimodal", sink_tokens=2, window_segments=5)
     _, sink = mllm_config.resolve(parser().parse_args(base + ["--neighbourhoods", "4,7,8,3"]))
@@ -93,7 +166,10 @@ def test_eval_takes_every_sink_setting_but_the_mode_from_the_config(tmp_path):
     config = a_config(tmp_path, mode="dense", sink_tokens=1, window_segments=2)
     base = ["eval", "--heldout", "h", "--out", "o", "--config", str(config)]
     s = eval_settings(parser().parse_args(base + ["--sink-tokens", "6"]))
-    assert s.sink == SinkSettings(mode="dense", sink_tokens=6, window_segments=2) and s.modes == EvalSettings().modes
+    assert (
+        s.sink == SinkSettings(mode="dense", sink_tokens=6, window_segments=2)
+        and s.modes == EvalSettings().modes
+    )
     assert mllm_config.resolve(parser().parse_args(base))[0] == Path("/somewhere/ckpt")
     with pytest.raises(SystemExit):  # the eval picks its modes with --modes
         parser().parse_args(base + ["--sink-mode", "window"])

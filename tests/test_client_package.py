@@ -20,12 +20,21 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
-from seedstory_client import (AsyncStoryClient, CannotContinue, Story, StoryClient, StoryStreamError, __version__,
-                              build_request, continuation_request, read_story)
-from seedstory_client import client as client_module
-from seedstory_client.v1 import story_pb2, story_pb2_grpc
 
 from actors.checkpoint import read_manifest
+from seedstory_client import (
+    AsyncStoryClient,
+    CannotContinue,
+    Story,
+    StoryClient,
+    StoryStreamError,
+    __version__,
+    build_request,
+    continuation_request,
+    read_story,
+)
+from seedstory_client import client as client_module
+from seedstory_client.v1 import story_pb2, story_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "clients" / "python"
@@ -60,15 +69,36 @@ def _name(requirement: str) -> str:
     return requirement.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip()
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "--prompt", "p", "--image", "a.png", "--segments", "3", "--out", "o", "--target", "h:1",
-     "--token", "t", "--seed", "2", "--steps", "4", "--temperature", "0.5"],
-    ["generate", "--continue", "d", "--target", "h:1", "--no-resume"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "generate",
+            "--prompt",
+            "p",
+            "--image",
+            "a.png",
+            "--segments",
+            "3",
+            "--out",
+            "o",
+            "--target",
+            "h:1",
+            "--token",
+            "t",
+            "--seed",
+            "2",
+            "--steps",
+            "4",
+            "--temperature",
+            "0.5",
+        ],
+        ["generate", "--continue", "d", "--target", "h:1", "--no-resume"],
+    ],
+)
 def test_seedstory_generate_takes_the_client_commands_options(argv):
-    from seedstory_client.cli import parser as client_parser
-
     from cluster.cli import parser as server_parser
+    from seedstory_client.cli import parser as client_parser
 
     server = vars(server_parser().parse_args(argv))
     server.pop("func")
@@ -81,9 +111,15 @@ class CutShort(story_pb2_grpc.StoryServiceServicer):
     MLLM's length limit truncated (an event with the story id only, then the status)."""
 
     def GenerateStory(self, request, context):
-        yield story_pb2.StoryEvent(story_id="s1", caption=story_pb2.CaptionEvent(index=0, caption=request.caption))
-        yield story_pb2.StoryEvent(story_id="s1", image=story_pb2.ImageEvent(index=0, png=b"png0", visual_codes=[1, 2]))
-        yield story_pb2.StoryEvent(story_id="s1", caption=story_pb2.CaptionEvent(index=1, caption="Milo sits."))
+        yield story_pb2.StoryEvent(
+            story_id="s1", caption=story_pb2.CaptionEvent(index=0, caption=request.caption)
+        )
+        yield story_pb2.StoryEvent(
+            story_id="s1", image=story_pb2.ImageEvent(index=0, png=b"png0", visual_codes=[1, 2])
+        )
+        yield story_pb2.StoryEvent(
+            story_id="s1", caption=story_pb2.CaptionEvent(index=1, caption="Milo sits.")
+        )
         yield story_pb2.StoryEvent(story_id="s1")
         context.abort(grpc.StatusCode.OUT_OF_RANGE, "story: cut short")
 
@@ -110,7 +146,9 @@ def _check_partial(err: StoryStreamError) -> None:
     story = err.story
     assert story.story_id == "s1" and not story.complete
     assert [(s.caption, s.png, s.visual_codes) for s in story.segments] == [
-        (OPENING, b"png0", [1, 2]), ("Milo sits.", b"", [])]
+        (OPENING, b"png0", [1, 2]),
+        ("Milo sits.", b"", []),
+    ]
 
 
 def test_a_failed_stream_raises_with_the_partial_story(cut_short):
@@ -133,12 +171,26 @@ def test_the_command_writes_what_arrived_then_fails(cut_short, tmp_path, capsys)
     from seedstory_client.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["generate", "--target", cut_short, "--prompt", OPENING, "--segments", "4", "--out", str(tmp_path)])
+        main(
+            [
+                "generate",
+                "--target",
+                cut_short,
+                "--prompt",
+                OPENING,
+                "--segments",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert exit_.value.code == 1
     assert "answered OUT_OF_RANGE: story: cut short" in capsys.readouterr().err
     story = json.loads((tmp_path / "story.json").read_text())
     assert [(s["caption"], s["image"]) for s in story["segments"]] == [
-        (OPENING, "segment_000.png"), ("Milo sits.", None)]  # the second picture never came
+        (OPENING, "segment_000.png"),
+        ("Milo sits.", None),
+    ]  # the second picture never came
     assert (tmp_path / "segment_000.png").read_bytes() == b"png0"
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["segment_000.png"]
 
@@ -154,14 +206,16 @@ def _part(j: int) -> tuple[str, list[int], list[int], bytes]:
 
 def _caption(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
     text, ids, _, _ = _part(j)
-    return story_pb2.StoryEvent(story_id=story_id, caption=story_pb2.CaptionEvent(index=index, caption=text,
-                                                                                  caption_ids=ids))
+    return story_pb2.StoryEvent(
+        story_id=story_id, caption=story_pb2.CaptionEvent(index=index, caption=text, caption_ids=ids)
+    )
 
 
 def _image(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
     _, _, codes, png = _part(j)
-    return story_pb2.StoryEvent(story_id=story_id, image=story_pb2.ImageEvent(index=index, png=png,
-                                                                              visual_codes=codes))
+    return story_pb2.StoryEvent(
+        story_id=story_id, image=story_pb2.ImageEvent(index=index, png=png, visual_codes=codes)
+    )
 
 
 class Lossy(story_pb2_grpc.StoryServiceServicer):
@@ -220,8 +274,9 @@ def _so_far(*parts: int) -> list[story_pb2.Segment]:
     return [story_pb2.Segment(caption_ids=_part(j)[1], visual_codes=_part(j)[2]) for j in parts]
 
 
-def _continuation(parts_done: int, pending: int | None, segments: int, render_seed: int | None,
-                  **options) -> story_pb2.StoryRequest:
+def _continuation(
+    parts_done: int, pending: int | None, segments: int, render_seed: int | None, **options
+) -> story_pb2.StoryRequest:
     """The request that continues `_part`s 0..parts_done-1, as the client must send it."""
     request = build_request("", segments, render_seed=render_seed, **options)
     request.caption_ids.extend(_part(pending)[1] if pending is not None else [])
@@ -230,9 +285,11 @@ def _continuation(parts_done: int, pending: int | None, segments: int, render_se
 
 
 def _check_story(story: Story, pictures: int, pending: int = 0) -> None:
-    """Every segment once, in order, exactly as the service wrote it; the last ``pending`` without a picture."""
+    """Every segment once, in order, exactly as the service wrote it; the last ``pending``
+    without a picture."""
     assert [(s.index, s.caption, s.caption_ids, s.visual_codes, s.png) for s in story.segments] == [
-        (j, *_part(j)) if j < pictures else (j, *_part(j)[:2], [], b"") for j in range(pictures + pending)]
+        (j, *_part(j)) if j < pictures else (j, *_part(j)[:2], [], b"") for j in range(pictures + pending)
+    ]
 
 
 OPTIONS = dict(temperature=0.5, top_p=0.9, seed=3, steps=4, guidance=2.0)
@@ -244,11 +301,21 @@ def test_a_lost_stream_is_continued_into_one_story(lossy, use_async):
     # writes 3 again), then after picture 2 with caption 3 pending.
     service = lossy((grpc.StatusCode.UNAVAILABLE, 6), (grpc.StatusCode.UNAVAILABLE, 3))
     seen = []
-    story = _generate(service.target, use_async, OPENING, 5, resume=True, render_seed=100,
-                      on_event=lambda ev: seen.append((ev.WhichOneof("event"), ev.image.index)), **OPTIONS)
-    assert service.requests == [build_request(OPENING, 5, render_seed=100, **OPTIONS),
-                                _continuation(2, 2, 3, 102, **OPTIONS),   # picture i is rendered with seed + i
-                                _continuation(3, 3, 2, 103, **OPTIONS)]
+    story = _generate(
+        service.target,
+        use_async,
+        OPENING,
+        5,
+        resume=True,
+        render_seed=100,
+        on_event=lambda ev: seen.append((ev.WhichOneof("event"), ev.image.index)),
+        **OPTIONS,
+    )
+    assert service.requests == [
+        build_request(OPENING, 5, render_seed=100, **OPTIONS),
+        _continuation(2, 2, 3, 102, **OPTIONS),  # picture i is rendered with seed + i
+        _continuation(3, 3, 2, 103, **OPTIONS),
+    ]
     _check_story(story, 5)
     assert story.complete and story.stats == {"output_tokens": 7}
     assert (story.story_id, story.continuation_ids, story.resumes) == ("s1", ["s2", "s3"], 2)
@@ -268,7 +335,9 @@ def test_resuming_gives_up_after_max_resumes(lossy, use_async):
     _check_story(story, 3, pending=1)
 
 
-@pytest.mark.parametrize("code,resume", [(grpc.StatusCode.UNAVAILABLE, False), (grpc.StatusCode.OUT_OF_RANGE, True)])
+@pytest.mark.parametrize(
+    "code,resume", [(grpc.StatusCode.UNAVAILABLE, False), (grpc.StatusCode.OUT_OF_RANGE, True)]
+)
 def test_only_a_lost_stream_is_resumed_and_only_when_asked(lossy, code, resume):
     service = lossy((code, 3))
     with pytest.raises(StoryStreamError) as err:
@@ -307,10 +376,15 @@ def test_the_continuation_request():
     assert continuation_request(_story_of(segments=4)) == build_request(OPENING, 4)
     assert continuation_request(_story_of(c0, segments=4)) == build_request(OPENING, 4)
     # A server that gave no caption ids: the text stands in for them.
-    plain = [story_pb2.StoryEvent(caption=story_pb2.CaptionEvent(index=k, caption=_part(k)[0])) for k in (0, 1)]
+    plain = [
+        story_pb2.StoryEvent(caption=story_pb2.CaptionEvent(index=k, caption=_part(k)[0])) for k in (0, 1)
+    ]
     request = continuation_request(_story_of(plain[0], plain[1], i0, segments=3))
-    assert (request.caption, request.caption_ids, request.story_so_far) == ("Part 1.", [], [
-        story_pb2.Segment(caption=OPENING, visual_codes=_part(0)[2])])
+    assert (request.caption, request.caption_ids, request.story_so_far) == (
+        "Part 1.",
+        [],
+        [story_pb2.Segment(caption=OPENING, visual_codes=_part(0)[2])],
+    )
     # Segments 0 asks for the server's default, 10.
     assert continuation_request(_story_of(c0, i0, segments=0)).segments == 9
     with pytest.raises(CannotContinue, match="every one"):
@@ -325,27 +399,54 @@ def test_the_command_resumes_by_default_and_writes_what_continues_a_story(lossy,
     from seedstory_client.cli import main
 
     service = lossy((grpc.StatusCode.UNAVAILABLE, 5))
-    main(["generate", "--target", service.target, "--prompt", OPENING, "--segments", "3", "--seed", "7",
-          "--out", str(tmp_path)])
+    main(
+        [
+            "generate",
+            "--target",
+            service.target,
+            "--prompt",
+            OPENING,
+            "--segments",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert service.requests[1] == _continuation(2, 2, 1, 9, seed=7)
     saved = json.loads((tmp_path / "story.json").read_text())
     assert [(s["caption"], s["caption_ids"], s["visual_codes"], s["image"]) for s in saved["segments"]] == [
-        (*_part(j)[:3], f"segment_{j:03d}.png") for j in range(3)]
+        (*_part(j)[:3], f"segment_{j:03d}.png") for j in range(3)
+    ]
     assert (saved["story_id"], saved["continuation_ids"], saved["resumes"]) == ("s1", ["s2"], 1)
     assert read_story(tmp_path).request == build_request(OPENING, 3, seed=7, render_seed=7)
 
 
 @pytest.mark.parametrize("continue_with", ["seedstory-client", "seedstory"])
 def test_continue_finishes_a_story_written_on_disk(lossy, tmp_path, capsys, continue_with):
-    from seedstory_client.cli import main
-
     from cluster.cli import main as server_main
+    from seedstory_client.cli import main
 
     out, service = tmp_path / "story", lossy((grpc.StatusCode.UNAVAILABLE, 5))
     target = service.target
     with pytest.raises(SystemExit) as exit_:
-        main(["generate", "--target", target, "--prompt", OPENING, "--segments", "4", "--seed", "7",
-              "--out", str(out), "--no-resume"])
+        main(
+            [
+                "generate",
+                "--target",
+                target,
+                "--prompt",
+                OPENING,
+                "--segments",
+                "4",
+                "--seed",
+                "7",
+                "--out",
+                str(out),
+                "--no-resume",
+            ]
+        )
     assert exit_.value.code == 1 and len(service.requests) == 1
     command = f"seedstory-client generate --continue {out} --target {target}"
     assert f"continue it with: {command}\n" in capsys.readouterr().err
@@ -362,7 +463,9 @@ def test_continue_finishes_a_story_written_on_disk(lossy, tmp_path, capsys, cont
 def test_continue_says_why_a_folder_cannot_be_continued(tmp_path, capsys):
     from seedstory_client.cli import main
 
-    (tmp_path / "story.json").write_text(json.dumps({"story_id": "s", "source": "", "stats": {}, "segments": []}))
+    (tmp_path / "story.json").write_text(
+        json.dumps({"story_id": "s", "source": "", "stats": {}, "segments": []})
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--continue", str(tmp_path), "--target", "127.0.0.1:1"])
     assert exit_.value.code == 2 and "does not hold the request" in capsys.readouterr().err
@@ -381,19 +484,35 @@ def client_venv(tmp_path_factory) -> Path:
     """A new venv (python -m venv) holding the client package and its dependencies, nothing else.
     Installed from a copy of clients/python, so the build leaves nothing in the checkout."""
     work = tmp_path_factory.mktemp("client-venv")
-    src = shutil.copytree(CLIENT, work / "src", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    src = shutil.copytree(
+        CLIENT, work / "src", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(src)], check=True, cwd=work,
-                   env=_clean_env(venv), timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(src)],
+        check=True,
+        cwd=work,
+        env=_clean_env(venv),
+        timeout=600,
+    )
     return venv
 
 
 def test_the_client_venv_has_none_of_the_servers_heavy_packages(client_venv):
-    probe = ("import importlib.util, json, seedstory_client; print(json.dumps("
-             "[seedstory_client.__file__, {m: importlib.util.find_spec(m) is not None for m in %r}]))" % (HEAVY,))
-    out = subprocess.run([str(client_venv / "bin" / "python"), "-c", probe], check=True, capture_output=True,
-                         text=True, cwd=client_venv, env=_clean_env(client_venv), timeout=60).stdout
+    probe = (
+        "import importlib.util, json, seedstory_client; print(json.dumps("
+        f"[seedstory_client.__file__, {{m: importlib.util.find_spec(m) is not None for m in {HEAVY!r}}}]))"
+    )
+    out = subprocess.run(
+        [str(client_venv / "bin" / "python"), "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=client_venv,
+        env=_clean_env(client_venv),
+        timeout=60,
+    ).stdout
     where, found = json.loads(out)
     assert Path(where).is_relative_to(client_venv)  # the installed copy, not the checkout's
     assert found == {m: False for m in HEAVY}
@@ -401,10 +520,31 @@ def test_the_client_venv_has_none_of_the_servers_heavy_packages(client_venv):
 
 def test_the_client_venv_writes_a_story_from_the_service(client_venv, story_service, tiny_ckpt, tmp_path):
     out = tmp_path / "story"
-    run = subprocess.run([str(client_venv / "bin" / "seedstory-client"), "generate", "--target", story_service.target,
-                          "--token", story_service.token, "--prompt", OPENING, "--segments", "3", "--steps", "2",
-                          "--seed", "4", "--out", str(out)],
-                         capture_output=True, text=True, cwd=tmp_path, env=_clean_env(client_venv), timeout=300)
+    run = subprocess.run(
+        [
+            str(client_venv / "bin" / "seedstory-client"),
+            "generate",
+            "--target",
+            story_service.target,
+            "--token",
+            story_service.token,
+            "--prompt",
+            OPENING,
+            "--segments",
+            "3",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(client_venv),
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert f"story written: {out / 'story.html'}" in run.stdout
     manifest = read_manifest(tiny_ckpt)

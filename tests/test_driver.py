@@ -15,23 +15,34 @@ class Scripted:
     steps: int = 0
 
 
+@dataclass
+class ScriptedStep:
+    """What StoryEngine.step reports (its EngineStep, which needs vLLM to import)."""
+
+    events: list
+    written: dict[str, int]
+    held_blocks: dict[str, int]
+
+
 class ScriptedEngine:
-    """The part of StoryEngine the driver uses. Each step, every story writes its next tokens and
-    one picture; a story whose script is done ends in that step and leaves ``stories``, as in vLLM."""
+    """The driver's ``Engine``, less ``submit`` (the stories are scripted from the start). Each step,
+    every story writes its next tokens and one picture; a story whose script is done ends in that
+    step and leaves ``stories``, as in vLLM."""
 
     def __init__(self, **scripts: list[tuple[int, int]]):
         self.stories = {sid: Scripted(script) for sid, script in scripts.items()}
 
-    def step(self) -> list:
-        events = []
+    def step(self) -> ScriptedStep:
+        events, written = [], {}
         for sid, story in list(self.stories.items()):
-            story.seen += story.script[story.steps][0]
+            written[sid] = story.script[story.steps][0]
+            story.seen += written[sid]
             story.steps += 1
             events.append(PictureWritten(sid, story.steps - 1, [], [story.seen]))
             if story.steps == len(story.script):
                 del self.stories[sid]
                 events.append(StoryEnd(sid, False, prompt_tokens=3, output_tokens=story.seen))
-        return events
+        return ScriptedStep(events, written, {sid: self.story_blocks(sid) for sid in self.stories})
 
     def story_blocks(self, sid: str) -> int:
         story = self.stories[sid]
@@ -45,6 +56,9 @@ class ScriptedEngine:
 
     def has_work(self) -> bool:
         return bool(self.stories)
+
+    def running(self) -> list[str]:
+        return list(self.stories)
 
     def abort(self, sid: str) -> StoryEnd | None:
         story = self.stories.pop(sid, None)

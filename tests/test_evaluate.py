@@ -12,10 +12,14 @@ import pytest
 from PIL import Image
 
 from actors.mllm.sink import SinkSettings
-from training.evaluate import (ATTRIBUTES, EvalSettings, format_table, judge_look, judge_story, judge_truth, paired,
-                               paired_table, read_heldout, returns, shown_look, summarise, tally, there,
-                               write_outputs)
-from training.storyworld import CHARACTERS, COLOURS, WORLDS, Segment, draw_segment, write_storyworld
+from training.evaluation.heldout import read_heldout
+from training.evaluation.judge import ATTRIBUTES, judge_look, judge_truth, returns, shown_look, tally
+from training.evaluation.report import format_table, paired, paired_table, summarise, write_outputs
+from training.evaluation.run import judge_story
+from training.evaluation.settings import EvalSettings
+from training.storyworld import CHARACTERS, COLOURS, WORLDS, Segment, there
+from training.storyworld_pictures import draw_segment
+from training.storyworld_writer import write_storyworld
 
 SIZE = 64
 WINDOW = SinkSettings().window_segments
@@ -45,11 +49,20 @@ def test_the_look_judge_says_right_for_every_character_of_the_ground_truth(retur
     for i in range(3):
         for k in (0, 1, 12, 29):
             seg, cast = held.truth[i][k], held.casts[i]
-            jpeg = np.asarray(Image.open(returning_heldout / "images" / f"{i:06d}" / f"{i:06d}_keyframe_{k}.jpg"))
-            for picture in (np.asarray(draw_segment(seg, SIZE, cast)), jpeg):  # the render, and the file as written
+            jpeg = np.asarray(
+                Image.open(returning_heldout / "images" / f"{i:06d}" / f"{i:06d}_keyframe_{k}.jpg")
+            )
+            for picture in (
+                np.asarray(draw_segment(seg, SIZE, cast)),
+                jpeg,
+            ):  # the render, and the file as written
                 for name in there(seg):
-                    assert judge_look(seg, cast, name, picture) == {"right": 1.0, "colour": 1.0, "shape": 1.0,
-                                                                    "pattern": 1.0}, (i, k, name)
+                    assert judge_look(seg, cast, name, picture) == {
+                        "right": 1.0,
+                        "colour": 1.0,
+                        "shape": 1.0,
+                        "pattern": 1.0,
+                    }, (i, k, name)
                     judged += 1
     assert judged >= 3 * 4 * 2 * 2  # the openings alone have all four there
 
@@ -66,21 +79,29 @@ def test_the_look_judge_names_the_one_attribute_that_is_wrong():
                 picture = np.asarray(draw_segment(seg, SIZE, dressed(cast, name, attribute, value)))
                 verdict = judge_look(seg, cast, name, picture)
                 assert verdict["right"] == 0.0 and verdict[attribute] == 0.0, (name, attribute, verdict)
-                assert all(verdict[a] == 1.0 for a in ATTRIBUTES if a != attribute), (name, attribute, verdict)
+                assert all(verdict[a] == 1.0 for a in ATTRIBUTES if a != attribute), (
+                    name,
+                    attribute,
+                    verdict,
+                )
                 assert shown_look(seg, cast, name, picture)[attribute] == value  # what it drew instead
                 for friend in there(seg):  # everyone else is still drawn right
                     if friend != name:
-                        assert judge_look(seg, cast, friend, picture)["right"] == 1.0, (name, attribute, friend)
+                        assert judge_look(seg, cast, friend, picture)["right"] == 1.0, (
+                            name,
+                            attribute,
+                            friend,
+                        )
 
 
 def test_a_return_is_after_at_least_window_segments_away_the_opening_counting_as_everyone():
     cast = ["Hero", "Ava", "Bo", "Cy"]
     story = [["Hero"] for _ in range(12)]
-    story[0] = []                  # whatever its caption says, the opening counts as everyone there
-    story[WINDOW + 1] += ["Ava"]   # away segments 1..WINDOW: back
-    story[WINDOW] += ["Bo"]        # away WINDOW - 1 segments: not back
-    story[WINDOW + 2] += ["Bo"]    # away only one segment since: not back
-    story[3] += ["Cy"]             # away two segments after the opening: not back
+    story[0] = []  # whatever its caption says, the opening counts as everyone there
+    story[WINDOW + 1] += ["Ava"]  # away segments 1..WINDOW: back
+    story[WINDOW] += ["Bo"]  # away WINDOW - 1 segments: not back
+    story[WINDOW + 2] += ["Bo"]  # away only one segment since: not back
+    story[3] += ["Cy"]  # away two segments after the opening: not back
     back = returns(story, cast, WINDOW)
     assert len(back) == len(story) and back[0] == []
     assert [(k, n) for k, names in enumerate(back) for n in names] == [(WINDOW + 1, "Ava")]
@@ -91,15 +112,29 @@ def test_a_return_is_after_at_least_window_segments_away_the_opening_counting_as
 def test_story_pairing_keeps_the_stories_with_a_value_in_both_modes():
     assert list(paired([0.5, None, 1.0, 0.25], [0.0, 0.5, None, 0.5])) == [0.5, -0.25]
     assert len(paired([None, None], [1.0, 1.0])) == 0
-    window = {"hero": [1.0, 0.5, 0.0], "place": [1.0, 1.0, 1.0], "look": [0.5, 0.5, 0.5],
-              "returning": [1.0, None, 0.0]}
-    multimodal = {"hero": [1.0, 1.0, 1.0], "place": [1.0, 1.0, 1.0], "look": [1.0, 1.0, 1.0],
-                  "returning": [1.0, 1.0, None]}
-    lines = paired_table([{"mode": "window", "per_story": window}, {"mode": "multimodal", "per_story": multimodal}])
+    window = {
+        "hero": [1.0, 0.5, 0.0],
+        "place": [1.0, 1.0, 1.0],
+        "look": [0.5, 0.5, 0.5],
+        "returning": [1.0, None, 0.0],
+    }
+    multimodal = {
+        "hero": [1.0, 1.0, 1.0],
+        "place": [1.0, 1.0, 1.0],
+        "look": [1.0, 1.0, 1.0],
+        "returning": [1.0, 1.0, None],
+    }
+    lines = paired_table(
+        [{"mode": "window", "per_story": window}, {"mode": "multimodal", "per_story": multimodal}]
+    )
     [row] = [line for line in lines if line.startswith("| multimodal")]
     cells = dict(zip(*([c.strip() for c in line.strip("|").split("|")] for line in (lines[3], row))))
-    assert cells["returning − window"].startswith("+0.000 ± ") and "(1 stories)" in cells["returning − window"]
-    assert cells["hero − window"].startswith(f"{np.mean(np.subtract(multimodal['hero'], window['hero'])):+.3f} ± ")
+    assert (
+        cells["returning − window"].startswith("+0.000 ± ") and "(1 stories)" in cells["returning − window"]
+    )
+    assert cells["hero − window"].startswith(
+        f"{np.mean(np.subtract(multimodal['hero'], window['hero'])):+.3f} ± "
+    )
     assert "(" not in cells["hero − window"]  # the other checks pair every story
 
 
@@ -108,27 +143,50 @@ def test_judge_story_finds_the_worlds_returns_and_the_tables_report_them(returni
     found; a mode that draws every look wrong from segment 5 on loses hero, look and returning."""
     held = read_heldout(returning_heldout, 3, 30)
     truths = [json.loads(x) for x in (returning_heldout / "truth.jsonl").read_text().splitlines()]
-    captions = [json.loads(x)["captions"] for x in (returning_heldout / "storyworld.jsonl").read_text().splitlines()]
+    captions = [
+        json.loads(x)["captions"] for x in (returning_heldout / "storyworld.jsonl").read_text().splitlines()
+    ]
     s = EvalSettings(stories=3, segments=30, modes=("window", "multimodal"))
     results = []
     for mode in s.modes:
-        r = {"mode": mode, "sink": asdict(SinkSettings().for_pictures(16)),
-             "per_segment": {k: {n: [] for n in held.checks} for k in range(30)},
-             "per_story": {i: {n: [] for n in held.checks} for i in range(3)}, "fd": 0.0, "fd_se": 0.0,
-             "fd_by_bin": [0.0] * 6, "seconds": 1.0, "render_seconds": 1.0, "tokens": 1, "peak_kv_bytes": 1 << 20,
-             "complete": 3}
+        r = {
+            "mode": mode,
+            "sink": asdict(SinkSettings().for_pictures(16)),
+            "per_segment": {k: {n: [] for n in held.checks} for k in range(30)},
+            "per_story": {i: {n: [] for n in held.checks} for i in range(3)},
+            "fd": 0.0,
+            "fd_se": 0.0,
+            "fd_by_bin": [0.0] * 6,
+            "seconds": 1.0,
+            "render_seconds": 1.0,
+            "tokens": 1,
+            "peak_kv_bytes": 1 << 20,
+            "complete": 3,
+        }
         for i in range(3):
             cast = held.casts[i]
-            wrong = tuple(replace(c, colour_name=other_value(c.look_record(), "colour"),
-                                  colour=COLOURS[other_value(c.look_record(), "colour")]) for c in cast)
-            segments = [(k, captions[i][k], np.asarray(draw_segment(seg, SIZE, wrong if mode == "multimodal" and k >= 5
-                                                                    else cast)))
-                        for k, seg in enumerate(held.truth[i])]
+            wrong = tuple(
+                replace(
+                    c,
+                    colour_name=other_value(c.look_record(), "colour"),
+                    colour=COLOURS[other_value(c.look_record(), "colour")],
+                )
+                for c in cast
+            )
+            segments = [
+                (
+                    k,
+                    captions[i][k],
+                    np.asarray(draw_segment(seg, SIZE, wrong if mode == "multimodal" and k >= 5 else cast)),
+                )
+                for k, seg in enumerate(held.truth[i])
+            ]
             verdicts = judge_story(held, i, segments, WINDOW)
             if mode == "window":
                 found = sorted((k, n) for k, n, _ in verdicts if n == "returning")
-                assert [k for k, _ in found] == sorted(k for k, seg in enumerate(truths[i]["segments"])
-                                                       for _ in seg["returning"])
+                assert [k for k, _ in found] == sorted(
+                    k for k, seg in enumerate(truths[i]["segments"]) for _ in seg["returning"]
+                )
                 assert all(v == 1.0 for _, _, v in verdicts)
             for k, name, v in verdicts:
                 r["per_segment"][k][name].append(v)
@@ -147,8 +205,9 @@ def test_judge_story_finds_the_worlds_returns_and_the_tables_report_them(returni
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["world"] == "returning" and saved["training_window"] is None and saved["ceiling"] is None
     segs = saved["modes"][0]["per_segment"]["returning"]
-    assert segs[0] is None and {k for k, v in enumerate(segs) if v is not None} == \
-        {k for t in truths for k, seg in enumerate(t["segments"]) if seg["returning"]}
+    assert segs[0] is None and {k for k, v in enumerate(segs) if v is not None} == {
+        k for t in truths for k, seg in enumerate(t["segments"]) if seg["returning"]
+    }
     assert (tmp_path / "metrics.png").stat().st_size > 1000
 
 
@@ -158,8 +217,9 @@ def test_ceiling_tally_per_character_role_and_attribute(returning_heldout):
     for i in range(2):
         cast, friend = held.casts[i], held.casts[i][1].name
         for seg in held.truth[i]:
-            picture = draw_segment(seg, SIZE, dressed(cast, friend, "shape", other_value(
-                cast[1].look_record(), "shape")))  # one friend always drawn with the wrong shape
+            picture = draw_segment(
+                seg, SIZE, dressed(cast, friend, "shape", other_value(cast[1].look_record(), "shape"))
+            )  # one friend always drawn with the wrong shape
             rows += judge_truth("returning", cast, seg, picture)
     c = tally(rows)
     drawn_right: dict[str, list[bool]] = {}  # a name may be in both stories, the wrong friend in one only
@@ -167,11 +227,18 @@ def test_ceiling_tally_per_character_role_and_attribute(returning_heldout):
         for seg in held.truth[i]:
             for name in there(seg):
                 drawn_right.setdefault(name, []).append(name != held.casts[i][1].name)
-    assert {n: (v["right"], v["n"]) for n, v in c["per_character"].items()} == \
-        {n: (np.mean(v), len(v)) for n, v in drawn_right.items()}
+    assert {n: (v["right"], v["n"]) for n, v in c["per_character"].items()} == {
+        n: (np.mean(v), len(v)) for n, v in drawn_right.items()
+    }
     assert c["per_role"]["hero"] == {"right": 1.0, "colour": 1.0, "shape": 1.0, "pattern": 1.0, "n": 6}
     assert c["per_attribute"]["colour"] == c["per_attribute"]["pattern"] == 1.0 > c["per_attribute"]["shape"]
     assert c["min"] == 0.0 and c["judged"] == len(rows) == sum(len(there(s)) for t in held.truth for s in t)
-    classic = tally(judge_truth("classic", CHARACTERS, Segment("Kip", ("Bea",), "park", "run"),
-                                draw_segment(Segment("Kip", ("Bea",), "park", "run"), SIZE)))
+    classic = tally(
+        judge_truth(
+            "classic",
+            CHARACTERS,
+            Segment("Kip", ("Bea",), "park", "run"),
+            draw_segment(Segment("Kip", ("Bea",), "park", "run"), SIZE),
+        )
+    )
     assert classic["per_character"] == {"Kip": {"right": 1.0, "n": 1}} and classic["per_attribute"] == {}

@@ -13,10 +13,10 @@ import time
 
 import grpc
 import pytest
+from statuses import leaks
+
 from seedstory_client import StoryClient, build_request
 from seedstory_client.v1.story_pb2 import Segment
-
-from statuses import leaks
 
 OPENING = "Once upon a time, Bea the blue square runs in the forest."
 SEGMENTS = 8
@@ -70,8 +70,11 @@ def replica(deployment: str) -> str:
     """The name of the pool's one live replica actor (Serve names them app#deployment#suffix)."""
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == "serve" and f"seedstory#{deployment}#" in a["name"]]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and f"seedstory#{deployment}#" in a["name"]
+    ]
     assert len(names) == 1, names
     return names[0]
 
@@ -102,6 +105,7 @@ def kill_when(deployment: str, kind: str, index: int):
         if not killed and ev.WhichOneof("event") == kind and getattr(ev, kind).index == index:
             kill(deployment)
             killed.append(time.time())
+
     return hook, killed
 
 
@@ -148,13 +152,14 @@ def test_past_max_resumes_the_story_ends_unavailable_and_continues_from_what_arr
         if ev.WhichOneof("event") == "caption" and ev.caption.index in (1, 4) and len(kills) < 2:
             kill("MLLMPool")
             kills.append(ev.caption.index)
+
     events, error = run(client, request(), hook)
     assert kills == [1, 4]
     assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
     assert error.details().startswith("mllm: replica lost 2 times"), error.details()
     assert not leaks(error.details()), error.details()
     got = segments(events)
-    assert 3 <= len(got) < SEGMENTS and got == undisturbed[:len(got)]
+    assert 3 <= len(got) < SEGMENTS and got == undisturbed[: len(got)]
     # Everything that arrived is exact: continue with it (ids, not text) and get the rest.
     wait_healthy()
     so_far = [Segment(caption_ids=ids, visual_codes=codes) for _, ids, codes, _ in got]
@@ -164,7 +169,7 @@ def test_past_max_resumes_the_story_ends_unavailable_and_continues_from_what_arr
     rest_req.story_so_far.extend(so_far)
     rest, error = run(client, rest_req)
     assert error is None, error
-    assert [s[1:] for s in segments(rest)] == [s[1:] for s in undisturbed[len(got):]]
+    assert [s[1:] for s in segments(rest)] == [s[1:] for s in undisturbed[len(got) :]]
 
 
 def test_a_failed_render_ends_the_story_at_once_with_a_clean_internal_status(client):
@@ -195,10 +200,19 @@ def test_a_client_with_resume_continues_a_story_whose_ingress_replica_died(story
         if not killed and ev.WhichOneof("event") == "caption" and ev.caption.index == 2:
             kill("StoryIngress")
             killed.append(ev.caption.index)
+
     try:
         with StoryClient(story_service.target, story_service.token) as c:
-            story = c.generate(OPENING, SEGMENTS, temperature=0.0, render_seed=11, steps=8, on_event=on_event,
-                               resume=True, timeout=600)
+            story = c.generate(
+                OPENING,
+                SEGMENTS,
+                temperature=0.0,
+                render_seed=11,
+                steps=8,
+                on_event=on_event,
+                resume=True,
+                timeout=600,
+            )
     finally:
         logging.getLogger("seedstory_client").removeHandler(handler)
     assert killed and story.complete and story.resumes == 1, seen

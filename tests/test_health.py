@@ -53,6 +53,7 @@ def test_one_lost_replica_counts_once_and_refusals_cost_nothing():
         await recovery.after("detokenizer", PoolFailure("detokenizer", "broken", refused=True))
         with pytest.raises(StageUnavailable, match="detokenizer: replica lost 2 times"):
             await recovery.after("detokenizer", _died("b"))
+
     asyncio.run(run())
     assert losses == ["detokenizer"] and recovery.resumes == 2
 
@@ -71,4 +72,5 @@ def test_errors_no_retry_can_mend_pass_through_and_the_deadline_ends_a_wait(monk
         clock[0] = 31
         with pytest.raises(StageUnavailable, match="no replica answered within 30s"):
             await recovery.after("mllm", PoolFailure("mllm", "x", refused=True))
+
     asyncio.run(run())

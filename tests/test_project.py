@@ -6,7 +6,6 @@ import json
 import tomllib
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +31,9 @@ def test_no_committed_file_names_this_machines_paths_or_the_world_outside():
     one machine), a saved model's ``_name_or_path``, or the design notes outside the project."""
     import subprocess
 
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     bad = []
     for name in files:
         path = ROOT / name
@@ -51,7 +52,11 @@ def test_proto_holds_no_python_package():
 def test_pyproject_never_names_the_cuda_only_torch_companions():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
-    assert not [d for d in deps if d.split("=")[0].split("[")[0].strip() in {"torchvision", "torchaudio", "torchcodec"}]
+    assert not [
+        d
+        for d in deps
+        if d.split("=")[0].split("[")[0].strip() in {"torchvision", "torchaudio", "torchcodec"}
+    ]
     assert {"cpu", "gpu", "dev"} <= set(project["optional-dependencies"])
     assert project["scripts"]["seedstory"] == "cluster.cli:main"
 
@@ -59,14 +64,15 @@ def test_pyproject_never_names_the_cuda_only_torch_companions():
 def test_ray_config_parses_with_serves_own_schema_and_our_settings():
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.app import AppSettings
     from cluster.serving import load_config
+    from cluster.settings import AppSettings
 
     raw = load_config()
     config = ServeDeploySchema.model_validate(raw)
     assert config.grpc_options.port == 9000 and config.http_options.port == 8000
     assert config.grpc_options.grpc_servicer_functions == [
-        "seedstory_client.v1.story_pb2_grpc.add_StoryServiceServicer_to_server"]
+        "seedstory_client.v1.story_pb2_grpc.add_StoryServiceServicer_to_server"
+    ]
     [app] = config.applications
     settings = AppSettings.from_args(app.args)
     assert settings.limits.max_segments >= 25 and settings.limits.default_segments == 10
@@ -77,10 +83,24 @@ def test_ray_config_parses_with_serves_own_schema_and_our_settings():
         assert pools[name].ray_actor_options.num_cpus > 0, name
 
 
+def test_every_pool_fits_the_two_core_machine_at_its_max_replicas():
+    """ray_config.yaml is sized for this project's 2-core machine: autoscaling must be able to
+    reach every pool's max_replicas there, two de-tokenizer replicas beside the MLLM included."""
+    from cluster.serving import load_config
+
+    deployments = {d["name"]: d for d in load_config()["applications"][0]["deployments"]}
+    reserved = sum(
+        d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"]["num_cpus"]
+        for d in deployments.values()
+    )
+    assert reserved <= 2.0 + 1e-9, reserved
+    assert deployments["DetokenizerPool"]["autoscaling_config"]["max_replicas"] >= 2
+
+
 def test_app_args_are_checked_once():
     import pytest
 
-    from cluster.app import AppSettings
+    from cluster.settings import AppSettings
 
     with pytest.raises(ValueError, match="unknown application args"):
         AppSettings.from_args({"checkpoint": "x", "max_storeis": 3})
@@ -89,16 +109,35 @@ def test_app_args_are_checked_once():
 
 
 def test_the_demo_serves_and_writes_a_story_a_person_can_open(tmp_path):
-    """The README's main job as a user runs it, on the embedded model: a new local cluster, gRPC, files on disk."""
+    """The README's main job as a user runs it, on the embedded model: a new local cluster, gRPC,
+    files on disk."""
     import subprocess
     import sys
 
     opening = "Once upon a time, Kip the green triangle jumps in the forest."
     out = tmp_path / "story"
     # Own ports: the session's shared Serve app holds 9000/8000.
-    subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--out", str(out),
-                    "--segments", "2", "--prompt", opening, "--grpc-port", "9301", "--http-port", "8301"],
-                   check=True, cwd=ROOT, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--segments",
+            "2",
+            "--prompt",
+            opening,
+            "--grpc-port",
+            "9301",
+            "--http-port",
+            "8301",
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     page = out / "story.html"
     segments = json.loads((out / "story.json").read_text())["segments"]
     assert len(segments) == 2 and segments[0]["caption"] == opening and segments[1]["caption"]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from sink_reference import SinkReference
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import SinkSettings
 from actors.tokenizer.text import segment_ids
-from sink_reference import SinkReference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import returning_probe  # noqa: E402
@@ -31,8 +31,11 @@ def test_teacher_forcing_matches_the_sink_reference(tiny_ckpt, model, mode):
     lo, hi = t.text_range
     ids = [t.bos]
     for k in range(5):  # five segments, a window of 1: four evictions, with keys moved each time
-        ids += segment_ids(t, [lo + (3 * k + j) % (hi - lo) for j in range(2 + k % 2)],
-                           [(7 * k + j) % 256 for j in range(16)])
+        ids += segment_ids(
+            t,
+            [lo + (3 * k + j) % (hi - lo) for j in range(2 + k % 2)],
+            [(7 * k + j) % 256 for j in range(16)],
+        )
     p = SinkSettings(mode=mode, window_segments=1).for_pictures(16).with_ids(t.boi, t.eoi)
     logp, _ = returning_probe.SinkForcer(model, p).run(ids, watch=set())
     ref, cache, want = SinkReference(model, p, t), [([], []) for _ in model.model.layers], []

@@ -61,8 +61,7 @@ def test_a_chunk_that_crosses_a_picture_end_splits_into_groups():
     st = new_state()
     step(st, 0, 7)
     plan = step(st, 7, 12)  # positions 7-11, with </img> at 9
-    assert groups(plan) == [([0, 1], 9, None),
-                            ([2, 3, 4], 12, [(5, 0, 7)])]  # storage 5-11 seen at ranks 0-6
+    assert groups(plan) == [([0, 1], 9, None), ([2, 3, 4], 12, [(5, 0, 7)])]  # storage 5-11 seen at ranks 0-6
     assert plan.writes == range(7, 12) and plan.moves == []
     plan = step(st, 12, 13)  # the next step compacts: positions 5-11 down to ranks 0-6
     assert plan.moves == [(5, 0, 7)] and plan.writes == range(7, 8)

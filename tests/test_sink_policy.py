@@ -4,8 +4,18 @@ import random
 
 import pytest
 
-from actors.mllm.sink import (RELEASED, HeldBlocks, SinkParams, SinkSettings, SinkTracker, contains, count, kept_ranges,
-                              max_blocks, positions)
+from actors.mllm.sink import (
+    RELEASED,
+    HeldBlocks,
+    SinkParams,
+    SinkSettings,
+    SinkTracker,
+    contains,
+    count,
+    kept_ranges,
+    max_blocks,
+    positions,
+)
 
 BOI, EOI, TEXT, VIS = 1, 2, 9, 5
 
@@ -19,8 +29,17 @@ def story(*segments, tail=0):
 
 
 def params(mode, **kw):
-    base = dict(boi_id=BOI, eoi_id=EOI, mode=mode, sink_tokens=2, boi_before=1, boi_after=1, eoi_before=1,
-                eoi_after=1, window_segments=2)
+    base = dict(
+        boi_id=BOI,
+        eoi_id=EOI,
+        mode=mode,
+        sink_tokens=2,
+        boi_before=1,
+        boi_after=1,
+        eoi_before=1,
+        eoi_after=1,
+        window_segments=2,
+    )
     return SinkParams(**{**base, **kw})
 
 
@@ -83,10 +102,16 @@ def test_policy_is_monotone_a_token_once_evicted_is_never_kept_again():
     rng = random.Random(0)
     for mode in ("window", "streaming", "multimodal"):
         for _ in range(30):
-            ids = story(*[(rng.randint(0, 6), rng.randint(1, 5)) for _ in range(rng.randint(1, 9))],
-                        tail=rng.randint(0, 4))
-            p = params(mode, window_segments=rng.randint(1, 3), boi_before=rng.randint(0, 4),
-                       eoi_after=rng.randint(0, 4))
+            ids = story(
+                *[(rng.randint(0, 6), rng.randint(1, 5)) for _ in range(rng.randint(1, 9))],
+                tail=rng.randint(0, 4),
+            )
+            p = params(
+                mode,
+                window_segments=rng.randint(1, 3),
+                boi_before=rng.randint(0, 4),
+                eoi_after=rng.randint(0, 4),
+            )
             before = kept_ranges(ids[:1], p)
             for n in range(2, len(ids) + 1):
                 now = kept_ranges(ids[:n], p)
@@ -109,13 +134,19 @@ def test_incremental_marks_equal_the_whole_history_policy(mode):
     rng = random.Random(f"tracker-{mode}")
     for _ in range(200):
         ids = random_story(rng)
-        p = params(mode, sink_tokens=rng.randint(0, 6), sink_segments=rng.choice([0, 0, 1, 2]),
-                   window_segments=rng.randint(1, 3),
-                   boi_before=rng.randint(0, 4), boi_after=rng.randint(0, 8), eoi_before=rng.randint(0, 4),
-                   eoi_after=rng.randint(0, 4))
+        p = params(
+            mode,
+            sink_tokens=rng.randint(0, 6),
+            sink_segments=rng.choice([0, 0, 1, 2]),
+            window_segments=rng.randint(1, 3),
+            boi_before=rng.randint(0, 4),
+            boi_after=rng.randint(0, 8),
+            eoi_before=rng.randint(0, 4),
+            eoi_after=rng.randint(0, 4),
+        )
         tracker, n = SinkTracker(p), 0
         while n < len(ids):
-            step = ids[n:n + rng.randint(1, 9)]
+            step = ids[n : n + rng.randint(1, 9)]
             tracker.extend(step)
             n += len(step)
             want = kept_ranges(ids[:n], p)
@@ -134,7 +165,7 @@ def test_the_tracker_counts_evictions_only_at_picture_ends():
 
 def test_held_blocks_keep_ceil_kept_plus_step_plus_one_and_release_from_the_tail():
     held = HeldBlocks(block_size=4)
-    assert held.step(first=0, scheduled=10, kept=0) == [0, 1, 2]   # prefill: 3 entries, all held
+    assert held.step(first=0, scheduled=10, kept=0) == [0, 1, 2]  # prefill: 3 entries, all held
     assert held.entries == [0, 1, 2]
     assert held.step(first=10, scheduled=1, kept=10) == [0, 1, 2]  # 11 tokens fit the 3 entries
     # An eviction left 3 of 11 tokens: hold ceil((3 + 1) / 4) + 1 = 2 entries, release entry 2.
@@ -164,22 +195,33 @@ def test_max_blocks_bounds_the_compacted_footprint():
     assert max_blocks(s, 34, 25, 100_000, 32) == 15
     assert max_blocks(SinkSettings(mode="dense"), 34, 25, 884, 32) == 28
     # the opening segment kept whole adds one longest segment: 447 + 34 = 481 -> 16 + 1 blocks
-    assert max_blocks(SinkSettings(mode="multimodal", window_segments=8, sink_segments=1).for_pictures(16),
-                      34, 25, 100_000, 32) == 17
+    assert (
+        max_blocks(
+            SinkSettings(mode="multimodal", window_segments=8, sink_segments=1).for_pictures(16),
+            34,
+            25,
+            100_000,
+            32,
+        )
+        == 17
+    )
     # window + open segment 9 x 34 = 306, plus a 64-token chunk: 370 -> 12 + 1 blocks
     assert max_blocks(SinkSettings(mode="window"), 34, 25, 100_000, 32, step_tokens=64) == 13
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(mode="lru"), "not one of"),
-    (dict(window_segments=0), "window_segments"),
-    (dict(window_segments=-1), "window_segments"),
-    (dict(sink_tokens=-2), ">= 0"),
-    (dict(sink_segments=-1), ">= 0"),
-    (dict(eoi_id=BOI), "must differ"),
-    (dict(boi_after=None), "for_pictures"),
-    (dict(eoi_before=-1), ">= 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(mode="lru"), "not one of"),
+        (dict(window_segments=0), "window_segments"),
+        (dict(window_segments=-1), "window_segments"),
+        (dict(sink_tokens=-2), ">= 0"),
+        (dict(sink_segments=-1), ">= 0"),
+        (dict(eoi_id=BOI), "must differ"),
+        (dict(boi_after=None), "for_pictures"),
+        (dict(eoi_before=-1), ">= 0"),
+    ],
+)
 def test_bad_parameters_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         params(bad.pop("mode", "multimodal"), **bad)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sink_reference import SinkReference, kept_mask
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import SinkSettings
 from actors.tokenizer.text import segment_ids
-from sink_reference import SinkReference, kept_mask
 from training.data import join_windows
 from training.stages.sink import attention_groups, sink_forward
 
@@ -25,14 +25,20 @@ def a_story(t) -> list[int]:
     lo, hi = t.text_range
     ids = [t.bos]
     for k in range(SEGMENTS):
-        ids += segment_ids(t, [lo + (5 * k + j) % (hi - lo) for j in range(2 + k % 4)],
-                           [(13 * k + j) % 256 for j in range(16)])
+        ids += segment_ids(
+            t,
+            [lo + (5 * k + j) % (hi - lo) for j in range(2 + k % 4)],
+            [(13 * k + j) % 256 for j in range(16)],
+        )
     return ids
 
 
 def policy(t, mode, opening):
-    return SinkSettings(mode=mode, window_segments=WINDOW, sink_segments=opening).for_pictures(16).with_ids(
-        t.boi, t.eoi)
+    return (
+        SinkSettings(mode=mode, window_segments=WINDOW, sink_segments=opening)
+        .for_pictures(16)
+        .with_ids(t.boi, t.eoi)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_every_query_reads_what_the_policy_keeps(tiny_ckpt, mode, opening):
     assert all(a[2] == b[1] for a, b in zip(groups, groups[1:]))  # the queries tile the story
     for context, lo, hi in groups:
         for i in range(lo, hi):
-            want = [j for j, keep in enumerate(kept_mask(ids[:i + 1], p)) if keep]
+            want = [j for j, keep in enumerate(kept_mask(ids[: i + 1], p)) if keep]
             assert context + list(range(lo, i + 1)) == want, (mode, i)
     assert len(groups) == SEGMENTS + 1  # one per </img>, and the opening's
 
@@ -75,7 +81,10 @@ def test_the_story_reads_as_the_engine_writes_it(tiny_ckpt, model, mode, opening
 
 def test_windows_join_into_whole_stories_and_stop_at_a_gap():
     win = lambda *xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
-    group = {"story_id": np.array(["s", "s", "s"]), "window": np.array([1, 0, 3]),
-             "input_ids": [win(0, 7, 8), win(0, 5, 6), win(0, 9)]}  # window 2 is missing
+    group = {
+        "story_id": np.array(["s", "s", "s"]),
+        "window": np.array([1, 0, 3]),
+        "input_ids": [win(0, 7, 8), win(0, 5, 6), win(0, 9)],
+    }  # window 2 is missing
     joined = join_windows(group)
     assert list(joined["story_id"]) == ["s"] and list(joined["input_ids"][0]) == [0, 5, 6, 7, 8]

@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
-from seedstory_client import AsyncStoryClient, Story, StoryClient, build_request, write_story
+from statuses import leaks
 
 from actors.checkpoint import read_manifest
-from statuses import leaks
+from seedstory_client import AsyncStoryClient, Story, StoryClient, build_request, write_story
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 
@@ -93,9 +93,16 @@ def test_the_story_page_loads_every_image_in_headless_chromium(twelve, tmp_path)
 
     page_path = write_story(tmp_path / "story", twelve)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page()
         page.goto(page_path.resolve().as_uri())
         page.wait_for_load_state("load")
@@ -107,15 +114,21 @@ def test_the_story_page_loads_every_image_in_headless_chromium(twelve, tmp_path)
 
 
 def test_story_json_names_the_model_never_its_path(story_service, tiny_ckpt, tmp_path):
-    from seedstory_client.cli import generate_story
-
     from actors.checkpoint import checkpoint_name
     from cluster.demo import EMBEDDED_CHECKPOINT
+    from seedstory_client.cli import generate_story
 
     # As the demo writes it: the checkpoint's name, from its card, else its folder.
     assert checkpoint_name(EMBEDDED_CHECKPOINT) == "seedstory tiny checkpoint"
-    generate_story(story_service.target, OPENING, 1, tmp_path, token=story_service.token, steps=2,
-                   source=checkpoint_name(tiny_ckpt))
+    generate_story(
+        story_service.target,
+        OPENING,
+        1,
+        tmp_path,
+        token=story_service.token,
+        steps=2,
+        source=checkpoint_name(tiny_ckpt),
+    )
     story = json.loads((tmp_path / "story.json").read_text())
     assert story["source"] == "tiny"  # the session's random-init checkpoint has no card
     strings = [v for v in _leaves(story) if isinstance(v, str)]
@@ -153,6 +166,37 @@ def test_the_async_client_gets_the_same_story_for_the_same_seeds(story_service, 
     assert [s.caption for s in a.segments] == [s.caption for s in b.segments]
     assert [s.visual_codes for s in a.segments] == [s.visual_codes for s in b.segments]
     assert [s.png for s in a.segments] == [s.png for s in b.segments]
+
+
+# -- renders that do not depend on their batch -----------------------------------------------------
+def test_a_picture_renders_the_same_alone_and_in_a_batch_beside_others(story_service):
+    """The DetokenizerPool batches concurrent pictures into fixed-shape calls (render_slots): a
+    picture sent again after a lost replica, or beside other stories, must be the same PNG."""
+    from ray import serve
+
+    pool = serve.get_deployment_handle("DetokenizerPool", "seedstory")
+    canary = {"codes": list(range(16)), "steps": 4, "guidance": 5.0, "seed": 21}
+    alone = pool.render.remote(canary).result()
+    others = [{**canary, "codes": [i] * 16, "seed": i} for i in range(4)]
+    crowd = [pool.render.remote(job) for pair in zip([canary] * 4, others) for job in pair]
+    canaries = [response.result() for response in crowd[::2]]
+    assert max(result["batch"] for result in canaries) > 1  # some canary shared a pipeline call
+    assert all(result["png"] == alone["png"] for result in canaries)
+    assert len({response.result()["png"] for response in crowd[1::2]}) == 4
+
+
+def test_a_story_draws_the_same_pngs_alone_and_beside_another_story(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def story(seed: int):
+        return client.generate(OPENING, 3, seed=seed, render_seed=seed, steps=4)
+
+    alone = story(11)
+    with ThreadPoolExecutor(2) as pool:
+        crowded, other = pool.submit(story, 11), pool.submit(story, 12)
+        crowded, other = crowded.result(), other.result()
+    assert [s.png for s in crowded.segments] == [s.png for s in alone.segments]
+    assert [s.png for s in other.segments] != [s.png for s in alone.segments]
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -193,8 +237,10 @@ def test_bad_input_gets_invalid_argument_naming_the_field(client, tiny_ckpt, cas
 
 def test_after_a_burst_of_bad_input_nothing_leaked_and_the_service_still_serves(client, tiny_ckpt):
     baseline = wait_idle()
-    threads = [threading.Thread(target=lambda f=f: _swallow(client, _bad_request(tiny_ckpt, **f)))
-               for _, f, _ in BAD * 2]
+    threads = [
+        threading.Thread(target=lambda f=f: _swallow(client, _bad_request(tiny_ckpt, **f)))
+        for _, f, _ in BAD * 2
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -225,16 +271,23 @@ def _serve_log_records(request_id: str, timeout: float = 30) -> tuple[list[str],
     logs = Path(ctx.get_temp_dir()) / ctx.get_session_name() / "logs" / "serve"
     deadline = time.time() + timeout
     while True:
-        found = [[r for f in sorted(logs.glob(pattern)) for r in _records(f.read_text()) if request_id in r]
-                 for pattern in ("replica_seedstory_StoryIngress_*.log", "proxy_*.log")]
-        if all(any("GenerateStory" in r or " CALL " in r for r in rs) for rs in found) or time.time() > deadline:
+        found = [
+            [r for f in sorted(logs.glob(pattern)) for r in _records(f.read_text()) if request_id in r]
+            for pattern in ("replica_seedstory_StoryIngress_*.log", "proxy_*.log")
+        ]
+        if (
+            all(any("GenerateStory" in r or " CALL " in r for r in rs) for rs in found)
+            or time.time() > deadline
+        ):
             return found[0], found[1]
         time.sleep(0.2)
 
 
 def _records(text: str) -> list[str]:
     """Serve's log text, one string per record: a record starts with its level."""
-    return [r.rstrip() for r in re.split(r"\n(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-)", text) if r.strip()]
+    return [
+        r.rstrip() for r in re.split(r"\n(?=(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-)", text) if r.strip()
+    ]
 
 
 def _swallow(client, request) -> None:

@@ -11,9 +11,26 @@ import pytest
 from PIL import Image
 
 from actors.mllm.sink import SinkSettings
-from training.storyworld import (ACTIONS, AWAY, CAST, CHARACTERS, COLOURS, PATTERNS, PLACES, SHAPES, STRIPE, WORLDS,
-                                 Character, Segment, cast_from_looks, segment_of, draw_segment, layout, parse_caption,
-                                 read_caption, sample_captions, write_storyworld)
+from training.storyworld import (
+    ACTIONS,
+    AWAY,
+    CAST,
+    CHARACTERS,
+    COLOURS,
+    PATTERNS,
+    PLACES,
+    SHAPES,
+    WORLDS,
+    Character,
+    Segment,
+    cast_from_looks,
+    parse_caption,
+    read_caption,
+    sample_captions,
+    segment_of,
+)
+from training.storyworld_pictures import STRIPE, draw_segment, layout
+from training.storyworld_writer import write_storyworld
 
 
 def read_jsonl(path):
@@ -24,8 +41,10 @@ segment = segment_of  # a truth.jsonl segment record as its Segment
 
 
 def test_same_seed_same_world_other_seed_other_world(tmp_path):
-    a, b, c = (write_storyworld(tmp_path / n, stories=3, segments=12, seed=s, size=64)
-               for n, s in (("a", 5), ("b", 5), ("c", 6)))
+    a, b, c = (
+        write_storyworld(tmp_path / n, stories=3, segments=12, seed=s, size=64)
+        for n, s in (("a", 5), ("b", 5), ("c", 6))
+    )
     assert a.read_bytes() == b.read_bytes()
     assert (a.parent / "truth.jsonl").read_bytes() == (b.parent / "truth.jsonl").read_bytes()
     rel = read_jsonl(a)[1]["images"][4]
@@ -70,6 +89,7 @@ def test_characters_and_places_look_distinct():
 
 # -- the classic world is pinned ------------------------------------------------------------------
 
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -78,9 +98,14 @@ def test_classic_world_output_is_pinned(tmp_path):
     """Pins the classic world's output: these digests were computed from the classic code path
     before the returning world was added. Old seeds must keep giving the same stories."""
     out = write_storyworld(tmp_path, stories=2, segments=12, seed=3, size=64).parent
-    assert sha((out / "storyworld.jsonl").read_bytes()) == \
-        "d135321cd86f6fba77625ab966ba4122f09b235ed944e931e28f30e46c4d1110"
-    assert sha((out / "truth.jsonl").read_bytes()) == "7173afdc56cc2fe78e9e45b9c7b1ccc559e8d6c56e42cb5f809f9948ff5b2113"
+    assert (
+        sha((out / "storyworld.jsonl").read_bytes())
+        == "d135321cd86f6fba77625ab966ba4122f09b235ed944e931e28f30e46c4d1110"
+    )
+    assert (
+        sha((out / "truth.jsonl").read_bytes())
+        == "7173afdc56cc2fe78e9e45b9c7b1ccc559e8d6c56e42cb5f809f9948ff5b2113"
+    )
     pixels = hashlib.sha256()
     for story, gt in zip(read_jsonl(out / "storyworld.jsonl"), read_jsonl(out / "truth.jsonl")):
         for rel, seg in zip(story["images"], gt["segments"]):
@@ -92,10 +117,14 @@ def test_classic_world_output_is_pinned(tmp_path):
             picture.save(encoded, format="JPEG", quality=95)
             assert (out / "images" / rel).read_bytes() == encoded.getvalue()
     assert pixels.hexdigest() == "c46c3f93d40b07150539379757aeac3f059bf9efc44e0d739479518b1a082967"
-    assert sha("\n".join(sample_captions(2, 12, seed=3)).encode()) == \
-        "4b1a5c15c37dbe6a7f54c7fc1b35e3506835358de984a2dc6b7ac52bd941d9b1"
-    assert json.loads((out / "storyworld.json").read_text())["command"] == \
-        f"seedstory data storyworld --stories 2 --segments 12 --seed 3 --size 64 --out {out}"
+    assert (
+        sha("\n".join(sample_captions(2, 12, seed=3)).encode())
+        == "4b1a5c15c37dbe6a7f54c7fc1b35e3506835358de984a2dc6b7ac52bd941d9b1"
+    )
+    assert (
+        json.loads((out / "storyworld.json").read_text())["command"]
+        == f"seedstory data storyworld --stories 2 --segments 12 --seed 3 --size 64 --out {out}"
+    )
 
 
 def test_classic_renderer_is_pinned():
@@ -114,8 +143,9 @@ def test_classic_renderer_is_pinned():
 CLASSIC_PARSES = {
     "Once upon a time, Milo the red circle walks in the park.": Segment("Milo", (), "park", "walk"),
     "Then Bea the blue square and Kip sit down in the beach.": Segment("Bea", ("Kip",), "beach", "sit"),
-    "Later, Zara the yellow diamond and Oti take a rest in the night garden.":
-        Segment("Zara", ("Oti",), "night garden", "rest"),
+    "Later, Zara the yellow diamond and Oti take a rest in the night garden.": Segment(
+        "Zara", ("Oti",), "night garden", "rest"
+    ),
     "Soon Rux the orange cross waves in the snowfield.": Segment("Rux", (), "snowfield", "wave"),
     "  After that, Oti the purple pentagon runs in the city.  ": Segment("Oti", (), "city", "run"),
     "Suddenly Kip the green triangle and Kip jump in the forest.": None,
@@ -154,8 +184,9 @@ LOOK_WORDS = re.compile(rf"\b({'|'.join([*COLOURS, *SHAPES, *PATTERNS])})\b")
 @pytest.fixture(scope="module")
 def returning_world(tmp_path_factory):
     """Six 30-segment returning-world stories at 64 px: (folder, stories, truths)."""
-    out = write_storyworld(tmp_path_factory.mktemp("returning"), stories=6, segments=30, seed=7, size=64,
-                           world="returning").parent
+    out = write_storyworld(
+        tmp_path_factory.mktemp("returning"), stories=6, segments=30, seed=7, size=64, world="returning"
+    ).parent
     return out, read_jsonl(out / "storyworld.jsonl"), read_jsonl(out / "truth.jsonl")
 
 
@@ -196,7 +227,9 @@ def test_the_opening_says_the_looks_and_later_captions_only_names(returning_worl
 def test_friends_come_back_after_at_least_away_segments(returning_world):
     _, _, truths = returning_world
     for gt in truths:
-        assert all(gt["segments"][k]["present"] == list(gt["looks"]) for k in (0, 1))  # the first pictures show all
+        assert all(
+            gt["segments"][k]["present"] == list(gt["looks"]) for k in (0, 1)
+        )  # the first pictures show all
         assert all(s["present"][0] == gt["hero"] for s in gt["segments"])  # the hero never leaves
         returns = []
         for name, here in presence(gt).items():
@@ -229,8 +262,12 @@ def test_truth_records_agree_with_the_captions(returning_world):
 
 
 def test_returning_captions_must_say_the_storys_own_looks():
-    cast = cast_from_looks({"Bea": {"colour": "red", "shape": "circle", "pattern": "striped"},
-                            "Kip": {"colour": "blue", "shape": "cross", "pattern": "plain"}})
+    cast = cast_from_looks(
+        {
+            "Bea": {"colour": "red", "shape": "circle", "pattern": "striped"},
+            "Kip": {"colour": "blue", "shape": "cross", "pattern": "plain"},
+        }
+    )
     said = "Once upon a time, Bea the striped red circle and Kip the blue cross walk in the park."
     assert parse_caption(said, cast) == Segment("Bea", ("Kip",), "park", "walk")
     assert parse_caption("Then Kip and Bea run in the city.", cast) == Segment("Kip", ("Bea",), "city", "run")
@@ -258,18 +295,24 @@ def test_pictures_draw_every_character_with_its_look(returning_world):
         for rel, seg in zip(story["images"], gt["segments"]):
             img = np.asarray(Image.open(out / "images" / rel).convert("RGB"), dtype=int)
             for name, (cx, cy, r) in layout(segment(seg), 64).items():
-                column = img[round(cy - r / 2):round(cy + r / 2) + 1, round(cx)]
+                column = img[round(cy - r / 2) : round(cy + r / 2) + 1, round(cx)]
                 shown = Counter(palette_colours(column)).most_common()
-                assert shown and shown[0][0] == cast[name].colour_name and shown[0][1] >= 2, (rel, name, shown)
+                assert shown and shown[0][0] == cast[name].colour_name and shown[0][1] >= 2, (
+                    rel,
+                    name,
+                    shown,
+                )
                 assert dark(column).any() == (cast[name].pattern == "striped"), (rel, name)
 
 
 def altered(ch: Character) -> list[Character]:
     """The character with one attribute of its look changed."""
     other_colour = next(c for c in COLOURS if c != ch.colour_name)
-    return [replace(ch, colour_name=other_colour, colour=COLOURS[other_colour]),
-            replace(ch, shape=next(s for s in SHAPES if s != ch.shape)),
-            replace(ch, pattern=next(p for p in PATTERNS if p != ch.pattern))]
+    return [
+        replace(ch, colour_name=other_colour, colour=COLOURS[other_colour]),
+        replace(ch, shape=next(s for s in SHAPES if s != ch.shape)),
+        replace(ch, pattern=next(p for p in PATTERNS if p != ch.pattern)),
+    ]
 
 
 def test_pictures_are_nearest_to_the_true_looks(returning_world):
@@ -282,39 +325,62 @@ def test_pictures_are_nearest_to_the_true_looks(returning_world):
             img = np.asarray(Image.open(out / "images" / rel).convert("RGB"), dtype=float)
             seg = segment(seg)
 
-            def error(c):
+            def error(c, seg=seg, img=img):
                 return ((np.asarray(draw_segment(seg, 64, c), dtype=float) - img) ** 2).mean()
 
             true = error(cast)
             for i, ch in enumerate(cast):
                 if ch.name in (seg.hero, *seg.others):
-                    assert all(true < error(cast[:i] + (alt,) + cast[i + 1:]) for alt in altered(ch)), (rel, ch)
+                    assert all(true < error(cast[:i] + (alt,) + cast[i + 1 :]) for alt in altered(ch)), (
+                        rel,
+                        ch,
+                    )
 
 
 def test_friends_stand_apart_from_each_other_and_the_hero():
     for action in ACTIONS:
         spots = list(layout(Segment("Milo", ("Bea", "Kip", "Zara"), "park", action), 64).values())
         for i, (x1, y1, r1) in enumerate(spots):
-            for x2, y2, r2 in spots[i + 1:]:
+            for x2, y2, r2 in spots[i + 1 :]:
                 assert max(abs(x1 - x2), abs(y1 - y2)) >= r1 + r2, action  # bounding boxes do not overlap
 
 
 def test_returning_world_is_seeded(tmp_path):
-    a, b, c = (write_storyworld(tmp_path / n, stories=2, segments=15, seed=s, size=64, world="returning")
-               for n, s in (("a", 5), ("b", 5), ("c", 6)))
+    a, b, c = (
+        write_storyworld(tmp_path / n, stories=2, segments=15, seed=s, size=64, world="returning")
+        for n, s in (("a", 5), ("b", 5), ("c", 6))
+    )
     classic = write_storyworld(tmp_path / "classic", stories=2, segments=15, seed=5, size=64)
     for name in ("storyworld.jsonl", "truth.jsonl", "images/000001/000001_keyframe_13.jpg"):
         assert (a.parent / name).read_bytes() == (b.parent / name).read_bytes()
     assert (a.parent / "truth.jsonl").read_bytes() != (c.parent / "truth.jsonl").read_bytes()
     assert a.read_bytes() != classic.read_bytes()
-    assert sample_captions(2, 15, seed=5, world="returning") == sum((s["captions"] for s in read_jsonl(a)), [])
+    assert sample_captions(2, 15, seed=5, world="returning") == sum(
+        (s["captions"] for s in read_jsonl(a)), []
+    )
 
 
 def test_the_cli_writes_the_returning_world_and_says_so(tmp_path):
     from cluster.cli import main, parser
 
-    main(["data", "storyworld", "--stories", "1", "--segments", "12", "--seed", "1", "--size", "32",
-          "--world", "returning", "--out", str(tmp_path / "r")])
+    main(
+        [
+            "data",
+            "storyworld",
+            "--stories",
+            "1",
+            "--segments",
+            "12",
+            "--seed",
+            "1",
+            "--size",
+            "32",
+            "--world",
+            "returning",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     meta = json.loads((tmp_path / "r" / "storyworld.json").read_text())
     assert meta["world"] == "returning" and "--world returning" in meta["command"]
     assert "looks" in read_jsonl(tmp_path / "r" / "truth.jsonl")[0]

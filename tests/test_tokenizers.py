@@ -15,7 +15,13 @@ def text(tiny_ckpt):
 
 def test_layout_matches_the_trained_vocabulary(text):
     tok, t = text
-    assert tok.convert_ids_to_tokens([t.boi, t.eoi, t.bos, t.eos, t.pad]) == ["<img>", "</img>", "<s>", "</s>", "<pad>"]
+    assert tok.convert_ids_to_tokens([t.boi, t.eoi, t.bos, t.eos, t.pad]) == [
+        "<img>",
+        "</img>",
+        "<s>",
+        "</s>",
+        "<pad>",
+    ]
     assert tok.convert_ids_to_tokens(t.visual_id(0)) == "<v00000>"
     assert tok.convert_ids_to_tokens(t.visual_id(255)) == "<v00255>"
     assert t.vocab_size == len(tok) and t.num_codes == TINY.codebook_size
@@ -33,8 +39,10 @@ def test_visual_code_maps_to_and_from_its_token_id(text):
 
 def test_mixed_text_and_visual_tokens_round_trip(text):
     tok, t = text
-    story = [("Once upon a time, Milo the red circle walks in the park.", [3, 0, 255, 17]),
-             ("Then Milo the red circle and Bea jump in the snowfield.", [9, 9, 1, 200])]
+    story = [
+        ("Once upon a time, Milo the red circle walks in the park.", [3, 0, 255, 17]),
+        ("Then Milo the red circle and Bea jump in the snowfield.", [9, 9, 1, 200]),
+    ]
     ids = [t.bos] + sum((encode_segment(tok, t, c, codes) for c, codes in story), []) + [t.eos]
     # The visual tokens sit between <img> and </img>, as their own ids.
     assert ids.count(t.boi) == 2 and sum(t.is_visual(i) for i in ids) == 8
@@ -47,7 +55,9 @@ def test_mixed_text_and_visual_tokens_round_trip(text):
 
 def test_captions_do_not_produce_visual_or_unknown_tokens(text):
     tok, t = text
-    ids = tok.encode("Suddenly Zara the yellow diamond takes a rest in the night garden.", add_special_tokens=False)
+    ids = tok.encode(
+        "Suddenly Zara the yellow diamond takes a rest in the night garden.", add_special_tokens=False
+    )
     assert not any(t.is_visual(i) or i in (t.unk, t.boi, t.eoi) for i in ids)
 
 

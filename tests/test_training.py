@@ -20,9 +20,12 @@ import pytest
 from actors.checkpoint import part_dir, read_manifest
 from actors.config import TINY
 from actors.mllm.sink import RELEASED, SinkSettings
-from training.evaluate import EvalSettings, frechet, judge, place_right
+from training.evaluation.judge import judge, place_right
+from training.evaluation.report import frechet
+from training.evaluation.settings import EvalSettings
 from training.loop import StageSpec, lr_at
-from training.storyworld import Segment, caption, draw_segment, parse_caption, random_cast
+from training.storyworld import Segment, caption, parse_caption, random_cast
+from training.storyworld_pictures import draw_segment
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "checkpoints" / "tiny"
@@ -33,9 +36,13 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-WEIGHTS = {"visual": "visual_tokenizer/model.safetensors", "vae": "detokenizer/vae/diffusion_pytorch_model.safetensors",
-           "detokenizer": "detokenizer/unet/diffusion_pytorch_model.safetensors", "mllm": "mllm/model.safetensors",
-           "sink": "mllm/model.safetensors"}  # the sink stage fine-tunes the mllm stage's export
+WEIGHTS = {
+    "visual": "visual_tokenizer/model.safetensors",
+    "vae": "detokenizer/vae/diffusion_pytorch_model.safetensors",
+    "detokenizer": "detokenizer/unet/diffusion_pytorch_model.safetensors",
+    "mllm": "mllm/model.safetensors",
+    "sink": "mllm/model.safetensors",
+}  # the sink stage fine-tunes the mllm stage's export
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,7 @@ def stream(storyworld, tmp_path_factory):
 def returning_storyworld(tmp_path_factory):
     """Two 12-segment returning-world stories at 64 px: a held-out set for the eval (as cheap as
     ``storyworld``; the trained fixture checkpoint reads its captions with its own BPE)."""
-    from training.storyworld import write_storyworld
+    from training.storyworld_writer import write_storyworld
 
     out = tmp_path_factory.mktemp("returning")
     write_storyworld(out, stories=2, segments=12, seed=7, size=64, world="returning")
@@ -82,7 +89,9 @@ def test_every_stage_trains_with_two_workers_and_exports(trained):
         assert s["steps"] == 2 and s["metrics"]["step"] == 2
         assert np.isfinite(s["metrics"]["loss"]), stage
         assert digest(out / WEIGHTS[stage]) != before[stage], f"{stage} did not write its part"
-        assert any((out.parent / "ckpt.runs" / stage).glob("checkpoint_*")), f"{stage}: no Ray Train checkpoint"
+        assert any((out.parent / "ckpt.runs" / stage).glob("checkpoint_*")), (
+            f"{stage}: no Ray Train checkpoint"
+        )
     # The VAE's measured latent scale reaches both its diffusers config and the manifest.
     from diffusers import AutoencoderKL
 
@@ -108,21 +117,24 @@ def test_mllm_windows_are_pretokenized_with_the_loss_after_the_opening(trained):
 
 def test_exported_checkpoint_loads_in_vllm_and_renders(trained):
     from actors.detokenizer.model import Detokenizer
+    from actors.mllm.driver import StoryDriver
     from actors.mllm.engine import EngineConfig, StoryEngine
     from actors.tokenizer.prompts import PromptBuilder
 
     out, _, _ = trained
     builder = PromptBuilder(str(out))
-    prompt = builder.prompt(builder.caption_ids(["Once upon a time, Kip the green triangle runs in the city."])[0],
-                            None)
+    prompt = builder.prompt(
+        builder.caption_ids(["Once upon a time, Kip the green triangle runs in the city."])[0], None
+    )
     engine = StoryEngine(EngineConfig(str(out), max_stories=1, max_story_segments=4))
     try:
-        events = engine.run({"s": prompt}, segments=2)["s"]
+        events = StoryDriver(engine).run({"s": prompt}, segments=2).pictures["s"]
     finally:
         engine.shutdown()
     assert [len(e.codes) for e in events] == [TINY.num_queries] * 2
-    pictures = Detokenizer.from_pretrained(part_dir(out, "detokenizer")).render_seeded([events[0].codes], [0],
-                                                                                        steps=2)
+    pictures = Detokenizer.from_pretrained(part_dir(out, "detokenizer")).render_seeded(
+        [events[0].codes], [0], steps=2
+    )
     assert pictures[0].size == (TINY.image_size, TINY.image_size)
 
 
@@ -158,7 +170,8 @@ def recorded_checkpoint(run: Path) -> str | None:
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_path):
-    """SIGKILL the `seedstory train` driver after its first recorded checkpoint; the rerun continues from it."""
+    """SIGKILL the `seedstory train` driver after its first recorded checkpoint; the rerun
+    continues from it."""
     import ray
 
     from training.train import stage_specs, train
@@ -167,10 +180,29 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, stream, tmp_
     every = stage_specs("tiny", out, ["visual"], steps=steps)[0].checkpoint_every
     run = tmp_path / "ckpt.runs" / "visual"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--data", str(stream), "--out", str(out), "--stages",
-           "visual", "--steps", str(steps), "--batch-size", "4", "--workers", "2", "--cpus-per-worker", "0.5"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "train",
+        "--data",
+        str(stream),
+        "--out",
+        str(out),
+        "--stages",
+        "visual",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 240
         while recorded_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
@@ -212,11 +244,19 @@ def test_judge_uses_the_ground_truth_renderer():
     truth = np.asarray(draw_segment(seg, 64))
     assert judge(text, truth, "Zara") == {"valid": 1.0, "hero": 1.0, "place": 1.0}
     # The right caption over a picture of another hero, or in another place, fails that check only.
-    assert judge(text, np.asarray(draw_segment(Segment("Bea", ("Milo",), "desert", "jump"), 64)), "Zara")["hero"] == 0
-    assert judge(text, np.asarray(draw_segment(Segment("Zara", ("Milo",), "beach", "jump"), 64)), "Zara") == \
-        {"valid": 1.0, "hero": 1.0, "place": 0.0}
+    assert (
+        judge(text, np.asarray(draw_segment(Segment("Bea", ("Milo",), "desert", "jump"), 64)), "Zara")["hero"]
+        == 0
+    )
+    assert judge(text, np.asarray(draw_segment(Segment("Zara", ("Milo",), "beach", "jump"), 64)), "Zara") == {
+        "valid": 1.0,
+        "hero": 1.0,
+        "place": 0.0,
+    }
     assert judge("Zara the red diamond jumps in the desert.", truth, "Zara")["valid"] == 0  # wrong colour
-    assert judge("Then Bea the blue square jumps in the desert.", truth, "Zara")["hero"] == 0  # another hero named
+    assert (
+        judge("Then Bea the blue square jumps in the desert.", truth, "Zara")["hero"] == 0
+    )  # another hero named
 
 
 def test_frechet_distance():
@@ -233,21 +273,35 @@ def test_eval_command_line_keeps_the_settings_defaults_it_is_not_given():
     from cluster.mllm_config import app_settings
 
     base = ["eval", "--ckpt", "c", "--heldout", "h", "--out", "o"]
-    assert eval_settings(parser().parse_args(base)) == replace(EvalSettings(), sink=app_settings().sink)  # the served sink
-    got = eval_settings(parser().parse_args(base + ["--modes", "window,multimodal", "--guidance", "2", "--stories", "3"]))
-    assert (got.modes, got.guidance, got.stories, got.segments) == (("window", "multimodal"), 2.0, 3,
-                                                                     EvalSettings().segments)
+    assert eval_settings(parser().parse_args(base)) == replace(
+        EvalSettings(), sink=app_settings().sink
+    )  # the served sink
+    got = eval_settings(
+        parser().parse_args(base + ["--modes", "window,multimodal", "--guidance", "2", "--stories", "3"])
+    )
+    assert (got.modes, got.guidance, got.stories, got.segments) == (
+        ("window", "multimodal"),
+        2.0,
+        3,
+        EvalSettings().segments,
+    )
     assert EvalSettings().ceiling and not eval_settings(parser().parse_args(base + ["--no-ceiling"])).ceiling
 
 
 def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
-    from training.evaluate import run_eval
+    from training.evaluation.run import run_eval
 
     out, _, _ = trained
-    table = run_eval(out, storyworld, tmp_path / "eval", EvalSettings(stories=2, segments=3,
-                                                                      modes=("window", "multimodal"), steps=2))
+    table = run_eval(
+        out,
+        storyworld,
+        tmp_path / "eval",
+        EvalSettings(stories=2, segments=3, modes=("window", "multimodal"), steps=2),
+    )
     main = table.split("Sink settings")[0]  # the metrics table; the paired differences follow
-    rows = [line for line in main.splitlines() if line.startswith("| window") or line.startswith("| multimodal")]
+    rows = [
+        line for line in main.splitlines() if line.startswith("| window") or line.startswith("| multimodal")
+    ]
     assert len(rows) == 2
     assert (tmp_path / "eval" / "metrics.png").stat().st_size > 1000
     import json
@@ -261,25 +315,29 @@ def test_eval_writes_table_and_plot(trained, storyworld, tmp_path):
     by_mode = {m["mode"]: m["per_story"]["hero"] for m in results["modes"]}
     diff = np.mean(np.subtract(by_mode["multimodal"], by_mode["window"]))
     assert f"| multimodal | {diff:+.3f} ± " in table
-    assert "look" not in results["modes"][0]["per_story"] and "look fidelity" not in table  # classic columns only
+    assert (
+        "look" not in results["modes"][0]["per_story"] and "look fidelity" not in table
+    )  # classic columns only
     # The de-tokenizer's ceiling on the real pictures' codes: the classic world judges each story's hero.
     heroes = [json.loads(x)["hero"] for x in (storyworld / "truth.jsonl").read_text().splitlines()[:2]]
     ceiling = results["ceiling"]
     assert ceiling["world"] == "classic" and ceiling["pictures"] == 6
-    assert {n: v["n"] for n, v in ceiling["per_character"].items()} == \
-        {h: 3 * heroes.count(h) for h in heroes} and list(ceiling["per_role"]) == ["hero"]
+    assert {n: v["n"] for n, v in ceiling["per_character"].items()} == {
+        h: 3 * heroes.count(h) for h in heroes
+    } and list(ceiling["per_role"]) == ["hero"]
     assert 0 <= ceiling["min"] <= ceiling["mean"] <= 1 and "De-tokenizer ceiling" in table
     window = json.loads((out / "training.json").read_text())["provenance"].get("window")
     assert results["training_window"] == window
 
 
 def test_eval_judges_looks_and_returns_on_the_returning_world(trained, returning_storyworld, tmp_path):
-    from training.evaluate import run_eval
+    from training.evaluation.run import run_eval
 
     out, _, _ = trained
     # A window of one segment, so that three segments can hold a return.
-    s = EvalSettings(stories=2, segments=3, modes=("window", "multimodal"), steps=2,
-                     sink=SinkSettings(window_segments=1))
+    s = EvalSettings(
+        stories=2, segments=3, modes=("window", "multimodal"), steps=2, sink=SinkSettings(window_segments=1)
+    )
     table = run_eval(out, returning_storyworld, tmp_path / "eval", s)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["world"] == "returning"
@@ -293,7 +351,9 @@ def test_eval_judges_looks_and_returns_on_the_returning_world(trained, returning
         assert f"({m['returns']} in {m['stories_with_returns']} stories)" in table
     # Every caption written is kept, and its validity agrees with the mode's caption validity.
     written = [json.loads(x) for x in (tmp_path / "eval" / "stories.jsonl").read_text().splitlines()]
-    assert [(w["mode"], w["story"]) for w in written] == [(m, i) for m in ("window", "multimodal") for i in (0, 1)]
+    assert [(w["mode"], w["story"]) for w in written] == [
+        (m, i) for m in ("window", "multimodal") for i in (0, 1)
+    ]
     for mode in results["modes"]:
         valid = [v for w in written if w["mode"] == mode["mode"] for v in w["valid"]]
         assert all(len(w["captions"]) == len(w["valid"]) == 3 for w in written)
@@ -312,6 +372,7 @@ def test_eval_judges_looks_and_returns_on_the_returning_world(trained, returning
 @pytest.mark.skipif(not (EMBEDDED / "manifest.json").is_file(), reason="no embedded checkpoint")
 def test_embedded_model_is_small_and_tells_a_consistent_story():
     from actors.detokenizer.model import Detokenizer
+    from actors.mllm.driver import StoryDriver
     from actors.mllm.engine import EngineConfig, StoryEngine
     from actors.tokenizer.prompts import PromptBuilder
 
@@ -328,18 +389,20 @@ def test_embedded_model_is_small_and_tells_a_consistent_story():
     builder = PromptBuilder(str(EMBEDDED))
     engine = StoryEngine(EngineConfig(str(EMBEDDED), max_stories=1, max_story_segments=6))
     try:
-        events = engine.run({"s": builder.prompt(builder.caption_ids([opening])[0], None)}, segments=5)["s"]
+        prompt = builder.prompt(builder.caption_ids([opening])[0], None)
+        events = StoryDriver(engine).run({"s": prompt}, segments=5).pictures["s"]
     finally:
         engine.shutdown()
     settings = EvalSettings()  # the eval's steps and guidance
     pictures = Detokenizer.from_pretrained(part_dir(EMBEDDED, "detokenizer")).render_seeded(
-        [e.codes for e in events], list(range(5)), steps=settings.steps, guidance=settings.guidance)
+        [e.codes for e in events], list(range(5)), steps=settings.steps, guidance=settings.guidance
+    )
     captions = [opening] + [builder.text.decode(e.caption_ids) for e in events[1:]]
     segs = [parse_caption(c, cast) for c in captions]
     assert len(segs) == 5 and all(seg is not None and seg.hero == hero for seg in segs), captions
     # Every picture shows its caption's place. Looks are not asserted: from ground-truth codes the
-    # de-tokenizer draws a character's whole look right in only about a tenth of pictures (README,
-    # "Evaluation": the codes lose it), so a look check here would test luck.
+    # de-tokenizer draws a character's whole look right in only about a tenth of pictures (the codes
+    # lose it: docs/results.md#where-the-picture-path-loses-a-character), so a look check would test luck.
     places = [place_right(seg, np.asarray(p, dtype=np.float32), cast) for seg, p in zip(segs, pictures)]
     assert places == [1.0] * 5, list(zip(captions, places))
     # ...and the pictures differ: the engine wrote five pictures, not one five times.

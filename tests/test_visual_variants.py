@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.storyworld import write_storyworld
+from training.storyworld_writer import write_storyworld
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,9 +25,34 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("continuous", [False, True])
 def test_a_variant_is_judged_along_the_way(world, tmp_path, continuous):
     out = tmp_path / "rows.jsonl"
-    cmd = [sys.executable, "benchmarks/visual_variants.py", "--name", "t", "--data", str(world),
-           "--heldout", str(world), "--stories", "2", "--segments", "2", "--pictures", "12", "--steps", "3",
-           "--batch-size", "4", "--judge-every", "2", "--threads", "1", "--num-queries", "4", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "benchmarks/visual_variants.py",
+        "--name",
+        "t",
+        "--data",
+        str(world),
+        "--heldout",
+        str(world),
+        "--stories",
+        "2",
+        "--segments",
+        "2",
+        "--pictures",
+        "12",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--judge-every",
+        "2",
+        "--threads",
+        "1",
+        "--num-queries",
+        "4",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd + (["--continuous"] if continuous else []), cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["steps"], r["of_steps"]) for r in rows] == [(2, 3), (3, 3)]

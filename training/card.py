@@ -1,5 +1,6 @@
 """The model card (``README.md`` in a checkpoint folder), composed from what the pipeline recorded:
-``training.json`` (written by ``seedstory train``) and ``eval.md`` (written by ``seedstory eval --card``)."""
+``training.json`` (written by ``seedstory train``) and ``eval.md`` (written by
+``seedstory eval --card``)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ def write_card(ckpt: str | Path) -> Path:
     training = json.loads((ckpt / "training.json").read_text()) if (ckpt / "training.json").is_file() else {}
     evaluation = (ckpt / "eval.md").read_text() if (ckpt / "eval.md").is_file() else "Not evaluated yet.\n"
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name != "README.md")
-    lines = [f"# seedstory `{manifest.preset.name}` checkpoint", "",
-             f"Q={manifest.num_queries} visual tokens per {manifest.image_size}x{manifest.image_size} picture, "
-             f"K={manifest.codebook_size} codes, vocabulary {manifest.tokens.vocab_size}, weights in {manifest.dtype}, "
-             f"{size / 1e6:.1f} MB on disk.", ""]
+    lines = [
+        f"# seedstory `{manifest.preset.name}` checkpoint",
+        "",
+        f"Q={manifest.num_queries} visual tokens per {manifest.image_size}x{manifest.image_size} picture, "
+        f"K={manifest.codebook_size} codes, vocabulary {manifest.tokens.vocab_size}, "
+        f"weights in {manifest.dtype}, {size / 1e6:.1f} MB on disk.",
+        "",
+    ]
     lines += _training_lines(training)
     lines += ["## Evaluation", "", evaluation.rstrip(), ""]
     path = ckpt / "README.md"
@@ -51,29 +56,47 @@ def portable(text: str) -> str:
     return re.sub(r"/[^\s`'\"]*?/((?:data|checkpoints)/[^\s`'\"]+)", r"\1", text)
 
 
-def _windows_line(t: dict) -> str:
+def _windows_line(training: dict) -> str:
     """How the pictures and captions became training windows: the convert command, when recorded."""
-    p = t.get("provenance") or {}
-    if "window" not in p:
-        return f"- converted to StoryStream windows: `{t['data']}`"
-    return (f"- converted to StoryStream windows of {p['window']} segments: `seedstory data convert --jsonl "
-            f"{p['jsonl']} --images {p['images']} --out {t['data']} --window {p['window']}`")
+    provenance = training.get("provenance") or {}
+    if "window" not in provenance:
+        return f"- converted to StoryStream windows: `{training['data']}`"
+    return (
+        f"- converted to StoryStream windows of {provenance['window']} segments: `seedstory data convert "
+        f"--jsonl {provenance['jsonl']} --images {provenance['images']} --out {training['data']} "
+        f"--window {provenance['window']}`"
+    )
 
 
-def _training_lines(t: dict) -> list[str]:
-    if not t:
+def _training_lines(training: dict) -> list[str]:
+    if not training:
         return ["## Training", "", "Random initialisation (`seedstory init`); not trained.", ""]
-    world = (t.get("provenance") or {}).get("storyworld") or {}
-    stages = t.get("stages", {})
+    world = (training.get("provenance") or {}).get("storyworld") or {}
+    stages = training.get("stages", {})
     total = sum(s["seconds"] for s in stages.values())
     out = ["## Training", "", "Data:", ""]
     if world:
-        out += [f"- StoryWorld (the `{world.get('world', 'classic')}` world), {world['stories']} stories of {world['segments']} segments, data seed "
-                f"**{world['seed']}**, pictures at {world['size']} px: `{world['command']}`"]
-    out += [_windows_line(t), "", "Command:", "", f"    {t['command']}", "",
-            f"Training time on this machine: **{total / 60:.1f} min** in all.", "",
-            "| stage | steps | batch/worker | time (min) | final losses |", "| --- | --- | --- | --- | --- |"]
-    for name, s in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0])):
-        losses = ", ".join(f"{k} {v:.4g}" for k, v in s["metrics"].items() if k != "step")
-        out.append(f"| {name} | {s['steps']} | {s['spec']['batch_size']} | {s['seconds'] / 60:.1f} | {losses} |")
+        out += [
+            f"- StoryWorld (the `{world.get('world', 'classic')}` world), {world['stories']} stories of "
+            f"{world['segments']} segments, data seed **{world['seed']}**, pictures at {world['size']} px: "
+            f"`{world['command']}`"
+        ]
+    out += [
+        _windows_line(training),
+        "",
+        "Command:",
+        "",
+        f"    {training['command']}",
+        "",
+        f"Training time on this machine: **{total / 60:.1f} min** in all.",
+        "",
+        "| stage | steps | batch/worker | time (min) | final losses |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, stage in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0])):
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in stage["metrics"].items() if k != "step")
+        out.append(
+            f"| {name} | {stage['steps']} | {stage['spec']['batch_size']} | {stage['seconds'] / 60:.1f} "
+            f"| {losses} |"
+        )
     return out + [""]

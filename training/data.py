@@ -15,12 +15,14 @@ import pyarrow as pa
 
 from training.storystream import read_dataset
 
-TOKENS_SCHEMA = pa.schema([
-    pa.field("story_id", pa.string()),
-    pa.field("window", pa.int32()),
-    pa.field("input_ids", pa.list_(pa.int32())),
-    pa.field("loss_from", pa.int32()),  # first position whose token carries the loss
-])
+TOKENS_SCHEMA = pa.schema(
+    [
+        pa.field("story_id", pa.string()),
+        pa.field("window", pa.int32()),
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("loss_from", pa.int32()),  # first position whose token carries the loss
+    ]
+)
 
 
 def image_dataset(data: str | Path):
@@ -33,13 +35,20 @@ def endless_batches(shard, batch_size: int, seed: int):
     epoch = 0
     while True:
         batches = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=batch_size * 8, local_shuffle_seed=seed + epoch):
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=batch_size * 8,
+            local_shuffle_seed=seed + epoch,
+        ):
             batches += 1
             yield batch
         if not batches:  # else it would spin on empty epochs for ever
-            raise ValueError(f"a worker's shard holds fewer rows than one batch of {batch_size}: "
-                             "lower --batch-size or use fewer --workers")
+            raise ValueError(
+                f"a worker's shard holds fewer rows than one batch of {batch_size}: "
+                "lower --batch-size or use fewer --workers"
+            )
         epoch += 1
 
 
@@ -52,7 +61,8 @@ def image_batches(shard, batch_size: int, seed: int):
 
 
 def token_batches(shard, batch_size: int, seed: int, pad_id: int):
-    """Endless shuffled batches of windows: {"input_ids", "attention_mask", "loss_mask"} (B, T), right-padded."""
+    """Endless shuffled batches of windows: {"input_ids", "attention_mask", "loss_mask"} (B, T),
+    right-padded."""
     import torch
 
     for batch in endless_batches(shard, batch_size, seed):
@@ -65,9 +75,12 @@ def pad_windows(rows: list, loss_from: list, pad_id: int, torch) -> dict:
     attn = np.zeros_like(ids)
     loss = np.zeros_like(ids)
     for i, (r, start) in enumerate(zip(rows, loss_from)):
-        ids[i, :len(r)], attn[i, :len(r)], loss[i, start:len(r)] = r, 1, 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
-            "loss_mask": torch.from_numpy(loss)}
+        ids[i, : len(r)], attn[i, : len(r)], loss[i, start : len(r)] = r, 1, 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(attn),
+        "loss_mask": torch.from_numpy(loss),
+    }
 
 
 class Pretokenize:
@@ -83,7 +96,9 @@ class Pretokenize:
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"story_id": [], "window": [], "input_ids": [], "loss_from": []}
-        for sid, window, captions, pngs in zip(batch["story_id"], batch["window"], batch["captions"], batch["images"]):
+        for sid, window, captions, pngs in zip(
+            batch["story_id"], batch["window"], batch["captions"], batch["images"]
+        ):
             row = self.window(list(captions), list(pngs))
             if row is not None:  # a window the model could never write (caption too long, bad picture)
                 out["story_id"].append(sid)
@@ -96,14 +111,14 @@ class Pretokenize:
         """``<s> cap0 <img>..</img> cap1 <img>..</img> ...`` and the position where the loss starts."""
         from actors.tokenizer.text import segment_ids
 
-        t, limit = self.builder.manifest.tokens, self.builder.manifest.preset.max_caption_tokens
+        layout, limit = self.builder.manifest.tokens, self.builder.manifest.preset.max_caption_tokens
         caption_ids = self.builder.caption_ids(captions)
         codes = self.builder.image_codes(pngs)
         if any(isinstance(c, Exception) for c in codes) or any(not 0 < len(c) <= limit for c in caption_ids):
             return None
-        ids = [t.bos]
-        for cap, c in zip(caption_ids, codes):
-            ids += segment_ids(t, cap, c)
+        ids = [layout.bos]
+        for cap, picture_codes in zip(caption_ids, codes):
+            ids += segment_ids(layout, cap, picture_codes)
         # The opening caption is the user's: the loss starts at the first picture's <img>.
         return ids, 1 + len(caption_ids[0])
 
@@ -115,10 +130,15 @@ def pretokenize(data: str | Path, ckpt: str | Path, out: str | Path, batch_size:
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds = read_dataset(data).map_batches(
-        Pretokenize, fn_constructor_kwargs={"ckpt": str(ckpt)}, batch_size=batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=1), num_cpus=0.5)
-    ds.write_parquet(str(tmp))
+    dataset = read_dataset(data).map_batches(
+        Pretokenize,
+        fn_constructor_kwargs={"ckpt": str(ckpt)},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
+    dataset.write_parquet(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -15,8 +15,9 @@ from actors.checkpoint import Manifest, part_dir, write_manifest
 from actors.config import Preset, get_preset
 
 
-def init_checkpoint(preset: Preset, out: str | Path, seed: int = 0, dtype: str = "float16",
-                    captions: list[str] | None = None) -> Manifest:
+def init_checkpoint(
+    preset: Preset, out: str | Path, seed: int = 0, dtype: str = "float16", captions: list[str] | None = None
+) -> Manifest:
     # The models are imported here, not above: `seedstory` imports this module to build its parser.
     import torch
 
@@ -33,8 +34,9 @@ def init_checkpoint(preset: Preset, out: str | Path, seed: int = 0, dtype: str =
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
     # 1. Text tokenizer and the vocabulary layout.
-    tok = train_text_tokenizer(captions or sample_captions(300, seed=seed), preset.text_vocab_size,
-                               preset.codebook_size)
+    tok = train_text_tokenizer(
+        captions or sample_captions(300, seed=seed), preset.text_vocab_size, preset.codebook_size
+    )
     tok.save_pretrained(part_dir(tmp, "tokenizer"))
     tokens = token_layout(tok, preset.codebook_size)
     # 2. MLLM.
@@ -58,18 +60,20 @@ def init_checkpoint(preset: Preset, out: str | Path, seed: int = 0, dtype: str =
 # -- the command: `seedstory init` -------------------------------------------------------------------
 def add_command(commands) -> argparse.ArgumentParser:
     """``seedstory init``, registered on the ``seedstory`` parser's subcommands."""
-    i = commands.add_parser("init", help="build a complete random-init checkpoint")
-    i.add_argument("--preset", default="tiny")
-    i.add_argument("--out", required=True)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    i.set_defaults(func=run_command)
-    return i
+    init_parser = commands.add_parser("init", help="build a complete random-init checkpoint")
+    init_parser.add_argument("--preset", default="tiny")
+    init_parser.add_argument("--out", required=True)
+    init_parser.add_argument("--seed", type=int, default=0)
+    init_parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    init_parser.set_defaults(func=run_command)
+    return init_parser
 
 
-def run_command(a: argparse.Namespace) -> None:
-    t0 = time.time()
-    m = init_checkpoint(get_preset(a.preset), a.out, seed=a.seed, dtype=a.dtype)
-    size = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file())
-    print(f"{a.preset} checkpoint at {a.out}: Q={m.num_queries} K={m.codebook_size} vocab={m.tokens.vocab_size} "
-          f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+def run_command(args: argparse.Namespace) -> None:
+    started = time.time()
+    manifest = init_checkpoint(get_preset(args.preset), args.out, seed=args.seed, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(
+        f"{args.preset} checkpoint at {args.out}: Q={manifest.num_queries} K={manifest.codebook_size} "
+        f"vocab={manifest.tokens.vocab_size} {size / 1e6:.1f} MB in {time.time() - started:.1f}s"
+    )

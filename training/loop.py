@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STAGES = ("visual", "vae", "detokenizer", "mllm", "sink")
-DEFAULT_STAGES = STAGES[:4]  # the sink stage is asked for by name (README, "The sink stage")
+DEFAULT_STAGES = STAGES[:4]  # the sink stage is asked for by name (docs/training.md#the-sink-stage)
 STATE_FILE = "state.pt"
 
 
@@ -32,23 +32,25 @@ class StageSpec:
     """Everything a worker needs, as plain data (it travels to the workers as a dict)."""
 
     stage: str
-    ckpt: str             # the checkpoint being built: stages read earlier parts from it
+    ckpt: str  # the checkpoint being built: stages read earlier parts from it
     steps: int
-    batch_size: int       # per worker
+    batch_size: int  # per worker
     lr: float
     warmup: int = 50
     weight_decay: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 25
     seed: int = 0
-    threads: int = 1      # torch intra-op threads per worker
+    threads: int = 1  # torch intra-op threads per worker
     sink: dict | None = None  # the sink stage: the SinkSettings (as a dict) whose contexts it trains on
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose from {STAGES}")
         if min(self.steps, self.batch_size, self.checkpoint_every, self.log_every, self.threads) < 1:
-            raise ValueError(f"{self.stage}: steps, batch_size, checkpoint_every, log_every, threads must be >= 1")
+            raise ValueError(
+                f"{self.stage}: steps, batch_size, checkpoint_every, log_every, threads must be >= 1"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +103,8 @@ def train_worker(config: dict) -> None:
 
 
 def trainable(parts: dict) -> dict:
-    """The parts with trainable parameters: only these go into checkpoints (frozen ones reload from spec.ckpt)."""
+    """The parts with trainable parameters: only these go into checkpoints (frozen ones reload from
+    spec.ckpt)."""
     return {k: m for k, m in parts.items() if any(p.requires_grad for p in m.parameters())}
 
 
@@ -134,7 +137,7 @@ def all_reduce_grads(params: list) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
         offset += g.numel()
 
 
@@ -145,8 +148,8 @@ def restore(parts: dict, opt) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as d:
-        state = load_state(d, parts)
+    with checkpoint.as_directory() as folder:
+        state = load_state(folder, parts)
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
 
@@ -166,13 +169,16 @@ def report(parts: dict, opt, step: int, metrics: dict, rank0: bool) -> None:
     import ray.train
     import torch
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank0:
-            state = {"step": step, "optimizer": opt.state_dict(),
-                     "models": {k: m.state_dict() for k, m in parts.items()}}
-            torch.save(state, Path(d) / STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
+            state = {
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "models": {k: m.state_dict() for k, m in parts.items()},
+            }
+            torch.save(state, Path(folder) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
 
@@ -187,28 +193,30 @@ class _Log:
     """Running means of the metrics since the last line; rank 0 prints a line every log_every steps."""
 
     def __init__(self, spec: StageSpec, step: int, enabled: bool):
-        self.spec, self.enabled, self.t0, self.step0 = spec, enabled, time.time(), step
+        self.spec, self.enabled, self.started, self.first_step = spec, enabled, time.time(), step
         self.sums: dict[str, float] = {}
-        self.n = 0
+        self.count = 0  # steps summed since the last line
         self.last: dict[str, float] = {}
 
     def add(self, metrics: dict) -> None:
         for k, v in metrics.items():
             if k != "step":
                 self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
+        self.count += 1
         step = metrics["step"]
         if step % self.spec.log_every == 0 or step == self.spec.steps:
             self.last = self._flush(step)
 
     def mean(self) -> dict:
-        return self.last if not self.n else self._flush(None)
+        return self.last if not self.count else self._flush(None)
 
     def _flush(self, step: int | None) -> dict:
-        means = {k: v / max(1, self.n) for k, v in self.sums.items()}
-        self.sums, self.n = {}, 0
+        means = {k: v / max(1, self.count) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
         if step is not None and self.enabled:
-            rate = (step - self.step0) / max(1e-9, time.time() - self.t0)
+            rate = (step - self.first_step) / max(1e-9, time.time() - self.started)
             shown = " ".join(f"{k} {v:.4g}" for k, v in means.items())
-            print(f"[{self.spec.stage}] step {step}/{self.spec.steps} {shown} ({rate:.2f} steps/s)", flush=True)
+            print(
+                f"[{self.spec.stage}] step {step}/{self.spec.steps} {shown} ({rate:.2f} steps/s)", flush=True
+            )
         return means

@@ -23,14 +23,16 @@ import pyarrow.parquet as pq
 
 from actors.imageio import ImageError, decode_image, resize_square, to_png
 
-SCHEMA = pa.schema([
-    pa.field("story_id", pa.string(), nullable=False),
-    pa.field("subset", pa.string(), nullable=False),
-    pa.field("window", pa.int32(), nullable=False),
-    pa.field("captions", pa.list_(pa.string()), nullable=False),
-    pa.field("images", pa.list_(pa.binary()), nullable=False),
-    pa.field("image_size", pa.int32(), nullable=False),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("story_id", pa.string(), nullable=False),
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("window", pa.int32(), nullable=False),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
+        pa.field("images", pa.list_(pa.binary()), nullable=False),
+        pa.field("image_size", pa.int32(), nullable=False),
+    ]
+)
 
 
 def chunk_windows(length: int, window: int) -> list[tuple[int, int]]:
@@ -51,20 +53,20 @@ def write_shards(rows: Iterator[dict], out: str | Path, subset: str, rows_per_sh
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{subset}-", dir=out))
     try:
-        n, shard, batch = 0, 0, []
+        written, shard, batch = 0, 0, []
         for row in rows:
             batch.append(row)
             if len(batch) == rows_per_shard:
                 _write_shard(batch, tmp / f"{subset}-{shard:05d}.parquet")
-                n, shard, batch = n + len(batch), shard + 1, []
+                written, shard, batch = written + len(batch), shard + 1, []
         if batch:
             _write_shard(batch, tmp / f"{subset}-{shard:05d}.parquet")
-            n += len(batch)
+            written += len(batch)
         for old in out.glob(f"{subset}-*.parquet"):
             old.unlink()
         for new in sorted(tmp.iterdir()):
             os.replace(new, out / new.name)
-        return n
+        return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -131,8 +133,9 @@ class _ImageCache:
             return "corrupt_image"
 
 
-def convert_story(story: dict, subset: str, window: int, images: _ImageCache,
-                  summary: ConvertSummary) -> Iterator[dict]:
+def convert_story(
+    story: dict, subset: str, window: int, images: _ImageCache, summary: ConvertSummary
+) -> Iterator[dict]:
     """Rows for one official-format story. Windows with an unusable picture are skipped whole,
     so captions never shift against pictures."""
     if not isinstance(story, dict) or "id" not in story:
@@ -142,19 +145,32 @@ def convert_story(story: dict, subset: str, window: int, images: _ImageCache,
     if not isinstance(caps, list) or not isinstance(paths, list) or len(caps) != len(paths):
         summary.skipped["stories_count_mismatch"] += 1
         return
-    for w, (lo, hi) in enumerate(chunk_windows(len(caps), window)):
+    for window_index, (lo, hi) in enumerate(chunk_windows(len(caps), window)):
         loaded = [images.get(p) for p in paths[lo:hi]]
         reason = next((x for x in loaded if isinstance(x, str)), None)
         if reason:
             summary.skipped[f"windows_{reason}"] += 1
             continue
         summary.windows_written += 1
-        yield {"story_id": str(story["id"]), "subset": subset, "window": w, "captions": caps[lo:hi],
-               "images": loaded, "image_size": images.size}
+        yield {
+            "story_id": str(story["id"]),
+            "subset": subset,
+            "window": window_index,
+            "captions": caps[lo:hi],
+            "images": loaded,
+            "image_size": images.size,
+        }
 
 
-def convert(jsonl: str | Path, images: str | Path, out: str | Path, window: int = 10, image_size: int = 64,
-            subset: str | None = None, progress: bool = True) -> ConvertSummary:
+def convert(
+    jsonl: str | Path,
+    images: str | Path,
+    out: str | Path,
+    window: int = 10,
+    image_size: int = 64,
+    subset: str | None = None,
+    progress: bool = True,
+) -> ConvertSummary:
     """Official StoryStream (JSONL + image folder) -> Parquet windows in ``out``."""
     from tqdm import tqdm
 
@@ -174,36 +190,49 @@ def convert(jsonl: str | Path, images: str | Path, out: str | Path, window: int 
             except json.JSONDecodeError:
                 summary.skipped["stories_bad_json"] += 1
                 continue
-            yield from convert_story(story, subset, window, _ImageCache(Path(images), image_size, summary), summary)
+            yield from convert_story(
+                story, subset, window, _ImageCache(Path(images), image_size, summary), summary
+            )
 
     write_shards(rows(), out, subset)
     write_provenance(out, jsonl, images, window, image_size, summary)
     return summary
 
 
-def write_provenance(out: Path, jsonl: Path, images, window: int, image_size: int, summary: ConvertSummary) -> None:
+def write_provenance(
+    out: Path, jsonl: Path, images, window: int, image_size: int, summary: ConvertSummary
+) -> None:
     """Where the windows came from (and, for StoryWorld, its seed): model cards cite this."""
     meta = jsonl.with_name("storyworld.json")
-    record = {"jsonl": str(jsonl.resolve()), "images": str(Path(images).resolve()), "window": window,
-              "image_size": image_size, "summary": summary.lines(),
-              "storyworld": json.loads(meta.read_text()) if meta.is_file() else None}
+    record = {
+        "jsonl": str(jsonl.resolve()),
+        "images": str(Path(images).resolve()),
+        "window": window,
+        "image_size": image_size,
+        "summary": summary.lines(),
+        "storyworld": json.loads(meta.read_text()) if meta.is_file() else None,
+    }
     (Path(out) / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 # -- the command: `seedstory data convert` -----------------------------------------------------------
 def add_command(commands) -> argparse.ArgumentParser:
     """``seedstory data convert``, registered on ``seedstory data``'s subcommands."""
-    c = commands.add_parser("convert", help="official StoryStream JSONL + images -> Parquet windows")
-    c.add_argument("--jsonl", required=True)
-    c.add_argument("--images", required=True, help="image root the JSONL paths are relative to")
-    c.add_argument("--out", required=True)
-    c.add_argument("--window", type=int, default=10)
-    c.add_argument("--image-size", type=int, default=64)
-    c.add_argument("--subset", help="subset name (default: the JSONL file name)")
-    c.set_defaults(func=run_command)
-    return c
+    convert_parser = commands.add_parser(
+        "convert", help="official StoryStream JSONL + images -> Parquet windows"
+    )
+    convert_parser.add_argument("--jsonl", required=True)
+    convert_parser.add_argument("--images", required=True, help="image root the JSONL paths are relative to")
+    convert_parser.add_argument("--out", required=True)
+    convert_parser.add_argument("--window", type=int, default=10)
+    convert_parser.add_argument("--image-size", type=int, default=64)
+    convert_parser.add_argument("--subset", help="subset name (default: the JSONL file name)")
+    convert_parser.set_defaults(func=run_command)
+    return convert_parser
 
 
-def run_command(a: argparse.Namespace) -> None:
-    summary = convert(a.jsonl, a.images, a.out, window=a.window, image_size=a.image_size, subset=a.subset)
+def run_command(args: argparse.Namespace) -> None:
+    summary = convert(
+        args.jsonl, args.images, args.out, window=args.window, image_size=args.image_size, subset=args.subset
+    )
     print("\n".join(summary.lines()))

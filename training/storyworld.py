@@ -1,8 +1,9 @@
-"""StoryWorld: procedural story worlds written in the official StoryStream layout.
+"""StoryWorld: procedural story worlds, their caption grammar and their story plans.
 
-Both worlds share the places, the actions, the caption grammar and the renderer. Pictures are
-drawn with PIL from the ground truth, so ``draw_segment`` doubles as the ground-truth renderer
-that evaluation uses to judge consistency.
+Both worlds share the places, the actions and the caption grammar. This module holds what a
+story is (its cast and its segments) and what its captions say; ``training/storyworld_pictures.py``
+draws the segments (the ground-truth renderer that evaluation also uses to judge consistency) and
+``training/storyworld_writer.py`` writes a world to disk in the official StoryStream layout.
 
 ``classic`` (the default): six characters with fixed looks (colour + shape); places have
 distinct backgrounds; actions set where the hero stands. Every caption names the hero with its
@@ -22,32 +23,14 @@ In the returning world:
 - the hero stays; the friends leave and come back after at least ``AWAY`` (10) segments, several
   times a story, so drawing a returning friend right needs something seen more than 8 segments
   back: the opening, or the last picture that showed it.
-
-Output (``OUT/``):
-    storyworld.jsonl      one story a line: {"id", "images", "captions", "orders"}
-    images/SSSSSS/SSSSSS_keyframe_K.jpg
-    truth.jsonl           sidecar, one story a line:
-        classic:   {"id", "hero", "segments": [{"hero", "others", "place", "action"}]}
-        returning: {"id", "world", "hero", "looks": {name: {"colour", "shape", "pattern"}},
-                    "segments": [{"hero", "others", "place", "action", "present", "returning"}]}
-        where ``present`` is [hero, *others] and ``returning`` the names back in that segment
-        after at least ``AWAY`` segments away.
-    storyworld.json       provenance: the arguments and the command that wrote the folder
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import random
 import re
-import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from PIL import Image, ImageChops, ImageDraw
 
 
 @dataclass(frozen=True)
@@ -102,18 +85,17 @@ ACTIONS = {
 }
 OPENING = "Once upon a time, "
 OPENERS = ("", "Then ", "Later, ", "Soon ", "After that, ", "Suddenly ")
-_BY_NAME = {c.name: c for c in CHARACTERS}
-_PLACE_BY_NAME = {p.name: p for p in PLACES}
+_CHARACTER_BY_NAME = {c.name: c for c in CHARACTERS}
+PLACE_BY_NAME = {p.name: p for p in PLACES}
 
 # The returning world dresses the same six names in the classic palette and shapes, at random.
 NAMES = tuple(c.name for c in CHARACTERS)
 COLOURS = {c.colour_name: c.colour for c in CHARACTERS}
 SHAPES = tuple(c.shape for c in CHARACTERS)
 PATTERNS = ("plain", "striped")
-STRIPE = (25, 25, 25)  # far from every sky, ground and palette colour: it reads as stripes, nothing else
-CAST = 4               # the hero and three friends
-AWAY = 10              # segments a friend stays away: more than the sink's window of 8
-STAY = (2, 6)          # segments a friend stays before it leaves; >= 2 so the first pictures show everyone
+CAST = 4  # the hero and three friends
+AWAY = 10  # segments a friend stays away: more than the sink's window of 8
+STAY = (2, 6)  # segments a friend stays before it leaves; >= 2 so the first pictures show everyone
 
 
 @dataclass(frozen=True)
@@ -136,18 +118,26 @@ def segment_of(record: dict) -> Segment:
 
 def cast_from_looks(looks: dict[str, dict[str, str]]) -> tuple[Character, ...]:
     """A returning-world story's characters from its truth record's ``looks``, hero first."""
-    return tuple(Character(name, COLOURS[lk["colour"]], lk["colour"], lk["shape"], lk["pattern"])
-                 for name, lk in looks.items())
+    return tuple(
+        Character(name, COLOURS[lk["colour"]], lk["colour"], lk["shape"], lk["pattern"])
+        for name, lk in looks.items()
+    )
 
 
 # -- captions ------------------------------------------------------------------------------------
+
 
 def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def caption(seg: Segment, index: int, rng: random.Random, cast: tuple[Character, ...] = CHARACTERS,
-            described: Collection[str] | None = None) -> str:
+def caption(
+    seg: Segment,
+    index: int,
+    rng: random.Random,
+    cast: tuple[Character, ...] = CHARACTERS,
+    described: Collection[str] | None = None,
+) -> str:
     """A segment's caption. ``described``: the names said with their look (by default the hero,
     as the classic world says it in every caption)."""
     looks = {c.name: c for c in cast}
@@ -170,26 +160,27 @@ _NAMED = re.compile(rf"(?P<name>[A-Z][a-z]+)(?: the (?P<look>{_LOOK}))?")
 _CAPTION = re.compile(
     rf"^(?:{_alternatives([OPENING, *OPENERS[1:]])})?(?P<who>.+?) "
     rf"(?P<verb>{_alternatives(v for a in ACTIONS.values() for v in a[:2])}) "
-    rf"in the (?P<place>{_alternatives(_PLACE_BY_NAME)})\.$")
+    rf"in the (?P<place>{_alternatives(PLACE_BY_NAME)})\.$"
+)
 
 
 def read_caption(text: str) -> tuple[Segment, dict[str, str]] | None:
     """What a caption says, at the grammar's level, whatever the world: the segment (the first
     name is the hero) and the look words it gives each name it describes. None if the caption is
     not a sentence of the grammar (names named twice, a verb not agreeing with their number...)."""
-    m = _CAPTION.match(text.strip())
-    if not m:
+    match = _CAPTION.match(text.strip())
+    if not match:
         return None
-    parts = re.split(r", | and ", m["who"])
+    parts = re.split(r", | and ", match["who"])
     named = [_NAMED.fullmatch(p) for p in parts]
-    if not all(named) or _join(parts) != m["who"]:  # "A, B" or "A and B and C" are not the grammar's
+    if not all(named) or _join(parts) != match["who"]:  # "A, B" or "A and B and C" are not the grammar's
         return None
     names = [n["name"] for n in named]
-    action = next((a for a, v in ACTIONS.items() if v[1 if len(names) > 1 else 0] == m["verb"]), None)
+    action = next((a for a, v in ACTIONS.items() if v[1 if len(names) > 1 else 0] == match["verb"]), None)
     if action is None or len(set(names)) < len(names):
         return None
     looks = {n["name"]: n["look"] for n in named if n["look"]}
-    return Segment(names[0], tuple(names[1:]), m["place"], action), looks
+    return Segment(names[0], tuple(names[1:]), match["place"], action), looks
 
 
 def parse_caption(text: str, cast: tuple[Character, ...] | None = None) -> Segment | None:
@@ -202,14 +193,16 @@ def parse_caption(text: str, cast: tuple[Character, ...] | None = None) -> Segme
         return None
     seg, looks = read
     if cast is None:
-        classic = seg.hero in _BY_NAME and looks == {seg.hero: _BY_NAME[seg.hero].look}
-        return seg if classic and len(seg.others) <= 1 and set(seg.others) <= set(_BY_NAME) else None
+        hero_said = seg.hero in _CHARACTER_BY_NAME and looks == {seg.hero: _CHARACTER_BY_NAME[seg.hero].look}
+        friend_named = len(seg.others) <= 1 and set(seg.others) <= set(_CHARACTER_BY_NAME)
+        return seg if hero_said and friend_named else None
     by_name = {c.name: c for c in cast}
     known = all(n in by_name for n in there(seg))
     return seg if known and all(by_name[n].look == words for n, words in looks.items()) else None
 
 
 # -- planning stories ----------------------------------------------------------------------------
+
 
 def _wander(rng: random.Random, place: str) -> str:
     return rng.choice([p.name for p in PLACES if p.name != place]) if rng.random() < 0.3 else place
@@ -231,8 +224,14 @@ def plan_story(rng: random.Random, segments: int) -> list[Segment]:
 def random_cast(rng: random.Random) -> tuple[Character, ...]:
     """``CAST`` characters with random looks, hero first. Colours and shapes differ within a
     story, so either tells two characters apart."""
-    names, colours, shapes = rng.sample(NAMES, CAST), rng.sample(list(COLOURS), CAST), rng.sample(SHAPES, CAST)
-    return tuple(Character(n, COLOURS[c], c, s, rng.choice(PATTERNS)) for n, c, s in zip(names, colours, shapes))
+    names, colours, shapes = (
+        rng.sample(NAMES, CAST),
+        rng.sample(list(COLOURS), CAST),
+        rng.sample(SHAPES, CAST),
+    )
+    return tuple(
+        Character(n, COLOURS[c], c, s, rng.choice(PATTERNS)) for n, c, s in zip(names, colours, shapes)
+    )
 
 
 def _comings_and_goings(rng: random.Random, segments: int) -> list[bool]:
@@ -260,8 +259,8 @@ def plan_returning(rng: random.Random, segments: int) -> tuple[tuple[Character, 
 
 def returning_in(plan: list[Segment], k: int) -> list[str]:
     """The names in segment k that were seen before but not in the ``AWAY`` segments before it."""
-    long_ago = {n for seg in plan[:max(0, k - AWAY)] for n in there(seg)}
-    lately = {n for seg in plan[max(0, k - AWAY):k] for n in there(seg)}
+    long_ago = {n for seg in plan[: max(0, k - AWAY)] for n in there(seg)}
+    lately = {n for seg in plan[max(0, k - AWAY) : k] for n in there(seg)}
     return [n for n in there(plan[k]) if n in long_ago - lately]
 
 
@@ -283,137 +282,36 @@ def returning_story(rng: random.Random, segments: int) -> Story:
     cast, plan = plan_returning(rng, segments)
     everyone = [c.name for c in cast]  # all there in the opening, which alone says their looks
     caps = [caption(seg, k, rng, cast, everyone if k == 0 else ()) for k, seg in enumerate(plan)]
-    segs = [{**asdict(seg), "present": there(seg), "returning": returning_in(plan, k)}
-            for k, seg in enumerate(plan)]
-    return Story(cast, plan, caps, {"world": "returning", "hero": cast[0].name,
-                                    "looks": {c.name: c.look_record() for c in cast}, "segments": segs})
+    segs = [
+        {**asdict(seg), "present": there(seg), "returning": returning_in(plan, k)}
+        for k, seg in enumerate(plan)
+    ]
+    return Story(
+        cast,
+        plan,
+        caps,
+        {
+            "world": "returning",
+            "hero": cast[0].name,
+            "looks": {c.name: c.look_record() for c in cast},
+            "segments": segs,
+        },
+    )
 
 
-WORLDS: dict[str, Callable[[random.Random, int], Story]] = {"classic": classic_story, "returning": returning_story}
+WORLDS: dict[str, Callable[[random.Random, int], Story]] = {
+    "classic": classic_story,
+    "returning": returning_story,
+}
 
 
-# -- pictures ------------------------------------------------------------------------------------
-
-def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
-    if shape == "pentagon":
-        return [(cx + r * math.sin(2 * math.pi * k / 5), cy - r * math.cos(2 * math.pi * k / 5)) for k in range(5)]
-    if shape == "cross":
-        t = r / 3
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
-                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
-                (cx - r, cy - t), (cx - t, cy - t)]
-    raise ValueError(shape)
-
-
-def _fill_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, outline=None) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill, outline=outline)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill, outline=outline)
-    else:
-        draw.polygon(_shape_points(shape, cx, cy, r), fill=fill, outline=outline)
-
-
-def _stripe(img: Image.Image, shape: str, cx: float, cy: float, r: float) -> None:
-    """Dark bands across the shape's inside, two or three whatever its size: bands of 3 px and
-    more keep both the stripes and the colour between them on a friend at 64 px after JPEG."""
-    inside, bands = Image.new("L", img.size), Image.new("L", img.size)
-    _fill_shape(ImageDraw.Draw(inside), shape, cx, cy, r, 255)
-    band, draw = max(2, round(r / 2.5)), ImageDraw.Draw(bands)
-    for y in range(int(cy - r) + band, math.ceil(cy + r), 2 * band):
-        draw.rectangle((0, y, img.width, y + band - 1), fill=255)
-    img.paste(STRIPE, mask=ImageChops.multiply(inside, bands))
-
-
-def draw_character(img: Image.Image, ch: Character, cx: float, cy: float, r: float) -> None:
-    _fill_shape(ImageDraw.Draw(img), ch.shape, cx, cy, r, ch.colour, (0, 0, 0))
-    if ch.pattern == "striped":
-        _stripe(img, ch.shape, cx, cy, r)
-
-
-def layout(seg: Segment, size: int) -> dict[str, tuple[float, float, float]]:
-    """Where each character of a segment stands: name -> (centre x, centre y, radius). The hero
-    is posed by the action; friends stand in a column on the other side, smaller, spaced so that
-    three do not overlap (classic stories have at most one)."""
-    _, _, (fx, fy), scale = ACTIONS[seg.action]
-    spots = {seg.hero: (fx * size, fy * size, 0.16 * size * scale)}
-    ox = 0.2 if fx > 0.5 else 0.8
-    for k, other in enumerate(seg.others):
-        spots[other] = (ox * size, 0.72 * size - k * 0.21 * size, 0.1 * size)
-    return spots
-
-
-def draw_segment(seg: Segment, size: int = 128, cast: tuple[Character, ...] = CHARACTERS) -> Image.Image:
-    """The ground-truth picture of a segment: background of the place, every character there
-    with its look in ``cast`` (the classic characters by default), the hero posed by the action."""
-    place = _PLACE_BY_NAME[seg.place]
-    img = Image.new("RGB", (size, size), place.sky)
-    ImageDraw.Draw(img).rectangle((0, int(size * 0.6), size, size), fill=place.ground)
-    looks = {c.name: c for c in cast}
-    for name, (cx, cy, r) in layout(seg, size).items():
-        draw_character(img, looks[name], cx, cy, r)
-    return img
-
-
-# -- writing -------------------------------------------------------------------------------------
-
-def _story(world: str, seed: int, sid: int, segments: int) -> Story:
+def make_story(world: str, seed: int, story_index: int, segments: int) -> Story:
+    """Story ``story_index`` of ``world`` for ``seed``: independent of the other stories."""
     if world not in WORLDS:
         raise ValueError(f"unknown StoryWorld world {world!r}; choose from {sorted(WORLDS)}")
-    return WORLDS[world](random.Random(f"{seed}:{sid}"), segments)  # per story: independent of the others
-
-
-def write_storyworld(out: str | Path, stories: int, segments: int = 30, seed: int = 0, size: int = 128,
-                     world: str = "classic") -> Path:
-    """Write ``stories`` stories of ``world``; deterministic for a given seed. Returns the JSONL path."""
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    jsonl, truth = out / "storyworld.jsonl", out / "truth.jsonl"
-    with jsonl.open("w") as fj, truth.open("w") as ft:
-        for sid in range(stories):
-            story = _story(world, seed, sid, segments)
-            rel = [f"{sid:06d}/{sid:06d}_keyframe_{k}.jpg" for k in range(segments)]
-            (out / "images" / f"{sid:06d}").mkdir(exist_ok=True)
-            for seg, path in zip(story.plan, rel):
-                draw_segment(seg, size, story.cast).save(out / "images" / path, quality=95)
-            fj.write(json.dumps({"id": sid, "images": rel, "captions": story.captions,
-                                 "orders": list(range(segments))}) + "\n")
-            ft.write(json.dumps({"id": sid, **story.truth}) + "\n")
-    flag = "" if world == "classic" else f" --world {world}"  # the classic command reads as it always did
-    meta = {"stories": stories, "segments": segments, "seed": seed, "size": size, "world": world,
-            "command": f"seedstory data storyworld --stories {stories} --segments {segments} --seed {seed} "
-                       f"--size {size}{flag} --out {out}"}
-    (out / "storyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return jsonl
+    return WORLDS[world](random.Random(f"{seed}:{story_index}"), segments)
 
 
 def sample_captions(stories: int, segments: int = 30, seed: int = 0, world: str = "classic") -> list[str]:
     """Captions only (no pictures), e.g. to train the BPE for a fresh checkpoint."""
-    return [c for sid in range(stories) for c in _story(world, seed, sid, segments).captions]
-
-
-# -- the command: `seedstory data storyworld` --------------------------------------------------------
-def add_command(commands) -> argparse.ArgumentParser:
-    """``seedstory data storyworld``, registered on ``seedstory data``'s subcommands."""
-    w = commands.add_parser("storyworld", help="write a procedural StoryWorld in the official layout")
-    w.add_argument("--stories", type=int, required=True)
-    w.add_argument("--segments", type=int, default=30)
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--size", type=int, default=128, help="picture size in pixels")
-    w.add_argument("--world", choices=tuple(WORLDS), default="classic",
-                   help="classic: fixed looks, the hero in every caption; returning: random looks said only "
-                        "in the opening, friends who leave and come back after 10+ segments")
-    w.add_argument("--out", required=True)
-    w.set_defaults(func=run_command)
-    return w
-
-
-def run_command(a: argparse.Namespace) -> None:
-    t0 = time.time()
-    path = write_storyworld(a.out, a.stories, a.segments, a.seed, a.size, world=a.world)
-    print(f"wrote {a.stories} stories to {path} in {time.time() - t0:.1f}s")
+    return [c for sid in range(stories) for c in make_story(world, seed, sid, segments).captions]

@@ -26,28 +26,46 @@ from actors.config import get_preset
 from actors.mllm.sink import SinkSettings
 from training.loop import DEFAULT_STAGES, STAGES, StageSpec, load_parts, stage_module, train_worker
 
-# Per-preset stage settings. tiny: sized so all four stages take about 45 minutes on 2 CPU cores
-# (measured: visual 2.4 steps/s at batch 64, VAE 0.73 and UNet 1.5 at batch 16, MLLM 0.6 at batch 16).
+# Per-preset stage settings. tiny: sized to train on a 2-core CPU machine; its stage times are in
+# docs/results.md#measured-2-cores-no-gpu.
 PLANS = {
     "tiny": {
-        # 900 steps were enough for the classic world; on the returning world (four characters
-        # with random looks) the codes' own decoder still drew a blurred average cast after them.
+        # The returning world (four characters with random looks) needs more steps than the classic
+        # world before the codes' own decoder draws the cast (docs/results.md#measured-2-cores-no-gpu).
         "visual": dict(steps=2700, batch_size=64, lr=1e-3, warmup=50),
-        # 450 steps drew the returning world's heroes (0.95 right) but not its small friends (0.66).
+        # Enough steps to draw the returning world's small friends, not only its heroes
+        # (docs/results.md#where-the-picture-path-loses-a-character).
         "vae": dict(steps=1350, batch_size=16, lr=1e-3, warmup=25),
         "detokenizer": dict(steps=2000, batch_size=16, lr=5e-4, warmup=50),
         "mllm": dict(steps=500, batch_size=16, lr=2e-3, warmup=30, weight_decay=0.01),
         "sink": dict(steps=200, batch_size=8, lr=5e-4, warmup=20, weight_decay=0.01),
     },
     "full": {
-        "visual": dict(steps=50_000, batch_size=64, lr=3e-4, warmup=2000, checkpoint_every=1000, log_every=100),
+        "visual": dict(
+            steps=50_000, batch_size=64, lr=3e-4, warmup=2000, checkpoint_every=1000, log_every=100
+        ),
         "vae": dict(steps=50_000, batch_size=16, lr=1e-4, warmup=1000, checkpoint_every=1000, log_every=100),
-        "detokenizer": dict(steps=100_000, batch_size=16, lr=1e-4, warmup=2000, checkpoint_every=1000,
-                            log_every=100),
-        "mllm": dict(steps=20_000, batch_size=8, lr=1e-4, warmup=500, weight_decay=0.01, checkpoint_every=500,
-                     log_every=50),
-        "sink": dict(steps=2_000, batch_size=8, lr=2e-5, warmup=100, weight_decay=0.01, checkpoint_every=500,
-                     log_every=50),
+        "detokenizer": dict(
+            steps=100_000, batch_size=16, lr=1e-4, warmup=2000, checkpoint_every=1000, log_every=100
+        ),
+        "mllm": dict(
+            steps=20_000,
+            batch_size=8,
+            lr=1e-4,
+            warmup=500,
+            weight_decay=0.01,
+            checkpoint_every=500,
+            log_every=50,
+        ),
+        "sink": dict(
+            steps=2_000,
+            batch_size=8,
+            lr=2e-5,
+            warmup=100,
+            weight_decay=0.01,
+            checkpoint_every=500,
+            log_every=50,
+        ),
     },
 }
 
@@ -57,45 +75,82 @@ def runs_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".runs")
 
 
-def stage_specs(preset: str, out: str | Path, stages=STAGES, steps: int | None = None,
-                batch_size: int | None = None, threads: int = 1, seed: int = 0,
-                sink: SinkSettings | None = None) -> list[StageSpec]:
+def stage_specs(
+    preset: str,
+    out: str | Path,
+    stages=STAGES,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    threads: int = 1,
+    seed: int = 0,
+    sink: SinkSettings | None = None,
+) -> list[StageSpec]:
     specs = []
     for stage in stages:
-        spec = StageSpec(stage=stage, ckpt=str(Path(out).resolve()), threads=threads, seed=seed,
-                         sink=asdict(sink or SinkSettings()) if stage == "sink" else None, **PLANS[preset][stage])
+        spec = StageSpec(
+            stage=stage,
+            ckpt=str(Path(out).resolve()),
+            threads=threads,
+            seed=seed,
+            sink=asdict(sink or SinkSettings()) if stage == "sink" else None,
+            **PLANS[preset][stage],
+        )
         if steps is not None:  # a short run (tests, smoke checks): checkpoint and log more often
-            spec = replace(spec, steps=steps, warmup=min(spec.warmup, max(1, steps // 4)),
-                           checkpoint_every=max(1, min(spec.checkpoint_every, steps // 2)),
-                           log_every=max(1, min(spec.log_every, steps // 2)))
+            spec = replace(
+                spec,
+                steps=steps,
+                warmup=min(spec.warmup, max(1, steps // 4)),
+                checkpoint_every=max(1, min(spec.checkpoint_every, steps // 2)),
+                log_every=max(1, min(spec.log_every, steps // 2)),
+            )
         if batch_size is not None:
             spec = replace(spec, batch_size=batch_size)
         specs.append(spec)
     return specs
 
 
-def train(preset: str, data: str | Path, out: str | Path, stages=DEFAULT_STAGES, workers: int = 1, gpu: bool = False,
-          cpus_per_worker: float = 1.0, threads: int | None = None, steps: int | None = None,
-          batch_size: int | None = None, seed: int = 0, command: str = "", sink: SinkSettings | None = None) -> dict:
+def train(
+    preset: str,
+    data: str | Path,
+    out: str | Path,
+    stages=DEFAULT_STAGES,
+    workers: int = 1,
+    gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    threads: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    command: str = "",
+    sink: SinkSettings | None = None,
+) -> dict:
     """Run the stages in order; returns the summary (also in CKPT.runs/summary.json). ``sink``: the
     policy whose contexts the sink stage trains on (the CLI passes the served one)."""
-    for s in stages:
-        if s not in STAGES:
-            raise ValueError(f"unknown stage {s!r}; choose from {STAGES}")
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
     out, runs = Path(out).resolve(), runs_dir(out)
     runs.mkdir(parents=True, exist_ok=True)
     ensure_checkpoint(preset, data, out, seed)
     summary = read_summary(runs)
-    summary.update(command=command or summary.get("command", ""), data=str(data),
-                   provenance=read_provenance(data), seed=seed, preset=preset)
+    summary.update(
+        command=command or summary.get("command", ""),
+        data=str(data),
+        provenance=read_provenance(data),
+        seed=seed,
+        preset=preset,
+    )
     threads = threads or max(1, int(cpus_per_worker))
-    for spec in stage_specs(preset, out, [s for s in STAGES if s in stages], steps, batch_size, threads, seed, sink):
+    for spec in stage_specs(
+        preset, out, [s for s in STAGES if s in stages], steps, batch_size, threads, seed, sink
+    ):
         done = summary["stages"].get(spec.stage)
         if done and done["steps"] == spec.steps:
             print(f"[{spec.stage}] already trained ({spec.steps} steps); skipped", flush=True)
             continue
         summary["stages"][spec.stage] = run_stage(spec, data, runs, workers, gpu, cpus_per_worker)
-        if done:  # a finished stage given more steps resumes from its run: its time adds to the earlier run's
+        # A finished stage given more steps resumes from its run: its time adds to the earlier run's.
+        if done:
             record = summary["stages"][spec.stage]
             record.update(seconds=round(record["seconds"] + done["seconds"], 1), extended_from=done["steps"])
         write_summary(runs, summary)
@@ -110,7 +165,7 @@ def run_stage(spec: StageSpec, data: str | Path, runs: Path, workers: int, gpu: 
 
     from training.data import image_dataset, pretokenize, token_dataset, whole_stories
 
-    t0 = time.time()
+    started = time.time()
     if spec.stage == "mllm":
         print("[mllm] pre-tokenizing windows with Ray Data map_batches", flush=True)
         dataset = token_dataset(pretokenize(data, spec.ckpt, runs / "tokens"))
@@ -122,18 +177,29 @@ def run_stage(spec: StageSpec, data: str | Path, runs: Path, workers: int, gpu: 
     else:
         dataset = image_dataset(data)
     trainer = TorchTrainer(
-        train_worker, train_loop_config={"spec": spec.to_dict()}, datasets={"train": dataset},
+        train_worker,
+        train_loop_config={"spec": spec.to_dict()},
+        datasets={"train": dataset},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=spec.stage, storage_path=str(runs),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        run_config=RunConfig(
+            name=spec.stage, storage_path=str(runs), checkpoint_config=CheckpointConfig(num_to_keep=2)
+        ),
+    )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        stage_module(spec.stage).export(load_parts(spec.stage, spec, d), spec, result.metrics)
+    with result.checkpoint.as_directory() as folder:
+        stage_module(spec.stage).export(load_parts(spec.stage, spec, folder), spec, result.metrics)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    print(f"[{spec.stage}] exported into {spec.ckpt} after {time.time() - t0:.0f}s: "
-          + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    return {"steps": spec.steps, "seconds": round(time.time() - t0, 1), "metrics": metrics,
-            "spec": spec.to_dict()}
+    print(
+        f"[{spec.stage}] exported into {spec.ckpt} after {time.time() - started:.0f}s: "
+        + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+        flush=True,
+    )
+    return {
+        "steps": spec.steps,
+        "seconds": round(time.time() - started, 1),
+        "metrics": metrics,
+        "spec": spec.to_dict(),
+    }
 
 
 def ensure_checkpoint(preset: str, data: str | Path, out: Path, seed: int) -> None:
@@ -176,34 +242,59 @@ def write_summary(runs: Path, summary: dict) -> None:
 # -- the command: `seedstory train` ------------------------------------------------------------------
 def add_command(commands) -> argparse.ArgumentParser:
     """``seedstory train``, registered on the ``seedstory`` parser's subcommands."""
-    t = commands.add_parser("train", help="train a checkpoint with Ray Train (visual tokenizer, VAE, de-tokenizer, "
-                                          "MLLM, and on request the MLLM under the sink)")
-    t.add_argument("--preset", default="tiny")
-    t.add_argument("--data", required=True, help="StoryStream Parquet windows (seedstory data convert)")
-    t.add_argument("--out", required=True, help="checkpoint folder; run state goes to OUT.runs/")
-    t.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"any of {','.join(STAGES)}, run in that order")
-    t.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
-    t.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    t.add_argument("--cpus-per-worker", type=float, default=1.0)
-    t.add_argument("--threads", type=int, help="torch threads per worker (default: its whole CPUs)")
-    t.add_argument("--steps", type=int, help="override every stage's steps (short runs)")
-    t.add_argument("--batch-size", type=int, help="override every stage's per-worker batch size")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a new local one)")
-    t.set_defaults(func=run_command)
-    return t
+    train_parser = commands.add_parser(
+        "train",
+        help="train a checkpoint with Ray Train (visual tokenizer, VAE, de-tokenizer, "
+        "MLLM, and on request the MLLM under the sink)",
+    )
+    train_parser.add_argument("--preset", default="tiny")
+    train_parser.add_argument(
+        "--data", required=True, help="StoryStream Parquet windows (seedstory data convert)"
+    )
+    train_parser.add_argument("--out", required=True, help="checkpoint folder; run state goes to OUT.runs/")
+    train_parser.add_argument(
+        "--stages", default=",".join(DEFAULT_STAGES), help=f"any of {','.join(STAGES)}, run in that order"
+    )
+    train_parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
+    train_parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    train_parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    train_parser.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: its whole CPUs)"
+    )
+    train_parser.add_argument("--steps", type=int, help="override every stage's steps (short runs)")
+    train_parser.add_argument("--batch-size", type=int, help="override every stage's per-worker batch size")
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument(
+        "--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a new local one)"
+    )
+    train_parser.set_defaults(func=run_command)
+    return train_parser
 
 
-def run_command(a: argparse.Namespace, sink: SinkSettings | None = None) -> None:
+def run_command(args: argparse.Namespace, sink: SinkSettings | None = None) -> None:
     import shlex
     import sys
 
     import ray
 
-    ray.init(address=a.address, include_dashboard=False)
-    t0 = time.time()
-    summary = train(a.preset, a.data, a.out, stages=a.stages.split(","), workers=a.workers, gpu=a.gpu,
-                    cpus_per_worker=a.cpus_per_worker, threads=a.threads, steps=a.steps, batch_size=a.batch_size,
-                    seed=a.seed, command=shlex.join(["seedstory", *sys.argv[1:]]), sink=sink)
-    print(f"trained {a.out} in {time.time() - t0:.0f}s; per stage: "
-          + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary["stages"].items()))
+    ray.init(address=args.address, include_dashboard=False)
+    started = time.time()
+    summary = train(
+        args.preset,
+        args.data,
+        args.out,
+        stages=args.stages.split(","),
+        workers=args.workers,
+        gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        threads=args.threads,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        command=shlex.join(["seedstory", *sys.argv[1:]]),
+        sink=sink,
+    )
+    print(
+        f"trained {args.out} in {time.time() - started:.0f}s; per stage: "
+        + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary["stages"].items())
+    )

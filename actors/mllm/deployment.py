@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
 
 import ray
 from ray import serve
@@ -40,10 +40,22 @@ log = logging.getLogger("ray.serve")
 # Replicas, resources, autoscaling, max_ongoing_requests and health checks: ray_config.yaml.
 @serve.deployment(name="MLLMPool")
 class MLLMPool:
-    def __init__(self, checkpoint: str, sink: dict, max_stories: int = 8, max_story_segments: int = 32,
-                 kv_blocks: int | None = None, stall_s: float = 120.0):
-        config = EngineConfig(checkpoint, SinkSettings(**sink), max_stories=max_stories,
-                              max_story_segments=max_story_segments, kv_blocks=kv_blocks)
+    def __init__(
+        self,
+        checkpoint: str,
+        sink: dict,
+        max_stories: int = 8,
+        max_story_segments: int = 32,
+        kv_blocks: int | None = None,
+        stall_s: float = 120.0,
+    ):
+        config = EngineConfig(
+            checkpoint,
+            SinkSettings(**sink),
+            max_stories=max_stories,
+            max_story_segments=max_story_segments,
+            kv_blocks=kv_blocks,
+        )
         self.engine = StoryEngine(config)
         self.driver = StoryDriver(self.engine)  # steps it and fills each StoryEnd's KV footprint
         self.text = load_text_tokenizer(part_dir(checkpoint, "tokenizer"))
@@ -58,8 +70,9 @@ class MLLMPool:
         self.m_tps = metrics.Gauge("seedstory_mllm_tokens_per_s", "output tokens per second, last step")
 
     # -- the API ---------------------------------------------------------------------------
-    async def generate(self, story_id: str, prompt_ids: list[int], segments: int,
-                       sampling: dict) -> AsyncIterator[Event]:
+    async def generate(
+        self, story_id: str, prompt_ids: list[int], segments: int, sampling: dict
+    ) -> AsyncIterator[Event]:
         """Stream one story's events (CaptionWritten, PictureWritten, then StoryEnd), in order.
         Raises ``PoolFailure`` if the engine breaks (``refused`` if it was broken already)."""
         self.liveness.refuse_if_broken()
@@ -141,11 +154,15 @@ class MLLMPool:
     def _abort(self, story_id: str) -> None:
         self.driver.abort(story_id)
         self.m_blocks.set(self.engine.blocks_in_use())
-        self.m_stories.set(len(self.engine.stories))
+        self.m_stories.set(len(self.engine.running()))
 
     def _stats(self) -> dict:
-        return {"blocks_in_use": self.engine.blocks_in_use(), "total_blocks": self.engine.total_blocks(),
-                "running_stories": len(self.engine.stories), "block_bytes": self.engine.block_bytes()}
+        return {
+            "blocks_in_use": self.engine.blocks_in_use(),
+            "total_blocks": self.engine.total_blocks(),
+            "running_stories": len(self.engine.running()),
+            "block_bytes": self.engine.block_bytes(),
+        }
 
     def __del__(self):
         engine = getattr(self, "engine", None)

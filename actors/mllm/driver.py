@@ -1,10 +1,13 @@
 """The one loop that drives a ``StoryEngine``: step it, and keep the books its callers read.
 
-The MLLMPool (Serve), the bulk job, the eval, the benchmarks and ``StoryEngine.run``/``drain`` all
-step the engine through a ``StoryDriver``. Per step it reports the events, the output tokens
-written, the seconds the engine step took and the KV blocks in use after it; per story it keeps
-the most KV blocks the story held at once and writes that (with the bytes per block) into the
-story's ``StoryEnd``, so every caller sees the same footprint.
+The MLLMPool (Serve), the bulk job, the eval, the benchmarks and the tests all step the engine
+through a ``StoryDriver`` (``run``/``drain`` write stories to the end). Per step it reports the
+events, the output tokens written, the seconds the engine step took and the KV blocks in use after
+it; per story it keeps the most KV blocks the story held at once and writes that (with the bytes
+per block) into the story's ``StoryEnd``, so every caller sees the same footprint.
+
+The driver sits above the engine: it needs only the part of it that ``Engine`` names, and keeps its
+books from what each engine step reports, so the engine never needs the driver.
 
 The driver is not thread-safe: like the engine, it belongs to the thread that steps.
 """
@@ -14,22 +17,48 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from actors.mllm.events import Event, PictureWritten, StoryEnd
 
 if TYPE_CHECKING:
-    from actors.mllm.engine import StoryEngine
+    from actors.mllm.engine import EngineStep, Sampling
+
+
+class Engine(Protocol):
+    """The part of ``StoryEngine`` the driver uses. Anything of this shape can be driven: the
+    tests drive a scripted engine, with no vLLM."""
+
+    def submit(self, story_id: str, prompt_ids: list[int], segments: int, sampling: Sampling = ...) -> None:
+        """Start a story (``sampling`` left out: the engine's default)."""
+        ...
+
+    def step(self) -> EngineStep:
+        """One engine step: its events, the tokens each story wrote, the blocks each running story holds."""
+        ...
+
+    def abort(self, story_id: str) -> StoryEnd | None: ...
+
+    def has_work(self) -> bool: ...
+
+    def running(self) -> list[str]:
+        """The stories running now, in the order they were submitted."""
+        ...
+
+    def blocks_in_use(self) -> int: ...
+
+    def block_bytes(self) -> int: ...
 
 
 @dataclass
 class Step:
     """What one engine step did."""
+
     events: list[Event]
-    tokens: int          # output tokens written in the step, over every story
-    seconds: float       # wall time of the engine step alone
-    blocks_in_use: int   # KV blocks held by running stories after the step
-    running: int         # stories still running after the step
+    tokens: int  # output tokens written in the step, over every story
+    seconds: float  # wall time of the engine step alone
+    blocks_in_use: int  # KV blocks held by running stories after the step
+    running: int  # stories still running after the step
 
     @property
     def tokens_per_s(self) -> float:
@@ -39,11 +68,12 @@ class Step:
 @dataclass
 class Drained:
     """Every story run to its end: what ``StoryDriver.drain`` returns."""
+
     pictures: dict[str, list[PictureWritten]]  # per story, in segment order
     ends: dict[str, StoryEnd] = field(default_factory=dict)
-    tokens: int = 0               # output tokens written while draining
-    seconds: float = 0.0          # wall time from the first step to the last
-    peak_blocks_in_use: int = 0   # most KV blocks of the pool in use after any step
+    tokens: int = 0  # output tokens written while draining
+    seconds: float = 0.0  # wall time from the first step to the last
+    peak_blocks_in_use: int = 0  # most KV blocks of the pool in use after any step
 
     def add(self, step: Step) -> None:
         for ev in step.events:
@@ -56,23 +86,27 @@ class Drained:
 
 
 class StoryDriver:
-    def __init__(self, engine: StoryEngine):
+    def __init__(self, engine: Engine):
         self.engine = engine
         self.block_bytes = engine.block_bytes()  # fixed by the KV spec for the engine's life
-        self.peak: dict[str, int] = {}          # running story -> most blocks it has held
+        self.peak: dict[str, int] = {}  # running story -> most blocks it has held
 
     def step(self) -> Step:
-        engine = self.engine
-        seen = {sid: story.seen for sid, story in engine.stories.items()}
-        t0 = time.perf_counter()
-        events = engine.step()
-        seconds = time.perf_counter() - t0
-        for sid in engine.stories:
-            self.peak[sid] = max(self.peak.get(sid, 0), engine.story_blocks(sid))
-        for ev in events:
+        started = time.perf_counter()
+        report = self.engine.step()
+        seconds = time.perf_counter() - started
+        for story_id, blocks in report.held_blocks.items():
+            self.peak[story_id] = max(self.peak.get(story_id, 0), blocks)
+        for ev in report.events:
             if isinstance(ev, StoryEnd):
                 self._close(ev)
-        return Step(events, self._written(seen, events), seconds, engine.blocks_in_use(), len(engine.stories))
+        return Step(
+            report.events,
+            sum(report.written.values()),
+            seconds,
+            self.engine.blocks_in_use(),
+            len(report.held_blocks),
+        )
 
     def steps(self) -> Iterator[Step]:
         """Step while any story runs."""
@@ -81,12 +115,20 @@ class StoryDriver:
 
     def drain(self) -> Drained:
         """Step until every submitted story has ended."""
-        result = Drained({sid: [] for sid in self.engine.stories})
-        t0 = time.perf_counter()
+        result = Drained({story_id: [] for story_id in self.engine.running()})
+        started = time.perf_counter()
         for step in self.steps():
             result.add(step)
-        result.seconds = time.perf_counter() - t0
+        result.seconds = time.perf_counter() - started
         return result
+
+    def run(self, stories: dict[str, list[int]], segments: int, sampling: Sampling | None = None) -> Drained:
+        """Submit several stories ({story_id: prompt ids}) and write them all to the end."""
+        # No sampling given: the engine's own default (greedy).
+        options = {} if sampling is None else {"sampling": sampling}
+        for story_id, prompt_ids in stories.items():
+            self.engine.submit(story_id, prompt_ids, segments, **options)
+        return self.drain()
 
     def abort(self, story_id: str) -> StoryEnd | None:
         """End a story now (its KV blocks return at once)."""
@@ -96,13 +138,6 @@ class StoryDriver:
         else:
             self._close(end)
         return end
-
-    def _written(self, seen: dict[str, int], events: list[Event]) -> int:
-        """Output tokens the step wrote: what each running story's output grew by, plus the last
-        tokens of the stories that ended in it (they have left ``engine.stories``)."""
-        running = sum(story.seen - seen.get(sid, 0) for sid, story in self.engine.stories.items())
-        ended = sum(ev.output_tokens - seen.get(ev.story_id, 0) for ev in events if isinstance(ev, StoryEnd))
-        return running + ended
 
     def _close(self, end: StoryEnd) -> None:
         end.peak_blocks, end.block_bytes = self.peak.pop(end.story_id, 0), self.block_bytes

@@ -1,9 +1,11 @@
 """The story engine: vLLM with our plugin, one request per story, streamed segment by segment.
 
-``step`` runs one engine step and returns what finished during it: captions, whole segments
-(caption ids + Q visual codes) and ended stories (``actors/mllm/events.py``). ``abort`` ends a
-story and returns its KV blocks at once. Callers step it through ``actors/mllm/driver.py``'s
-``StoryDriver``, which keeps the per-step books (tokens, seconds, KV blocks).
+``step`` runs one engine step and reports, as plain data (``EngineStep``), what it wrote: what
+finished during it (captions, whole segments of caption ids + Q visual codes, and ended stories:
+``actors/mllm/events.py``), the output tokens each story wrote, and the KV blocks each story still
+running holds. ``abort`` ends a story and returns its KV blocks at once. Callers step it through
+``actors/mllm/driver.py``'s ``StoryDriver``, which keeps the per-step books (tokens, seconds, KV
+blocks) from those reports; the engine knows nothing of the driver.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from actors.checkpoint import part_dir, read_manifest
-from actors.mllm.driver import StoryDriver
 from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
 from actors.mllm.grammar import StoryRules
 from actors.mllm.sink import SinkSettings
@@ -27,10 +28,10 @@ class EngineConfig:
     checkpoint: str
     sink: SinkSettings = field(default_factory=SinkSettings)
     num_queries: int | None = None  # if given, must equal the checkpoint's Q
-    max_stories: int = 8            # concurrent stories (vLLM max_num_seqs)
-    kv_blocks: int | None = None    # KV blocks in the pool (default: what kv_cache_bytes holds)
+    max_stories: int = 8  # concurrent stories (vLLM max_num_seqs)
+    kv_blocks: int | None = None  # KV blocks in the pool (default: what kv_cache_bytes holds)
     kv_cache_bytes: int = 256 << 20  # memory for the KV pool; explicit, so vLLM doesn't claim 92% of RAM
-    block_size: int = 32            # the CPU build needs a multiple of 32
+    block_size: int = 32  # the CPU build needs a multiple of 32
     # Longest story one request may hold, its prompt's earlier segments included (it sizes the
     # engine's length limit and each story's worst-case KV footprint). Not StoryLimits.max_segments,
     # which counts the new segments a client may ask for.
@@ -55,12 +56,22 @@ class Sampling:
 
 
 @dataclass
+class EngineStep:
+    """What one engine step wrote, as plain data: whoever steps the engine keeps its books from
+    this, without reading the engine's own per-story records."""
+
+    events: list[Event]  # what finished in the step, in order per story
+    written: dict[str, int]  # output tokens each story wrote in the step, the stories that ended included
+    held_blocks: dict[str, int]  # KV blocks each story still running holds after the step
+
+
+@dataclass
 class _Story:
     prompt_len: int
-    request_id: str   # vLLM's internal id (the story id plus a random suffix)
+    request_id: str  # vLLM's internal id (the story id plus a random suffix)
     captioned: int = 0  # captions already streamed
-    emitted: int = 0    # segments (caption + picture) already streamed
-    seen: int = 0     # output tokens already looked at
+    emitted: int = 0  # segments (caption + picture) already streamed
+    seen: int = 0  # output tokens already looked at
 
 
 class StoryEngine:
@@ -71,13 +82,17 @@ class StoryEngine:
         self.config = config
         self.tokens = self.manifest.tokens
         if config.num_queries is not None and config.num_queries != self.manifest.num_queries:
-            raise ValueError(f"num_queries={config.num_queries} but the checkpoint has Q={self.manifest.num_queries}")
+            raise ValueError(
+                f"num_queries={config.num_queries} but the checkpoint has Q={self.manifest.num_queries}"
+            )
         self.engine = _build_engine(config, self.manifest)
         self.stories: dict[str, _Story] = {}
         self._first_blocks: set[int] = set()  # live stories' first blocks, as the worker last heard
 
     # -- requests --------------------------------------------------------------------------
-    def submit(self, story_id: str, prompt_ids: list[int], segments: int, sampling: Sampling = Sampling()) -> None:
+    def submit(
+        self, story_id: str, prompt_ids: list[int], segments: int, sampling: Sampling = Sampling()
+    ) -> None:
         from vllm import SamplingParams
 
         if story_id in self.stories:
@@ -85,9 +100,14 @@ class StoryEngine:
         rules = StoryRules(self.manifest.num_queries, segments, self.manifest.preset.max_caption_tokens)
         per_segment = rules.max_caption_tokens + rules.num_queries + 2
         params = SamplingParams(
-            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-            max_tokens=segments * per_segment + 1, stop_token_ids=[self.tokens.eos], detokenize=False,
-            extra_args={EXTRA_KEY: asdict(rules)})
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            max_tokens=segments * per_segment + 1,
+            stop_token_ids=[self.tokens.eos],
+            detokenize=False,
+            extra_args={EXTRA_KEY: asdict(rules)},
+        )
         internal = self.engine.add_request(story_id, {"prompt_token_ids": list(prompt_ids)}, params)
         self.stories[story_id] = _Story(prompt_len=len(prompt_ids), request_id=internal)
 
@@ -97,16 +117,20 @@ class StoryEngine:
             return None
         self.engine.abort_request([story_id])
         self._release_worker_state()
-        return StoryEnd(story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen, at=time.time())
+        return StoryEnd(
+            story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen, at=time.time()
+        )
 
-    def step(self) -> list[Event]:
+    def step(self) -> EngineStep:
         events: list[Event] = []
+        written: dict[str, int] = {}
         for out in self.engine.step():
             story = self.stories.get(out.request_id)
             if story is None:
                 continue
             ids = out.outputs[0].token_ids
             events += self._parse(out.request_id, story, ids)
+            written[out.request_id] = len(ids) - story.seen
             story.seen = len(ids)
             if out.finished:
                 del self.stories[out.request_id]
@@ -118,7 +142,7 @@ class StoryEngine:
         now = time.time()
         for ev in events:
             ev.at = now
-        return events
+        return EngineStep(events, written, {sid: self.story_blocks(sid) for sid in self.stories})
 
     def _release_worker_state(self) -> None:
         """Tell the worker which stories still live, when one has ended, been aborted or been
@@ -135,29 +159,27 @@ class StoryEngine:
     def _parse(self, story_id: str, story: _Story, ids: list[int]) -> list[CaptionWritten | PictureWritten]:
         """New captions and pictures among the output ids; parsed only when a marker arrives."""
         events: list[CaptionWritten | PictureWritten] = []
-        new = ids[story.seen:]
+        new = ids[story.seen :]
         if self.tokens.boi in new:
             captions = written_captions(self.tokens, ids)
-            events += [CaptionWritten(story_id, k, captions[k]) for k in range(story.captioned, len(captions))]
+            events += [
+                CaptionWritten(story_id, k, captions[k]) for k in range(story.captioned, len(captions))
+            ]
             story.captioned = len(captions)
         if self.tokens.eoi in new:
             done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
-            events += [PictureWritten(story_id, k, done[k][0], done[k][1]) for k in range(story.emitted, len(done))]
+            events += [
+                PictureWritten(story_id, k, done[k][0], done[k][1]) for k in range(story.emitted, len(done))
+            ]
             story.emitted = len(done)
         return events
 
     def has_work(self) -> bool:
         return bool(self.stories)
 
-    def run(self, stories: dict[str, list[int]], segments: int, sampling: Sampling = Sampling()) -> dict:
-        """Convenience: write several stories to the end; returns {story_id: [PictureWritten]}."""
-        for sid, prompt in stories.items():
-            self.submit(sid, prompt, segments, sampling)
-        return self.drain()
-
-    def drain(self) -> dict[str, list[PictureWritten]]:
-        """Step until every submitted story has ended; returns {story_id: [PictureWritten]}."""
-        return StoryDriver(self).drain().pictures
+    def running(self) -> list[str]:
+        """The stories running now, in the order they were submitted."""
+        return list(self.stories)
 
     # -- KV accounting ---------------------------------------------------------------------
     @property
@@ -223,23 +245,35 @@ def _build_engine(config: EngineConfig, manifest):
         # longer than max_position_embeddings (that is the point of the sink).
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     args = EngineArgs(
-        model=str(part_dir(config.checkpoint, "mllm")), skip_tokenizer_init=True, dtype=config.dtype,
-        max_model_len=max_len, block_size=config.block_size, max_num_seqs=config.max_stories,
-        num_gpu_blocks_override=config.kv_blocks, kv_cache_memory_bytes=config.kv_cache_bytes,
+        model=str(part_dir(config.checkpoint, "mllm")),
+        skip_tokenizer_init=True,
+        dtype=config.dtype,
+        max_model_len=max_len,
+        block_size=config.block_size,
+        max_num_seqs=config.max_stories,
+        num_gpu_blocks_override=config.kv_blocks,
+        kv_cache_memory_bytes=config.kv_cache_bytes,
         enable_prefix_caching=False,
         max_num_batched_tokens=config.max_batched_tokens,
         # Our attention is plain torch with per-request Python bookkeeping: run it eagerly.
-        enforce_eager=True, seed=0,
+        enforce_eager=True,
+        seed=0,
         # Compaction frees blocks right after scheduling a step, which is safe only if the next
         # step is scheduled after this one ran (actors/mllm/vllm_kv.py).
-        scheduler_cls="actors.mllm.vllm_kv.SinkScheduler", async_scheduling=False,
+        scheduler_cls="actors.mllm.vllm_kv.SinkScheduler",
+        async_scheduling=False,
         worker_extension_cls="actors.mllm.vllm_model.SinkWorkerExtension",
         logits_processors=["actors.mllm.vllm_logits:StoryGrammarProcessor"],
-        hf_overrides={"architectures": [ARCHITECTURE], "seedstory_sink": asdict(config.sink),
-                      "seedstory_tokens": asdict(manifest.tokens),
-                      "seedstory_story": {"longest_segment": longest,
-                                          "max_story_segments": config.max_story_segments,
-                                          "admit_on_footprint": config.admit_on_footprint}},
+        hf_overrides={
+            "architectures": [ARCHITECTURE],
+            "seedstory_sink": asdict(config.sink),
+            "seedstory_tokens": asdict(manifest.tokens),
+            "seedstory_story": {
+                "longest_segment": longest,
+                "max_story_segments": config.max_story_segments,
+                "admit_on_footprint": config.admit_on_footprint,
+            },
+        },
     )
     engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
     if not isinstance(engine.engine_core, InprocClient):  # StoryEngine.scheduler reads the core in place

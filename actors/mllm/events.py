@@ -15,16 +15,18 @@ from dataclasses import dataclass
 @dataclass
 class CaptionWritten:
     """A caption is final: its picture has begun (an empty caption is the prompt's own)."""
+
     story_id: str
-    index: int               # 0-based index of the segment within this request
+    index: int  # 0-based index of the segment within this request
     caption_ids: list[int]
-    at: float = 0.0          # wall time (unix s) of the engine step that wrote it
-    caption: str = ""        # the text (the MLLMPool decodes it)
+    at: float = 0.0  # wall time (unix s) of the engine step that wrote it
+    caption: str = ""  # the text (the MLLMPool decodes it)
 
 
 @dataclass
 class PictureWritten:
     """A segment's picture is written: its Q visual codes."""
+
     story_id: str
     index: int
     caption_ids: list[int]
@@ -40,7 +42,7 @@ class StoryEnd:
     output_tokens: int
     truncated: bool = False  # stopped by the engine's length limit before its last segment
     at: float = 0.0
-    peak_blocks: int = 0     # most KV blocks the story held at once, and bytes per block (the pool's)
+    peak_blocks: int = 0  # most KV blocks the story held at once, and bytes per block (the pool's)
     block_bytes: int = 0
 
 

@@ -19,12 +19,12 @@ The *sink* of both sink modes is the first ``sink_tokens`` of the story, and wit
 ``sink_segments`` = k also its first k segments whole, however long they are. Why a count of
 segments: the opening caption is the only one that names the whole cast and its looks; later
 captions name a character only. A token count that keeps it must be sized to the longest
-opening, and a shorter one cuts the cast list (README, "A sink that keeps the whole opening").
+opening, and a shorter one cuts the cast list (docs/results.md#a-sink-that-keeps-the-whole-opening).
 
 SEED-Story released 4/7/8/3 for pictures of 64 visual tokens. Left unset, the neighbourhoods
 are those counts scaled to the checkpoint's Q (``for_pictures``): at Q=16 the released counts
 would keep 15 of every old picture's 16 codes, i.e. nearly every old picture whole between
-fragments of captions, which is no longer a sink of a few tokens (README, "Evaluation",
+fragments of captions, which is no longer a sink of a few tokens (docs/results.md#the-four-mode-eval
 measures both).
 
 The policy is *monotone*: a token once evicted is never kept again, so the KV manager may
@@ -60,7 +60,7 @@ class SinkSettings:
 
     mode: str = "multimodal"
     sink_tokens: int = 4
-    sink_segments: int = 0           # opening segments kept whole (the sink modes), on top of sink_tokens
+    sink_segments: int = 0  # opening segments kept whole (the sink modes), on top of sink_tokens
     boi_before: int | None = None
     boi_after: int | None = None
     eoi_before: int | None = None
@@ -82,7 +82,11 @@ class SinkSettings:
     def for_pictures(self, num_queries: int) -> SinkSettings:
         """Every unset neighbourhood set to SEED-Story's released count scaled by Q/64 (at least 1)."""
         scale = num_queries / RELEASED_QUERIES
-        unset = {name: max(1, round(RELEASED[name] * scale)) for name in NEIGHBOURHOODS if getattr(self, name) is None}
+        unset = {
+            name: max(1, round(RELEASED[name] * scale))
+            for name in NEIGHBOURHOODS
+            if getattr(self, name) is None
+        }
         return replace(self, **unset)
 
     def with_ids(self, boi_id: int, eoi_id: int) -> SinkParams:
@@ -104,15 +108,15 @@ class SinkParams(SinkSettings):
             raise ValueError("boi_id and eoi_id must differ")
 
 
-def segment_marks(ids: Sequence[int], p: SinkParams) -> tuple[list[int | None], list[int]]:
+def segment_marks(ids: Sequence[int], params: SinkParams) -> tuple[list[int | None], list[int]]:
     """For each complete segment j: the position of its <img> (None if absent) and of its </img>."""
-    boi, eoi = p.boi_id, p.eoi_id
+    boi, eoi = params.boi_id, params.eoi_id
     marks = [(pos, t) for pos, t in enumerate(ids) if t == boi or t == eoi]  # hot path: one C-speed scan
     bois: list[int | None] = []
     eois: list[int] = []
     last_boi = None
-    for pos, t in marks:
-        if t == boi:
+    for pos, token in marks:
+        if token == boi:
             last_boi = pos
         else:
             bois.append(last_boi)
@@ -131,31 +135,33 @@ def merge(ranges: list[tuple[int, int]]) -> Ranges:
     return out
 
 
-def kept_ranges(ids: Sequence[int], p: SinkParams) -> Ranges:
+def kept_ranges(ids: Sequence[int], params: SinkParams) -> Ranges:
     """Kept positions of a sequence whose newest token is ``ids[-1]``, as merged ranges."""
-    n = len(ids)
-    if p.mode == "dense" or n == 0:
-        return [(0, n)]
-    bois, eois = segment_marks(ids, p)
-    gone = len(eois) - p.window_segments  # segments 1..gone have left the window
+    length = len(ids)
+    if params.mode == "dense" or length == 0:
+        return [(0, length)]
+    bois, eois = segment_marks(ids, params)
+    gone = len(eois) - params.window_segments  # segments 1..gone have left the window
     window_start = eois[gone - 1] + 1 if gone > 0 else 0
-    keep = [(window_start, n)]
-    if p.mode in ("streaming", "multimodal"):
-        keep.append((0, min(sink_end(eois, p), n)))
-    if p.mode == "multimodal":
+    keep = [(window_start, length)]
+    if params.mode in ("streaming", "multimodal"):
+        keep.append((0, min(sink_end(eois, params), length)))
+    if params.mode == "multimodal":
         for j in range(max(gone, 0)):
             start = eois[j - 1] + 1 if j else 0  # neighbourhoods stay inside their own segment (monotone)
             if bois[j] is not None:
-                keep.append((max(start, bois[j] - p.boi_before), min(n, bois[j] + p.boi_after + 1)))
-            keep.append((max(start, eois[j] - p.eoi_before), min(n, eois[j] + p.eoi_after + 1)))
+                boi_lo, boi_hi = bois[j] - params.boi_before, bois[j] + params.boi_after + 1
+                keep.append((max(start, boi_lo), min(length, boi_hi)))
+            eoi_lo, eoi_hi = eois[j] - params.eoi_before, eois[j] + params.eoi_after + 1
+            keep.append((max(start, eoi_lo), min(length, eoi_hi)))
     return merge(keep)
 
 
-def sink_end(eois: Sequence[int], p: SinkSettings) -> int:
+def sink_end(eois: Sequence[int], settings: SinkSettings) -> int:
     """End of the sink: the first ``sink_tokens``, or through the ``sink_segments``-th segment's
     </img> (as far as the segments written so far reach), whichever is longer."""
-    k = min(p.sink_segments, len(eois))
-    return max(p.sink_tokens, eois[k - 1] + 1 if k else 0)
+    whole = min(settings.sink_segments, len(eois))  # opening segments written so far
+    return max(settings.sink_tokens, eois[whole - 1] + 1 if whole else 0)
 
 
 def positions(ranges: Ranges) -> list[int]:
@@ -171,11 +177,11 @@ def contains(ranges: Ranges, pos: int) -> bool:
     return k >= 0 and ranges[k][0] <= pos < ranges[k][1]
 
 
-def neighbourhood_ranges(start: int, boi: int | None, eoi: int, p: SinkParams) -> Ranges:
+def neighbourhood_ranges(start: int, boi: int | None, eoi: int, params: SinkParams) -> Ranges:
     """What the multimodal sink keeps of one segment [start, eoi] once it has left the window."""
-    out = [(max(start, eoi - p.eoi_before), eoi + p.eoi_after + 1)]
+    out = [(max(start, eoi - params.eoi_before), eoi + params.eoi_after + 1)]
     if boi is not None:
-        out.insert(0, (max(start, boi - p.boi_before), boi + p.boi_after + 1))
+        out.insert(0, (max(start, boi - params.boi_before), boi + params.boi_after + 1))
     return out
 
 
@@ -187,58 +193,62 @@ def clip(ranges: Ranges, end: int) -> Ranges:
 class SinkTracker:
     """``kept_ranges`` in incremental form: one story's marks, updated from its new tokens only.
 
-    After ``extend`` has seen tokens 0..n-1, ``kept()`` equals ``kept_ranges(ids[:n], p)`` and
+    After ``extend`` has seen tokens 0..seen-1, ``kept()`` equals ``kept_ranges(ids[:seen], params)`` and
     ``kept_count()`` its size. The kept set changes shape only when a ``</img>`` pushes a segment
     out of the window; every other token just extends the window by one. So a step costs what it
     adds, plus O(segments gone) once per picture, never a pass over the story's history.
     """
 
-    p: SinkParams
-    n: int = 0                       # tokens seen
-    evictions: int = 0               # segments that have left the window so far
-    segment_start: int = 0           # first position of the open segment
-    open_boi: int | None = None      # <img> of the open segment, if written
-    window: list[tuple[int, int | None, int]] = field(default_factory=list)  # (start, <img>, </img>) in the window
-    gone: Ranges = field(default_factory=list)  # kept ranges of what left the window (and the sink), unclipped
+    params: SinkParams
+    seen: int = 0  # tokens seen
+    evictions: int = 0  # segments that have left the window so far
+    segment_start: int = 0  # first position of the open segment
+    open_boi: int | None = None  # <img> of the open segment, if written
+    # (start, <img>, </img>) of each segment in the window
+    window: list[tuple[int, int | None, int]] = field(default_factory=list)
+    # kept ranges of what left the window (and the sink), unclipped
+    gone: Ranges = field(default_factory=list)
     window_start: int = 0
     opening: list[int] = field(default_factory=list)  # </img> of the first sink_segments segments
     below: Ranges = field(default_factory=list)  # ``gone`` clipped to the window start
     below_count: int = 0
 
     def extend(self, ids: Sequence[int]) -> None:
-        p, base = self.p, self.n
-        marks = [(i, t) for i, t in enumerate(ids) if t == p.boi_id or t == p.eoi_id]  # C-speed scan
-        self.n += len(ids)
-        if p.mode == "dense":
+        params, base = self.params, self.seen
+        boi, eoi = params.boi_id, params.eoi_id
+        marks = [(i, t) for i, t in enumerate(ids) if t == boi or t == eoi]  # C-speed scan
+        self.seen += len(ids)
+        if params.mode == "dense":
             return
-        for i, t in marks:
-            if t == p.boi_id:
-                self.open_boi = base + i
+        for offset, token in marks:
+            if token == boi:
+                self.open_boi = base + offset
             else:
-                self._close_segment(base + i)
+                self._close_segment(base + offset)
 
     def _close_segment(self, eoi: int) -> None:
-        if len(self.opening) < self.p.sink_segments:
+        params = self.params
+        if len(self.opening) < params.sink_segments:
             self.opening.append(eoi)
         self.window.append((self.segment_start, self.open_boi, eoi))
         self.segment_start, self.open_boi = eoi + 1, None
-        if len(self.window) <= self.p.window_segments:
+        if len(self.window) <= params.window_segments:
             return
         start, boi, last = self.window.pop(0)  # this segment leaves the window
         self.evictions += 1
-        if self.p.mode in ("streaming", "multimodal"):  # segments of the sink close before they leave
-            self.gone = merge(self.gone + [(0, sink_end(self.opening, self.p))])
-        if self.p.mode == "multimodal":
-            self.gone = merge(self.gone + neighbourhood_ranges(start, boi, last, self.p))
+        if params.mode in ("streaming", "multimodal"):  # segments of the sink close before they leave
+            self.gone = merge(self.gone + [(0, sink_end(self.opening, params))])
+        if params.mode == "multimodal":
+            self.gone = merge(self.gone + neighbourhood_ranges(start, boi, last, params))
         self.window_start = last + 1
         self.below = clip(self.gone, self.window_start)
         self.below_count = count(self.below)
 
     def kept(self) -> Ranges:
-        return merge(self.below + [(self.window_start, self.n)])
+        return merge(self.below + [(self.window_start, self.seen)])
 
     def kept_count(self) -> int:
-        return self.below_count + self.n - self.window_start
+        return self.below_count + self.seen - self.window_start
 
 
 def cdiv(a: int, b: int) -> int:
@@ -275,32 +285,43 @@ class HeldBlocks:
     def step(self, first: int, scheduled: int, kept: int) -> list[int]:
         """Apply one step; returns the entries to address this step's K/V by (this step's moves
         still read rows of the entries released now, so they are included, at the end)."""
-        b = self.block_size
-        self.entries += range(cdiv(first, b), cdiv(first + scheduled, b))
+        size = self.block_size
+        self.entries += range(cdiv(first, size), cdiv(first + scheduled, size))
         visible = list(self.entries)
-        del self.entries[cdiv(kept + scheduled, b) + 1:]
+        del self.entries[cdiv(kept + scheduled, size) + 1 :]
         return visible
 
 
-def max_kept(s: SinkSettings, longest_segment: int, max_story_segments: int, max_len: int) -> int:
+def max_kept(settings: SinkSettings, longest_segment: int, max_story_segments: int, max_len: int) -> int:
     """Most tokens the policy keeps of one request: at most ``max_story_segments`` segments (its
     prompt's included) of at most ``longest_segment`` tokens, and at most ``max_len`` tokens in all."""
-    if s.mode == "dense":
+    if settings.mode == "dense":
         return max_len
-    kept = (s.window_segments + 1) * longest_segment  # the window and the open segment
-    if s.mode in ("streaming", "multimodal"):
-        kept += s.sink_tokens + s.sink_segments * longest_segment
-    if s.mode == "multimodal":
-        gone = max(0, max_story_segments - s.window_segments)
-        kept += gone * (s.boi_before + s.boi_after + 1 + s.eoi_before + s.eoi_after + 1)
+    kept = (settings.window_segments + 1) * longest_segment  # the window and the open segment
+    if settings.mode in ("streaming", "multimodal"):
+        kept += settings.sink_tokens + settings.sink_segments * longest_segment
+    if settings.mode == "multimodal":
+        gone = max(0, max_story_segments - settings.window_segments)
+        per_segment = (
+            settings.boi_before + settings.boi_after + 1 + settings.eoi_before + settings.eoi_after + 1
+        )
+        kept += gone * per_segment
     return min(kept, max_len)
 
 
-def max_blocks(s: SinkSettings, longest_segment: int, max_story_segments: int, max_len: int, block_size: int,
-               step_tokens: int = 1) -> int:
+def max_blocks(
+    settings: SinkSettings,
+    longest_segment: int,
+    max_story_segments: int,
+    max_len: int,
+    block_size: int,
+    step_tokens: int = 1,
+) -> int:
     """Most blocks one request holds under compaction (``HeldBlocks``): its most kept tokens plus
     one step's tokens, and the spare block. Dense holds its whole length."""
-    if s.mode == "dense":
+    if settings.mode == "dense":
         return cdiv(max_len, block_size)
-    return min(cdiv(max_kept(s, longest_segment, max_story_segments, max_len) + step_tokens, block_size) + 1,
-               cdiv(max_len, block_size))
+    return min(
+        cdiv(max_kept(settings, longest_segment, max_story_segments, max_len) + step_tokens, block_size) + 1,
+        cdiv(max_len, block_size),
+    )

@@ -40,9 +40,14 @@ def footprint_blocks(vllm_config, block_size: int) -> int:
     """Most blocks one story holds under the engine's policy (compacted), a full prefill chunk included."""
     hf = vllm_config.model_config.hf_config
     story = hf.seedstory_story
-    return max_blocks(SinkSettings(**hf.seedstory_sink), story["longest_segment"], story["max_story_segments"],
-                      vllm_config.model_config.max_model_len, block_size,
-                      step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
+    return max_blocks(
+        SinkSettings(**hf.seedstory_sink),
+        story["longest_segment"],
+        story["max_story_segments"],
+        vllm_config.model_config.max_model_len,
+        block_size,
+        step_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+    )
 
 
 class SeedStorySinkSpec(FullAttentionSpec):
@@ -66,8 +71,9 @@ class SinkKVManager(FullAttentionManager):
     policy: SinkParams | None = None
     stories: dict[str, StoryKV]
 
-    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
-                              num_prompt_tokens: int | None = None) -> None:
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
         """Nothing: blocks are released in ``compact``, only for stories that run this step."""
 
     def compact(self, request_id: str, token_ids, first: int, scheduled: int) -> None:
@@ -76,9 +82,9 @@ class SinkKVManager(FullAttentionManager):
         if first == 0 or request_id not in stories:  # a new story, or one recomputed after preemption
             stories[request_id] = StoryKV(SinkTracker(self.policy), HeldBlocks(self.block_size))
         story = stories[request_id]
-        story.tracker.extend(token_ids[story.tracker.n:first])  # only the tokens new since last time
+        story.tracker.extend(token_ids[story.tracker.seen : first])  # only the tokens new since last time
         visible = story.held.step(first, scheduled, story.tracker.kept_count())
-        released = visible[len(story.held.entries):]
+        released = visible[len(story.held.entries) :]
         blocks = self.req_to_blocks[request_id]
         freed = [blocks[k] for k in released if not blocks[k].is_null]
         for k in released:
@@ -105,8 +111,9 @@ class SinkScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         policy = sink_params(self.vllm_config.model_config.hf_config)
-        self.sink_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
-                              if isinstance(m, SinkKVManager)]
+        self.sink_managers = [
+            m for m in self.kv_cache_manager.coordinator.single_type_managers if isinstance(m, SinkKVManager)
+        ]
         for manager in self.sink_managers:
             manager.policy, manager.stories = policy, {}
         self.max_stories = self.max_num_active_reqs
@@ -146,6 +153,11 @@ class SinkScheduler(Scheduler):
     def _worst_case(self, request) -> int:
         """Most blocks this story can hold (``sink.max_blocks`` over its own length); its biggest
         step is its first prompt chunk."""
-        return max_blocks(self.settings, self.story["longest_segment"], self.story["max_story_segments"],
-                          request.num_prompt_tokens + request.max_tokens, self.block_size,
-                          step_tokens=min(request.num_tokens, self.chunk))
+        return max_blocks(
+            self.settings,
+            self.story["longest_segment"],
+            self.story["max_story_segments"],
+            request.num_prompt_tokens + request.max_tokens,
+            self.block_size,
+            step_tokens=min(request.num_tokens, self.chunk),
+        )

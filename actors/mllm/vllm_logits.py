@@ -19,9 +19,9 @@ EXTRA_KEY = "seedstory"
 def choice_masks(layout: TokenLayout, device=None) -> dict[str, torch.Tensor]:
     """One boolean "may come next" mask over the vocabulary per grammar choice, built once."""
     masks = {}
-    for c in CHOICES:
-        masks[c] = torch.zeros(layout.vocab_size, dtype=torch.bool, device=device)
-        masks[c][allowed_ids(layout, c)] = True
+    for choice in CHOICES:
+        masks[choice] = torch.zeros(layout.vocab_size, dtype=torch.bool, device=device)
+        masks[choice][allowed_ids(layout, choice)] = True
     return masks
 
 
@@ -32,7 +32,7 @@ class Tracked:
         self.state, self.output, self.seen = state, output, 0
 
     def catch_up(self) -> str:
-        for token in self.output[self.seen:]:
+        for token in self.output[self.seen :]:
             self.state.advance(token)
         self.seen = len(self.output)
         return self.state.allowed()
@@ -64,16 +64,16 @@ class StoryGrammarProcessor(LogitsProcessor):
             if extra is not None:
                 state = start_state(StoryRules(**extra), self.layout, list(prompt or []))
                 self.tracked[index] = Tracked(state, output)
-        for a, b, direction in batch_update.moved:
-            ta, tb = self.tracked.pop(a, None), self.tracked.pop(b, None)
-            if ta is not None:
-                self.tracked[b] = ta
-            if tb is not None and direction == MoveDirectionality.SWAP:
-                self.tracked[a] = tb
+        for src, dst, direction in batch_update.moved:
+            moving, displaced = self.tracked.pop(src, None), self.tracked.pop(dst, None)
+            if moving is not None:
+                self.tracked[dst] = moving
+            if displaced is not None and direction == MoveDirectionality.SWAP:
+                self.tracked[src] = displaced
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, tracked in self.tracked.items():
             mask = self.masks[tracked.catch_up()]
             logits[index, : mask.shape[0]].masked_fill_(~mask, float("-inf"))
-            logits[index, mask.shape[0]:] = float("-inf")  # padded vocabulary rows, if any
+            logits[index, mask.shape[0] :] = float("-inf")  # padded vocabulary rows, if any
         return logits

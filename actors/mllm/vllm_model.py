@@ -20,7 +20,8 @@ Data flow of one forward step:
 
 Our cache layout: vLLM's CPU cache tensor ``[num_blocks, kv_heads, block_size, 2 * hd]``
 reinterpreted as one row per slot, ``(num_blocks * block_size, kv_heads, 2 * hd)``, K then V.
-vLLM's own cache write is never called and its kernels never read it (``docs/architecture.md``).
+vLLM's own cache write is never called and its kernels never read it
+(docs/architecture.md#5-decisions-and-why).
 vLLM's ``slot_mapping`` is position-based and is not used: under compaction it points into
 blocks the story no longer holds.
 """
@@ -36,7 +37,7 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from actors.mllm.sink import HeldBlocks, Ranges, SinkTracker, merge
+from actors.mllm.sink import HeldBlocks, Ranges, SinkTracker, cdiv, merge
 from actors.mllm.vllm_kv import SeedStorySinkSpec, sink_params
 
 
@@ -61,15 +62,17 @@ class QueryGroup:
     the step it sees only some, given as runs (storage index, rank seen here, length).
     """
 
-    rows: range                             # rows of this step's flattened tokens
+    rows: range  # rows of this step's flattened tokens
     extent: int
     runs: list[tuple[int, int, int]] | None
+
+
 @dataclass
 class RequestPlan:
     groups: list[QueryGroup]
-    writes: range                      # storage indices of this step's tokens, their keys rotated to them
+    writes: range  # storage indices of this step's tokens, their keys rotated to them
     moves: list[tuple[int, int, int]]  # (from, to, length) runs of storage indices, done before any write
-    entries: list[int]                 # block-list entries that storage index i // block_size lives in
+    entries: list[int]  # block-list entries that storage index i // block_size lives in
 
 
 def rank_runs(outer: Ranges, inner: Ranges) -> list[tuple[int, int, int]]:
@@ -84,33 +87,35 @@ def rank_runs(outer: Ranges, inner: Ranges) -> list[tuple[int, int, int]]:
     return runs
 
 
-def plan_request(st: RequestState, first: int, new_ids: list[int], row0: int) -> RequestPlan:
+def plan_request(state: RequestState, first: int, new_ids: list[int], row0: int) -> RequestPlan:
     """Plan the queries at positions [first, first + len(new_ids)) of one request.
 
     Query i sees kept_ranges(ids[:i+1]). That set changes only when ids[i] is </img>, so the
     queries between two </img> form one group (causal masking by rank inside it).
     """
-    t, s = st.tracker, len(new_ids)
-    k, evictions = t.kept_count(), t.evictions  # as of `first`: what the storage must hold now
-    kept, moves = st.stored, []
-    if evictions != st.laid_out:  # a </img> pushed a segment out since the storage was laid out
-        kept = t.kept()
-        moves = [r for r in rank_runs(st.stored, kept) if r[0] != r[1]]
-    entries = st.held.step(first, s, k)
-    layout = merge(kept + [(first, first + s)])  # storage after the moves and writes
-    eoi = t.p.eoi_id
-    cuts = [0] + [j for j in range(1, s) if new_ids[j] == eoi] + [s]
+    tracker, scheduled = state.tracker, len(new_ids)
+    # As of `first`: how many tokens the storage must hold now, and the evictions so far.
+    num_kept, evictions = tracker.kept_count(), tracker.evictions
+    kept, moves = state.stored, []
+    if evictions != state.laid_out:  # a </img> pushed a segment out since the storage was laid out
+        kept = tracker.kept()
+        moves = [run for run in rank_runs(state.stored, kept) if run[0] != run[1]]
+    entries = state.held.step(first, scheduled, num_kept)
+    layout = merge(kept + [(first, first + scheduled)])  # storage after the moves and writes
+    eoi = tracker.params.eoi_id
+    cuts = [0] + [j for j in range(1, scheduled) if new_ids[j] == eoi] + [scheduled]
     groups, seen = [], 0
-    for c, e in zip(cuts, cuts[1:]):
-        t.extend(new_ids[seen:c + 1])
-        seen = c + 1
-        rows = range(row0 + c, row0 + e)
-        seen_all = t.evictions == evictions  # nothing evicted since `first`: storage order is rank order
-        groups.append(QueryGroup(rows, k + e, None if seen_all else
-                                 rank_runs(layout, merge(t.kept() + [(first + c, first + e)]))))
-    t.extend(new_ids[seen:])
-    st.stored, st.laid_out = layout, evictions
-    return RequestPlan(groups, range(k, k + s), moves, entries)
+    for start, stop in zip(cuts, cuts[1:]):  # one group of queries per span between two </img>
+        tracker.extend(new_ids[seen : start + 1])
+        seen = start + 1
+        rows = range(row0 + start, row0 + stop)
+        runs = None  # nothing evicted since `first`: storage order is rank order
+        if tracker.evictions != evictions:
+            runs = rank_runs(layout, merge(tracker.kept() + [(first + start, first + stop)]))
+        groups.append(QueryGroup(rows, num_kept + stop, runs))
+    tracker.extend(new_ids[seen:])
+    state.stored, state.laid_out = layout, evictions
+    return RequestPlan(groups, range(num_kept, num_kept + scheduled), moves, entries)
 
 
 # -- the batched tensors every layer uses ----------------------------------------------------
@@ -138,17 +143,17 @@ class StepBatch:
 
     move_src: torch.Tensor | None  # slots whose rows move (compaction), before any write
     move_dst: torch.Tensor | None
-    move_rot: tuple | None         # cos, sin of each moved key's rank change: (M, 1, hd/2)
-    write_rows: torch.Tensor       # rows of this step's tokens, and the slots they are written to
+    move_rot: tuple | None  # cos, sin of each moved key's rank change: (M, 1, hd/2)
+    write_rows: torch.Tensor  # rows of this step's tokens, and the slots they are written to
     write_slots: torch.Tensor
-    write_rot: tuple               # cos, sin of their ranks: (W, 1, hd/2)
-    blocks: torch.Tensor           # (G, NB) the blocks each group reads, in storage order (padding: 0, masked)
-    q_rows: torch.Tensor           # (G, Qm) rows of this step's tokens (padding: row 0, dropped)
-    q_valid: torch.Tensor          # (G, Qm)
-    q_rot: tuple                   # cos, sin of query ranks: (G, Qm, 1, hd/2)
-    mask: torch.Tensor             # (G, 1, Qm, NB * block_size) causal by rank, unseen and padding masked
+    write_rot: tuple  # cos, sin of their ranks: (W, 1, hd/2)
+    blocks: torch.Tensor  # (G, NB) the blocks each group reads, in storage order (padding: 0, masked)
+    q_rows: torch.Tensor  # (G, Qm) rows of this step's tokens (padding: row 0, dropped)
+    q_valid: torch.Tensor  # (G, Qm)
+    q_rot: tuple  # cos, sin of query ranks: (G, Qm, 1, hd/2)
+    mask: torch.Tensor  # (G, 1, Qm, NB * block_size) causal by rank, unseen and padding masked
     rot_groups: torch.Tensor | None  # (S,) groups that saw an eviction inside this step, and
-    key_rot: tuple | None            # cos, sin of their key rank corrections (S, N, 1, hd/2)
+    key_rot: tuple | None  # cos, sin of their key rank corrections (S, N, 1, hd/2)
 
 
 def _runs_index(runs: list[tuple[int, int, int]], col: int, dev) -> torch.Tensor:
@@ -162,27 +167,37 @@ def _moves(plans: list[RequestPlan], slot_maps: list[torch.Tensor], cos_sin: tor
     dev = cos_sin.device
     src = [_runs_index(runs, 0, dev) for runs, _ in moving]
     dst = [_runs_index(runs, 1, dev) for runs, _ in moving]
-    return (torch.cat([sm[i] for (_, sm), i in zip(moving, src)]), torch.cat([sm[i] for (_, sm), i in zip(moving, dst)]),
-            rope_of(cos_sin, torch.cat([d - i for i, d in zip(src, dst)])))
+    return (
+        torch.cat([sm[i] for (_, sm), i in zip(moving, src)]),
+        torch.cat([sm[i] for (_, sm), i in zip(moving, dst)]),
+        rope_of(cos_sin, torch.cat([d - i for i, d in zip(src, dst)])),
+    )
 
 
-def build_batch(plans: list[RequestPlan], blocks: list[torch.Tensor], block_size: int,
-                cos_sin: torch.Tensor) -> StepBatch:
+def build_batch(
+    plans: list[RequestPlan], blocks: list[torch.Tensor], block_size: int, cos_sin: torch.Tensor
+) -> StepBatch:
     dev = cos_sin.device
     slot_maps = [(b[:, None] * block_size + torch.arange(block_size, device=dev)).reshape(-1) for b in blocks]
     move_src, move_dst, move_rot = _moves(plans, slot_maps, cos_sin)
     writes = torch.cat([torch.arange(p.writes.start, p.writes.stop, device=dev) for p in plans])
-    write_rows = torch.cat([torch.arange(p.groups[0].rows.start, p.groups[0].rows.start + len(p.writes), device=dev)
-                            for p in plans])
-    write_slots = torch.cat([sm[p.writes.start:p.writes.stop] for p, sm in zip(plans, slot_maps)])
+    write_rows = torch.cat(
+        [
+            torch.arange(p.groups[0].rows.start, p.groups[0].rows.start + len(p.writes), device=dev)
+            for p in plans
+        ]
+    )
+    write_slots = torch.cat([sm[p.writes.start : p.writes.stop] for p, sm in zip(plans, slot_maps)])
     # Every group reads whole blocks of its story's storage (cheaper than gathering rows one by one).
     groups = [(g, b) for plan, b in zip(plans, blocks) for g in plan.groups]
-    nb = max(-(-g.extent // block_size) for g, _ in groups)
-    qm = max(len(g.rows) for g, _ in groups)
-    read = torch.stack([torch.cat((b[:-(-g.extent // block_size)], b.new_zeros(nb - -(-g.extent // block_size))))
-                        for g, b in groups])
-    n = nb * block_size
-    idx = torch.arange(n, device=dev)
+    used = [cdiv(g.extent, block_size) for g, _ in groups]  # blocks each group reads
+    blocks_per_group = max(used)
+    max_queries = max(len(g.rows) for g, _ in groups)
+    read = torch.stack(
+        [torch.cat((b[:n], b.new_zeros(blocks_per_group - n))) for (_, b), n in zip(groups, used)]
+    )
+    num_keys = blocks_per_group * block_size
+    idx = torch.arange(num_keys, device=dev)
     extent = torch.tensor([g.extent for g, _ in groups], device=dev)
     key_ok = idx[None, :] < extent[:, None]  # (G, N)
     key_rank = idx[None, :].repeat(len(groups), 1)
@@ -192,10 +207,14 @@ def build_batch(plans: list[RequestPlan], blocks: list[torch.Tensor], block_size
             key_ok[i, _runs_index(g.runs, 0, dev)] = True
             key_rank[i, _runs_index(g.runs, 0, dev)] = _runs_index(g.runs, 1, dev)
     q_len = torch.tensor([len(g.rows) for g, _ in groups], device=dev)
-    q_store = (extent - q_len)[:, None] + torch.arange(qm, device=dev)[None, :]  # queries are the last keys
-    q_valid = torch.arange(qm, device=dev)[None, :] < q_len[:, None]
-    q_rows = torch.stack([torch.arange(g.rows.start, g.rows.start + qm, device=dev) for g, _ in groups]) * q_valid
-    q_rank = key_rank.gather(1, q_store.clamp(0, n - 1))
+    query_cols = torch.arange(max_queries, device=dev)[None, :]
+    q_store = (extent - q_len)[:, None] + query_cols  # queries are the last keys
+    q_valid = query_cols < q_len[:, None]
+    q_rows = (
+        torch.stack([torch.arange(g.rows.start, g.rows.start + max_queries, device=dev) for g, _ in groups])
+        * q_valid
+    )
+    q_rank = key_rank.gather(1, q_store.clamp(0, num_keys - 1))
     mask = key_ok[:, None, :] & (idx[None, None, :] <= q_store[:, :, None])
     # Only the groups that saw an eviction inside this step read keys at other ranks (rare: one
     # step per picture per story), so only they pay for the correction.
@@ -204,8 +223,21 @@ def build_batch(plans: list[RequestPlan], blocks: list[torch.Tensor], block_size
     if slow:
         rot_groups = torch.tensor(slow, dtype=torch.long, device=dev)
         key_rot = rope_of(cos_sin, ((key_rank - idx[None, :]) * key_ok)[rot_groups])
-    return StepBatch(move_src, move_dst, move_rot, write_rows, write_slots, rope_of(cos_sin, writes),
-                     read, q_rows, q_valid, rope_of(cos_sin, q_rank.clamp(min=0)), mask[:, None], rot_groups, key_rot)
+    return StepBatch(
+        move_src,
+        move_dst,
+        move_rot,
+        write_rows,
+        write_slots,
+        rope_of(cos_sin, writes),
+        read,
+        q_rows,
+        q_valid,
+        rope_of(cos_sin, q_rank.clamp(min=0)),
+        mask[:, None],
+        rot_groups,
+        key_rot,
+    )
 
 
 # -- the layers ------------------------------------------------------------------------------
@@ -222,37 +254,54 @@ class SinkAttention(Attention):
         spec = super().get_kv_cache_spec(vllm_config)
         return SeedStorySinkSpec(**{f.name: getattr(spec, f.name) for f in fields(spec)})
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output_shape=None,
-                output_dtype=None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output_shape=None,
+        output_dtype=None,
+    ) -> torch.Tensor:
         out = torch.zeros_like(query)
-        b = self.step.batch
-        if b is None:  # profiling run: no metadata, no cache
+        batch = self.step.batch
+        if batch is None:  # profiling run: no metadata, no cache
             return out
-        hd, h, kvh = self.head_size, self.num_heads, self.num_kv_heads
-        rows = self.kv_cache.view(-1, kvh, 2 * hd)  # (slots, kv_heads, 2 * hd)
+        hd, heads, kv_heads = self.head_size, self.num_heads, self.num_kv_heads
+        rows = self.kv_cache.view(-1, kv_heads, 2 * hd)  # (slots, kv_heads, 2 * hd)
         # 0. Compaction: move kept rows down to their rank, re-rotating their keys. Before any
         #    write: the rows may sit in blocks released this step, or where new tokens go.
-        if b.move_src is not None:
-            moved = rows[b.move_src]  # a copy: sources and destinations may overlap
-            moved[..., :hd] = rotate(moved[..., :hd], *b.move_rot)
-            rows[b.move_dst] = moved
+        if batch.move_src is not None:
+            moved = rows[batch.move_src]  # a copy: sources and destinations may overlap
+            moved[..., :hd] = rotate(moved[..., :hd], *batch.move_rot)
+            rows[batch.move_dst] = moved
         # 1. Write this step's keys, rotated to their rank, and values.
-        w = b.write_rows
-        k_new = rotate(key[w].view(-1, kvh, hd), *b.write_rot)
-        rows[b.write_slots] = torch.cat((k_new, value[w].view(-1, kvh, hd)), -1)
+        new_rows = batch.write_rows
+        k_new = rotate(key[new_rows].view(-1, kv_heads, hd), *batch.write_rot)
+        rows[batch.write_slots] = torch.cat((k_new, value[new_rows].view(-1, kv_heads, hd)), -1)
         # 2. Gather the visible rows of every group; correct ranks where this group sees others.
-        (g, nb), qm, bs = b.blocks.shape, b.q_rows.shape[1], self.kv_cache.shape[2]
-        kv = rows.view(-1, bs, kvh, 2 * hd).index_select(0, b.blocks.reshape(-1)).view(g, nb * bs, kvh, 2 * hd)
-        k, v = kv[..., :hd], kv[..., hd:]
-        if b.key_rot is not None:
-            k[b.rot_groups] = rotate(k[b.rot_groups], *b.key_rot)  # in the gathered copy, not the cache
-        q = rotate(query[b.q_rows].view(g, qm, h, hd), *b.q_rot)
-        if h != kvh:
-            k, v = (x.repeat_interleave(h // kvh, dim=2) for x in (k, v))
+        (num_groups, num_blocks), max_queries = batch.blocks.shape, batch.q_rows.shape[1]
+        block_size = self.kv_cache.shape[2]
+        gathered = (
+            rows.view(-1, block_size, kv_heads, 2 * hd)
+            .index_select(0, batch.blocks.reshape(-1))
+            .view(num_groups, num_blocks * block_size, kv_heads, 2 * hd)
+        )
+        keys, values = gathered[..., :hd], gathered[..., hd:]
+        if batch.key_rot is not None:  # in the gathered copy, not the cache
+            keys[batch.rot_groups] = rotate(keys[batch.rot_groups], *batch.key_rot)
+        queries = rotate(query[batch.q_rows].view(num_groups, max_queries, heads, hd), *batch.q_rot)
+        if heads != kv_heads:
+            keys, values = (x.repeat_interleave(heads // kv_heads, dim=2) for x in (keys, values))
         # 3. Attend, causal by rank.
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=b.mask, scale=self.impl.scale)  # (G, h, Qm, hd)
-        out[b.q_rows[b.q_valid]] = o.transpose(1, 2).reshape(g, qm, h * hd)[b.q_valid]
+        attended = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=batch.mask,
+            scale=self.impl.scale,
+        )  # (G, heads, Qm, hd)
+        merged = attended.transpose(1, 2).reshape(num_groups, max_queries, heads * hd)
+        out[batch.q_rows[batch.q_valid]] = merged[batch.q_valid]
         return out
 
 
@@ -309,28 +358,31 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         if meta is None:
             self.step.batch = None
             return
-        m = meta[self.layer_names[0]] if isinstance(meta, dict) else meta
-        qsl, seq_lens, table = m.query_start_loc.tolist(), m.seq_lens.tolist(), m.block_table
-        bs = ctx.no_compile_layers[self.layer_names[0]].kv_cache.shape[2]
+        layer_meta = meta[self.layer_names[0]] if isinstance(meta, dict) else meta
+        query_starts, seq_lens = layer_meta.query_start_loc.tolist(), layer_meta.seq_lens.tolist()
+        table = layer_meta.block_table
+        block_size = ctx.no_compile_layers[self.layer_names[0]].kv_cache.shape[2]
         ids = input_ids.tolist()
         plans, blocks = [], []
-        for r in range(len(seq_lens)):
-            q0, q1, end = qsl[r], qsl[r + 1], seq_lens[r]
+        for req in range(len(seq_lens)):
+            q0, q1, end = query_starts[req], query_starts[req + 1], seq_lens[req]
             first = end - (q1 - q0)
-            st = self._request(int(table[r, 0]), first, bs)
-            plans.append(plan_request(st, first, ids[q0:q1], q0))
-            blocks.append(storage_blocks(table[r], plans[-1].entries))
+            state = self._request(int(table[req, 0]), first, block_size)
+            plans.append(plan_request(state, first, ids[q0:q1], q0))
+            blocks.append(storage_blocks(table[req], plans[-1].entries))
         cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin_cache.to(self.lm_head.weight.dtype)
-        self.step.batch = build_batch(plans, blocks, bs, cos_sin)
+        self.step.batch = build_batch(plans, blocks, block_size, cos_sin)
 
     def _request(self, first_block: int, first: int, block_size: int) -> RequestState:
         if first == 0:  # a new request (or a recomputed one) owns this first block now
             self.requests[first_block] = RequestState(SinkTracker(self.policy), HeldBlocks(block_size))
-        st = self.requests[first_block]
-        if st.tracker.n != first:
-            raise RuntimeError(f"the request of block {first_block} has seen {st.tracker.n} tokens, "
-                               f"the step starts at {first}")
-        return st
+        state = self.requests[first_block]
+        if state.tracker.seen != first:
+            raise RuntimeError(
+                f"the request of block {first_block} has seen {state.tracker.seen} tokens, "
+                f"the step starts at {first}"
+            )
+        return state
 
 
 class SinkWorkerExtension:

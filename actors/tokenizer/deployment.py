@@ -24,17 +24,22 @@ class TokenizerPool:
         torch.set_num_threads(threads)
         self.builder = PromptBuilder(checkpoint)
 
-    async def prompt(self, caption: str, caption_ids: list[int], start_image: bytes | None,
-                     story_so_far: list[dict]) -> dict:
+    async def prompt(
+        self, caption: str, caption_ids: list[int], start_image: bytes | None, story_so_far: list[dict]
+    ) -> dict:
         """[<s>] + earlier segments + the opening caption (+ its picture, if given) as ids.
 
         A caption comes as text or as exact ids (``caption_ids``, from an earlier CaptionEvent); an
         empty opening (continuing a story) leaves the next caption to the MLLM. Returns
         ``{"prompt_ids", "caption_ids", "caption"}``, the last two for the opening caption."""
         try:
-            captions = await asyncio.gather(*(self._caption(s["caption"], s["caption_ids"], f"story_so_far[{i}]")
-                                              for i, s in enumerate(story_so_far)),
-                                            self._caption(caption, caption_ids, ""))
+            captions = await asyncio.gather(
+                *(
+                    self._caption(s["caption"], s["caption_ids"], f"story_so_far[{i}]")
+                    for i, s in enumerate(story_so_far)
+                ),
+                self._caption(caption, caption_ids, ""),
+            )
             codes = await self.encode_image(start_image) if start_image else None
             if isinstance(codes, InputError):
                 raise codes
@@ -42,8 +47,11 @@ class TokenizerPool:
             return {"error": {"field": e.field, "message": e.message}}
         earlier = [(ids, s["visual_codes"]) for ids, s in zip(captions, story_so_far)]
         opening = captions[-1]
-        return {"prompt_ids": self.builder.prompt(opening, codes, earlier), "caption_ids": opening,
-                "caption": caption or caption_text(self.builder.text, opening)}  # the client's text if given
+        return {
+            "prompt_ids": self.builder.prompt(opening, codes, earlier),
+            "caption_ids": opening,
+            "caption": caption or caption_text(self.builder.text, opening),
+        }  # the client's text if given
 
     async def _caption(self, text: str, ids: list[int], prefix: str) -> list[int]:
         """One caption's ids: exact ids if given, else the text's; an empty opening stays empty."""

@@ -19,37 +19,39 @@ from actors.config import VisualTokenizerConfig
 
 
 def _encoder_stack(width: int, heads: int, depth: int) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
 def _cross_stack(width: int, heads: int, depth: int) -> nn.TransformerDecoder:
-    layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+    layer = nn.TransformerDecoderLayer(
+        width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerDecoder(layer, depth)
 
 
 class VisualTokenizer(nn.Module):
     def __init__(self, config: VisualTokenizerConfig):
         super().__init__()
-        c = self.config = config
-        p, w = c.patch_size, c.width
+        self.config = config
+        patch, width = config.patch_size, config.width
         # 1. Encoder: a small ViT over patches.
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=p, stride=p)
-        self.pos_embed = nn.Parameter(torch.randn(1, c.num_patches, w) * 0.02)
-        self.encoder = _encoder_stack(w, c.heads, c.depth)
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, config.num_patches, width) * 0.02)
+        self.encoder = _encoder_stack(width, config.heads, config.depth)
         # 2. Resampler: Q learnable queries cross-attend to the patches.
-        self.queries = nn.Parameter(torch.randn(1, c.num_queries, w) * 0.02)
-        self.resampler = _cross_stack(w, c.heads, c.resampler_depth)
-        self.to_code = nn.Linear(w, c.code_dim)
+        self.queries = nn.Parameter(torch.randn(1, config.num_queries, width) * 0.02)
+        self.resampler = _cross_stack(width, config.heads, config.resampler_depth)
+        self.to_code = nn.Linear(width, config.code_dim)
         # 3. Codebook, compared by cosine similarity (normalised vectors keep codes alive).
-        self.codebook = nn.Embedding(c.codebook_size, c.code_dim)
+        self.codebook = nn.Embedding(config.codebook_size, config.code_dim)
         # 4. Pixel decoder for the reconstruction objective.
-        self.from_code = nn.Linear(c.code_dim, w)
-        self.patch_queries = nn.Parameter(torch.randn(1, c.num_patches, w) * 0.02)
-        self.decoder = _cross_stack(w, c.heads, c.decoder_depth)
-        self.to_pixels = nn.Linear(w, 3 * p * p)
+        self.from_code = nn.Linear(config.code_dim, width)
+        self.patch_queries = nn.Parameter(torch.randn(1, config.num_patches, width) * 0.02)
+        self.decoder = _cross_stack(width, config.heads, config.decoder_depth)
+        self.to_pixels = nn.Linear(width, 3 * patch * patch)
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder outputs per patch: (B, N, w)."""
@@ -64,7 +66,8 @@ class VisualTokenizer(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """One vector per image, the mean encoder output (B, w): the space evaluation's Fréchet distance uses."""
+        """One vector per image, the mean encoder output (B, w): the space the evaluation's Fréchet
+        distance uses."""
         return self.patches(images).mean(1)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +88,15 @@ class VisualTokenizer(nn.Module):
 
     def decode(self, zq: torch.Tensor) -> torch.Tensor:
         """Quantised tokens (B, Q, D) -> reconstructed images (B, 3, H, W)."""
-        c, b = self.config, len(zq)
-        g, p = c.image_size // c.patch_size, c.patch_size
-        x = self.decoder(self.patch_queries.expand(b, -1, -1), self.from_code(zq))  # (B, N, w)
-        x = self.to_pixels(x).view(b, g, g, 3, p, p)  # (B, gh, gw, 3, p, p)
-        return x.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * p, g * p)
+        batch, patch = len(zq), self.config.patch_size
+        grid = self.config.image_size // patch  # patches per side
+        x = self.decoder(self.patch_queries.expand(batch, -1, -1), self.from_code(zq))  # (B, N, w)
+        x = self.to_pixels(x).view(batch, grid, grid, 3, patch, patch)  # (B, gh, gw, 3, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(batch, 3, grid * patch, grid * patch)
 
     def save_pretrained(self, directory: str | Path, dtype: str = "float32") -> None:
         save_module(self, self.config, directory, dtype)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: str = "float32") -> "VisualTokenizer":
+    def from_pretrained(cls, directory: str | Path, dtype: str = "float32") -> VisualTokenizer:
         return load_module(cls, VisualTokenizerConfig, directory, dtype)

@@ -49,11 +49,15 @@ class PromptBuilder:
             out = [next(codes) if o is None else o for o in out]
         return out
 
-    def prompt(self, caption_ids: list[int], codes: list[int] | None,
-               story_so_far: list[tuple[list[int], list[int]]] = ()) -> list[int]:
+    def prompt(
+        self,
+        caption_ids: list[int],
+        codes: list[int] | None,
+        story_so_far: list[tuple[list[int], list[int]]] = (),
+    ) -> list[int]:
         """[<s>] + earlier segments + the opening caption (+ its picture, if given)."""
-        t = self.manifest.tokens
-        ids = [t.bos]
+        layout = self.manifest.tokens
+        ids = [layout.bos]
         for earlier_caption, earlier_codes in story_so_far:
-            ids += segment_ids(t, earlier_caption, earlier_codes)
-        return ids + segment_ids(t, caption_ids, codes)
+            ids += segment_ids(layout, earlier_caption, earlier_codes)
+        return ids + segment_ids(layout, caption_ids, codes)

@@ -27,7 +27,7 @@ class TokenLayout:
     boi: int  # <img>
     eoi: int  # </img>
     visual_base: int  # id of visual code 0
-    num_codes: int    # K
+    num_codes: int  # K
     vocab_size: int
 
     def visual_id(self, code: int) -> int:
@@ -57,14 +57,24 @@ def train_text_tokenizer(captions: Iterable[str], vocab_size: int, num_codes: in
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIALS) + [visual_token(i) for i in range(num_codes)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(specials), special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(captions, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=["<img>", "</img>"])
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + len(specials),
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(captions, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<img>", "</img>"],
+    )
 
 
 def load_text_tokenizer(path: str | Path):
@@ -75,9 +85,17 @@ def load_text_tokenizer(path: str | Path):
 
 def token_layout(tokenizer, num_codes: int) -> TokenLayout:
     ids = tokenizer.convert_tokens_to_ids
-    layout = TokenLayout(pad=ids("<pad>"), bos=ids("<s>"), eos=ids("</s>"), unk=ids("<unk>"), boi=ids("<img>"),
-                         eoi=ids("</img>"), visual_base=ids(visual_token(0)), num_codes=num_codes,
-                         vocab_size=len(tokenizer))
+    layout = TokenLayout(
+        pad=ids("<pad>"),
+        bos=ids("<s>"),
+        eos=ids("</s>"),
+        unk=ids("<unk>"),
+        boi=ids("<img>"),
+        eoi=ids("</img>"),
+        visual_base=ids(visual_token(0)),
+        num_codes=num_codes,
+        vocab_size=len(tokenizer),
+    )
     # The layout promises contiguous visual ids; check the trained vocabulary keeps it.
     if ids(visual_token(num_codes - 1)) != layout.visual_base + num_codes - 1:
         raise ValueError("visual tokens are not contiguous in the tokenizer vocabulary")
@@ -101,18 +119,18 @@ def split_segments(layout: TokenLayout, ids: Iterable[int]) -> list[tuple[list[i
     segments: list[tuple[list[int], list[int]]] = []
     caption: list[int] = []
     codes: list[int] | None = None
-    for t in ids:
-        if t in (layout.bos, layout.eos, layout.pad):
+    for token in ids:
+        if token in (layout.bos, layout.eos, layout.pad):
             continue
-        if t == layout.boi:
+        if token == layout.boi:
             codes = []
-        elif t == layout.eoi:
+        elif token == layout.eoi:
             segments.append((caption, codes or []))
             caption, codes = [], None
         elif codes is not None:
-            codes.append(layout.visual_code(t))
+            codes.append(layout.visual_code(token))
         else:
-            caption.append(t)
+            caption.append(token)
     if caption:
         segments.append((caption, []))
     return segments
@@ -128,10 +146,10 @@ def written_captions(layout: TokenLayout, ids: Iterable[int]) -> list[list[int]]
     """Caption ids of every segment whose picture has begun: an ``<img>`` makes its caption final."""
     captions: list[list[int]] = []
     caption: list[int] = []
-    for t in ids:
-        if t == layout.boi:
+    for token in ids:
+        if token == layout.boi:
             captions.append(caption)
             caption = []
-        elif t not in (layout.bos, layout.eos, layout.pad, layout.eoi) and not layout.is_visual(t):
-            caption.append(t)
+        elif token not in (layout.bos, layout.eos, layout.pad, layout.eoi) and not layout.is_visual(token):
+            caption.append(token)
     return captions

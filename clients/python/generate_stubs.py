@@ -23,8 +23,14 @@ def generate(out_root: Path = HERE) -> list[Path]:
 
     out_root = Path(out_root)
     (out_root / PACKAGE).mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PACKAGE}={PROTO.parent}", f"--python_out={out_root}",
-            f"--grpc_python_out={out_root}", f"--pyi_out={out_root}", str(PROTO)]
+    args = [
+        "protoc",
+        f"-I{PACKAGE}={PROTO.parent}",
+        f"--python_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        f"--pyi_out={out_root}",
+        str(PROTO),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     return [out_root / PACKAGE / name for name in STUBS]

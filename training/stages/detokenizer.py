@@ -5,8 +5,8 @@ into the adapter and frozen), with the frozen VAE's latents as targets. Zero ter
 v-prediction, and 10% of conditions dropped to the adapter's learned null, which the
 pipeline uses as its negative for guidance. The loss is weighted towards the latents under the
 characters (the visual tokenizer's foreground weight, pooled to the latent grid): the
-backgrounds are most of the picture and easy, the characters are what a story is about. The same stage adapts a trained de-tokenizer to
-a new story set's style: run it on that set.
+backgrounds are most of the picture and easy, the characters are what a story is about. The
+same stage adapts a trained de-tokenizer to a new story set's style: run it on that set.
 """
 
 from __future__ import annotations
@@ -45,22 +45,28 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     from diffusers import DDPMScheduler
 
     unet, adapter, vae = models["unet"], models["adapter"], models["vae"]
-    c, b = adapter.config, len(images)
+    config, count = adapter.config, len(images)
     with torch.no_grad():
-        codes = models["visual"].encode(images)                                   # (B, Q)
+        codes = models["visual"].encode(images)  # (B, Q)
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-    sched = _scheduler(c, DDPMScheduler)
+    sched = _scheduler(config, DDPMScheduler)
     noise = torch.randn_like(latents)
-    t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
-    noisy = sched.add_noise(latents, noise, t)
-    target = sched.get_velocity(latents, noise, t) if c.prediction_type == "v_prediction" else noise
-    prompt, pooled = adapter(codes)                                               # (B, Q, cross), (B, pooled)
-    null_prompt, null_pooled = adapter.null(b)
-    drop = (torch.rand(b, device=latents.device) < DROP_CONDITION)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (count,), device=latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    v_prediction = config.prediction_type == "v_prediction"
+    target = sched.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    prompt, pooled = adapter(codes)  # (B, Q, cross), (B, pooled)
+    null_prompt, null_pooled = adapter.null(count)
+    drop = torch.rand(count, device=latents.device) < DROP_CONDITION
     prompt = torch.where(drop[:, None, None], null_prompt, prompt)
     pooled = torch.where(drop[:, None], null_pooled, pooled)
-    pred = unet(noisy, t, encoder_hidden_states=prompt,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids(c, b).to(latents.device)}).sample
+    time_ids = add_time_ids(config, count).to(latents.device)
+    pred = unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=prompt,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+    ).sample
     weight = F.adaptive_max_pool2d(foreground_weight(images), latents.shape[-2:])  # (B, 1, h, w)
     mse = (weight * (pred - target) ** 2).mean() / weight.mean()
     return mse, {"diffusion": float(mse)}
@@ -69,16 +75,18 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
 _SCHEDULERS: dict = {}
 
 
-def _scheduler(c: DetokenizerConfig, cls):
+def _scheduler(config: DetokenizerConfig, cls):
     """The DDPM training scheduler with the sampler's betas (built once per process)."""
-    if c not in _SCHEDULERS:
-        _SCHEDULERS[c] = cls(**scheduler_kwargs(c))
-    return _SCHEDULERS[c]
+    if config not in _SCHEDULERS:
+        _SCHEDULERS[config] = cls(**scheduler_kwargs(config))
+    return _SCHEDULERS[config]
 
 
 def export(parts: dict, spec, metrics: dict) -> None:
     dtype = read_manifest(spec.ckpt).dtype
     adapter = parts["adapter"].eval()
-    detok = Detokenizer(adapter.config, parts["unet"].eval(), parts["vae"], build_scheduler(adapter.config), adapter)
+    detok = Detokenizer(
+        adapter.config, parts["unet"].eval(), parts["vae"], build_scheduler(adapter.config), adapter
+    )
     with write_atomically(part_dir(spec.ckpt, "detokenizer")) as tmp:
         detok.save_pretrained(tmp, dtype)

@@ -32,13 +32,17 @@ def loss(models: dict, batch: dict, spec, step: int) -> tuple[torch.Tensor, dict
     return token_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool(), spec)
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec) -> tuple[torch.Tensor, dict]:
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec
+) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy over the targets under ``mask``, and its picture and caption parts."""
     per_token = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
     visual = mask & _is_visual(targets, spec)
     caption = mask & ~visual
-    return per_token[mask].mean(), {"visual_ce": float(per_token[visual].mean()),
-                                    "caption_ce": float(per_token[caption].mean())}
+    return per_token[mask].mean(), {
+        "visual_ce": float(per_token[visual].mean()),
+        "caption_ce": float(per_token[caption].mean()),
+    }
 
 
 _LAYOUTS: dict = {}
@@ -48,8 +52,9 @@ def _is_visual(ids: torch.Tensor, spec) -> torch.Tensor:
     """Visual tokens and the <img>/</img> markers count as the picture's loss."""
     if spec.ckpt not in _LAYOUTS:
         _LAYOUTS[spec.ckpt] = read_manifest(spec.ckpt).tokens
-    t = _LAYOUTS[spec.ckpt]
-    return ((ids >= t.visual_base) & (ids < t.visual_base + t.num_codes)) | (ids == t.boi) | (ids == t.eoi)
+    layout = _LAYOUTS[spec.ckpt]
+    codes = (ids >= layout.visual_base) & (ids < layout.visual_base + layout.num_codes)
+    return codes | (ids == layout.boi) | (ids == layout.eoi)
 
 
 def export(parts: dict, spec, metrics: dict) -> None:

@@ -4,8 +4,9 @@ The mllm stage trains on whole windows: every token sees every earlier token of 
 positions 0, 1, 2, ... Under the sink, a token written after the window has moved on sees only
 what the policy kept (the sink, each old picture's ``<img>``/``</img>`` neighbourhoods, the
 window), at positions by rank in that kept set, and the keys and values it reads are those each
-kept token got when *it* was written, under its own kept set. The eval found the multimodal
-sink's captions failing after segment 18 (README, "Evaluation"): the model never saw that.
+kept token got when *it* was written, under its own kept set: a context the mllm stage never
+shows the model, and on which the eval's long multimodal-sink stories fail
+(docs/results.md#the-four-mode-eval).
 
 This stage trains on whole stories under exactly those rules, so every token of a story is a
 target with the context generation gives it. ``attention_groups`` (plain data) cuts a story at
@@ -39,11 +40,12 @@ def policy(spec) -> SinkParams:
 
 @cache
 def _policy(ckpt: str, sink: tuple) -> SinkParams:
-    m = read_manifest(ckpt)
-    return SinkSettings(**dict(sink)).for_pictures(m.num_queries).with_ids(m.tokens.boi, m.tokens.eoi)
+    manifest = read_manifest(ckpt)
+    settings = SinkSettings(**dict(sink)).for_pictures(manifest.num_queries)
+    return settings.with_ids(manifest.tokens.boi, manifest.tokens.eoi)
 
 
-def attention_groups(ids: list[int], p: SinkParams) -> list[Group]:
+def attention_groups(ids: list[int], sink: SinkParams) -> list[Group]:
     """Queries [lo, hi) that share one kept context: query i reads ``context + [lo, i]``.
 
     The kept set of a token changes shape only at a ``</img>`` (it closes a segment, and the one
@@ -52,31 +54,34 @@ def attention_groups(ids: list[int], p: SinkParams) -> list[Group]:
     nothing could be joined, but ``sink_forward`` pads every group to the longest, so short ones
     are what keep it cheap.)
     """
-    starts = [0] + [i for i, x in enumerate(ids) if x == p.eoi_id and i > 0]
-    tracker, groups = SinkTracker(p), []  # the engine's own incremental form of the policy
+    starts = [0] + [i for i, x in enumerate(ids) if x == sink.eoi_id and i > 0]
+    tracker, groups = SinkTracker(sink), []  # the engine's own incremental form of the policy
     for lo, hi in zip(starts, starts[1:] + [len(ids)]):
-        tracker.extend(ids[tracker.n:lo + 1])
+        tracker.extend(ids[tracker.seen : lo + 1])
         groups.append((positions(tracker.kept())[:-1], lo, hi))  # lo itself is the group's first query
     return groups
 
 
-def sink_forward(model, ids: list[int], p: SinkParams):
+def sink_forward(model, ids: list[int], sink: SinkParams):
     """Logits (n, vocab) of a whole story read under the sink, every token as generation reads it.
     Each layer runs every group at once: the groups' kept keys gathered and padded side by side."""
     import torch
 
-    m, cfg = model.model, model.config
-    hd, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
-    g = padded_groups(attention_groups(ids, p), model.device)
-    x = m.embed_tokens(torch.tensor(ids, device=model.device))  # (n, d)
-    cos, sin = (t[0] for t in m.rotary_emb(x, g["ranks"][None]))  # (L, hd): ranks 0..L-1
-    for layer in m.layers:
-        a, h = layer.self_attn, layer.input_layernorm(x)
-        q, k, v = (proj(h).view(len(ids), -1, hd).transpose(0, 1) for proj in (a.q_proj, a.k_proj, a.v_proj))
-        o = group_attention(q, k, v, g, cos, sin, a.scaling, rep)  # (n, heads * hd)
-        x = x + a.o_proj(o)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(m.norm(x))
+    llama, config = model.model, model.config
+    head_dim, repeats = config.head_dim, config.num_attention_heads // config.num_key_value_heads
+    groups = padded_groups(attention_groups(ids, sink), model.device)
+    hidden = llama.embed_tokens(torch.tensor(ids, device=model.device))  # (n, d)
+    cos, sin = (t[0] for t in llama.rotary_emb(hidden, groups["ranks"][None]))  # (L, hd): ranks 0..L-1
+    for layer in llama.layers:
+        attn, h = layer.self_attn, layer.input_layernorm(hidden)
+        q, k, v = (
+            proj(h).view(len(ids), -1, head_dim).transpose(0, 1)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        out = group_attention(q, k, v, groups, cos, sin, attn.scaling, repeats)  # (n, heads * hd)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(llama.norm(hidden))
 
 
 def padded_groups(groups: list[Group], device) -> dict:
@@ -85,32 +90,46 @@ def padded_groups(groups: list[Group], device) -> dict:
     import torch
 
     keys = [c + list(range(lo, hi)) for c, lo, hi in groups]
-    L, M = max(map(len, keys)), max(hi - lo for _, lo, hi in groups)
-    key_idx = torch.tensor([k + [0] * (L - len(k)) for k in keys])
+    # L: the most keys of a group, M: the most queries (the shapes below are in G groups, M, L)
+    most_keys, most_queries = max(map(len, keys)), max(hi - lo for _, lo, hi in groups)
+    key_idx = torch.tensor([k + [0] * (most_keys - len(k)) for k in keys])
     first = torch.tensor([len(c) for c, _, _ in groups])  # the rank of each group's first query
-    real = torch.arange(M)[None] < torch.tensor([hi - lo for _, lo, hi in groups])[:, None]  # (G, M)
-    q_rank = (first[:, None] + torch.arange(M)[None]).clamp(max=L - 1)
+    queries = torch.tensor([hi - lo for _, lo, hi in groups])
+    real = torch.arange(most_queries)[None] < queries[:, None]  # (G, M)
+    q_rank = (first[:, None] + torch.arange(most_queries)[None]).clamp(max=most_keys - 1)
     q_idx = key_idx.gather(1, q_rank)
-    mask = torch.arange(L)[None, None] <= q_rank[:, :, None]  # (G, M, L): causal by rank
-    return {"keys": key_idx.to(device), "q_idx": q_idx.to(device), "q_rank": q_rank.to(device),
-            "mask": mask[:, None].to(device), "real": real.to(device), "ranks": torch.arange(L, device=device)}
+    mask = torch.arange(most_keys)[None, None] <= q_rank[:, :, None]  # (G, M, L): causal by rank
+    return {
+        "keys": key_idx.to(device),
+        "q_idx": q_idx.to(device),
+        "q_rank": q_rank.to(device),
+        "mask": mask[:, None].to(device),
+        "real": real.to(device),
+        "ranks": torch.arange(most_keys, device=device),
+    }
 
 
-def group_attention(q, k, v, g: dict, cos, sin, scale: float, rep: int):
+def group_attention(q, k, v, groups: dict, cos, sin, scale: float, repeats: int):
     """All groups at once: queries (heads, n, hd), keys and values (kv_heads, n, hd) of the whole
-    story, each group's keys rotated to their ranks in its kept set. Returns (n, heads * hd)."""
+    story, each group's keys rotated to their ranks in its kept set; ``repeats``: query heads per
+    key-value head. Returns (n, heads * hd)."""
     import torch.nn.functional as F
     from transformers.models.llama.modeling_llama import rotate_half
 
-    qg, kg, vg = (gather(t, g[i]) for t, i in ((q, "q_idx"), (k, "keys"), (v, "keys")))  # (heads, G, M|L, hd)
-    qc, qs = cos[g["q_rank"]], sin[g["q_rank"]]             # (G, M, hd)
+    # (heads, G, M|L, hd)
+    qg, kg, vg = (gather(t, groups[i]) for t, i in ((q, "q_idx"), (k, "keys"), (v, "keys")))
+    qc, qs = cos[groups["q_rank"]], sin[groups["q_rank"]]  # (G, M, hd)
     qg = qg * qc + rotate_half(qg) * qs
     kg = kg * cos + rotate_half(kg) * sin
-    o = F.scaled_dot_product_attention(qg.transpose(0, 1), kg.transpose(0, 1).repeat_interleave(rep, 1),
-                                       vg.transpose(0, 1).repeat_interleave(rep, 1), attn_mask=g["mask"],
-                                       scale=scale)         # (G, heads, M, hd)
-    o = o.permute(0, 2, 1, 3)[g["real"]]                    # (n, heads, hd): groups tile the story in order
-    return o.reshape(o.shape[0], -1)
+    out = F.scaled_dot_product_attention(
+        qg.transpose(0, 1),
+        kg.transpose(0, 1).repeat_interleave(repeats, 1),
+        vg.transpose(0, 1).repeat_interleave(repeats, 1),
+        attn_mask=groups["mask"],
+        scale=scale,
+    )  # (G, heads, M, hd)
+    out = out.permute(0, 2, 1, 3)[groups["real"]]  # (n, heads, hd): groups tile the story in order
+    return out.reshape(out.shape[0], -1)
 
 
 def gather(x, idx):
@@ -131,9 +150,11 @@ def batches(shard, spec):
 def loss(models: dict, batch: dict, spec, step: int):
     import torch
 
-    p, model = policy(spec), models["mllm"]
-    logits = [sink_forward(model, ids, p)[:-1] for ids in batch["stories"]]
+    sink, model = policy(spec), models["mllm"]
+    logits = [sink_forward(model, ids, sink)[:-1] for ids in batch["stories"]]
     targets = [torch.tensor(ids[1:], device=model.device) for ids in batch["stories"]]
-    from_ = [torch.arange(len(ids) - 1, device=model.device) >= start - 1
-             for ids, start in zip(batch["stories"], batch["loss_from"])]
-    return token_loss(torch.cat(logits), torch.cat(targets), torch.cat(from_), spec)
+    in_loss = [
+        torch.arange(len(ids) - 1, device=model.device) >= start - 1
+        for ids, start in zip(batch["stories"], batch["loss_from"])
+    ]
+    return token_loss(torch.cat(logits), torch.cat(targets), torch.cat(in_loss), spec)

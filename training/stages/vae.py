@@ -6,7 +6,7 @@ sees unit-variance latents.
 
 The reconstruction is weighted towards the foreground, as the visual tokenizer's is: with plain
 MSE the VAE drew the places well and lost thin shapes (the cross) and colours of the small
-characters (benchmarks/detok_stages.py measured the VAE alone at 0.65 for one character).
+characters (docs/results.md#results-the-previous-embedded-model-on-the-classic-world).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from actors.checkpoint import part_dir, read_manifest, save_diffusers, write_atomically, write_manifest
 from training.data import image_batches
@@ -37,11 +36,11 @@ def batches(shard, spec):
 def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Tensor, dict]:
     vae = models["vae"]
     posterior = vae.encode(images).latent_dist
-    z = posterior.sample()                                  # (B, C, h, w)
-    recon = vae.decode(z).sample
+    latents = posterior.sample()  # (B, C, h, w)
+    recon = vae.decode(latents).sample
     rec = weighted_mse(recon, images)
     kl = posterior.kl().mean()
-    return rec + KL_WEIGHT * kl, {"recon": float(rec), "kl": float(kl), "latent_std": float(z.std())}
+    return rec + KL_WEIGHT * kl, {"recon": float(rec), "kl": float(kl), "latent_std": float(latents.std())}
 
 
 def export(parts: dict, spec, metrics: dict) -> None:
@@ -53,5 +52,7 @@ def export(parts: dict, spec, metrics: dict) -> None:
         save_diffusers(vae, tmp, manifest.dtype)
     # The manifest's preset records the scale too, so the config saved with the weights stays true.
     detok = dataclasses.replace(manifest.preset.detokenizer, vae_scaling_factor=scale)
-    write_manifest(spec.ckpt, dataclasses.replace(manifest, preset=dataclasses.replace(manifest.preset,
-                                                                                       detokenizer=detok)))
+    write_manifest(
+        spec.ckpt,
+        dataclasses.replace(manifest, preset=dataclasses.replace(manifest.preset, detokenizer=detok)),
+    )

@@ -35,14 +35,14 @@ def batches(shard, spec):
 def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Tensor, dict]:
     visual = models["visual"]
     restart_dead_codes(visual, step)  # between steps: the codebook must not change under autograd
-    z = visual.latents(images)                              # (B, Q, D), unit vectors
-    book = F.normalize(visual.codebook.weight, dim=-1)      # (K, D)
-    codes = (z @ book.T).argmax(-1)                         # (B, Q)
-    zq = book[codes]
-    recon = visual.decode(z + (zq - z).detach())            # straight-through
+    latents = visual.latents(images)  # (B, Q, D), unit vectors
+    book = F.normalize(visual.codebook.weight, dim=-1)  # (K, D)
+    codes = (latents @ book.T).argmax(-1)  # (B, Q)
+    quantized = book[codes]
+    recon = visual.decode(latents + (quantized - latents).detach())  # straight-through
     rec = weighted_mse(recon, images)
-    vq = F.mse_loss(zq, z.detach()) + COMMITMENT * F.mse_loss(z, zq.detach())
-    used = count_usage(codes, z, visual.config.codebook_size)
+    vq = F.mse_loss(quantized, latents.detach()) + COMMITMENT * F.mse_loss(latents, quantized.detach())
+    used = count_usage(codes, latents, visual.config.codebook_size)
     return rec + vq, {"recon": float(rec), "vq": float(vq), "codes_used": used}
 
 
@@ -56,18 +56,18 @@ def weighted_mse(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 def foreground_weight(images: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W): FOREGROUND_WEIGHT where a pixel is far from its row's median colour, else 1.
     Scenes are bands of sky and ground, so the row median is the background."""
-    median = images.median(dim=3, keepdim=True).values                 # (B, 3, H, 1)
+    median = images.median(dim=3, keepdim=True).values  # (B, 3, H, 1)
     far = (images - median).abs().mean(1, keepdim=True) > FOREGROUND_DISTANCE
     return 1.0 + (FOREGROUND_WEIGHT - 1.0) * far.float()
 
 
 @torch.no_grad()
-def count_usage(codes: torch.Tensor, z: torch.Tensor, k: int) -> float:
+def count_usage(codes: torch.Tensor, latents: torch.Tensor, codebook_size: int) -> float:
     """Count code use since the last restart; keep this batch's encoder outputs as restart points.
     Returns the fraction of the codebook used since the last restart."""
-    counts = _usage.setdefault("counts", torch.zeros(k, device=codes.device))
-    counts += torch.bincount(codes.flatten(), minlength=k)
-    _usage["pool"] = z.detach().reshape(-1, z.shape[-1])
+    counts = _usage.setdefault("counts", torch.zeros(codebook_size, device=codes.device))
+    counts += torch.bincount(codes.flatten(), minlength=codebook_size)
+    _usage["pool"] = latents.detach().reshape(-1, latents.shape[-1])
     return float((counts > 0).float().mean())
 
 

@@ -22,9 +22,27 @@ API_VERSION = "seedstory.v1"
 __version__ = "1.0.0"  # the single source of the version: clients/python/pyproject.toml reads it
 
 from seedstory_client.client import (  # noqa: E402 (after the version, which the build reads alone)
-    AsyncStoryClient, CannotContinue, Story, StoryClient, StorySegment, StoryStreamError, build_request,
-    continuation_request)
+    AsyncStoryClient,
+    CannotContinue,
+    Story,
+    StoryClient,
+    StorySegment,
+    StoryStreamError,
+    build_request,
+    continuation_request,
+)
 from seedstory_client.output import read_story, write_story  # noqa: E402
 
-__all__ = ["API_VERSION", "AsyncStoryClient", "CannotContinue", "Story", "StoryClient", "StorySegment",
-           "StoryStreamError", "build_request", "continuation_request", "read_story", "write_story"]
+__all__ = [
+    "API_VERSION",
+    "AsyncStoryClient",
+    "CannotContinue",
+    "Story",
+    "StoryClient",
+    "StorySegment",
+    "StoryStreamError",
+    "build_request",
+    "continuation_request",
+    "read_story",
+    "write_story",
+]

@@ -1,6 +1,6 @@
-"""``seedstory-client generate``: one story from a running service, with progress, written to a folder;
-``--continue DIR`` finishes a story written there that was cut short.
-The server's ``seedstory generate`` is this same command (its options come from ``add_generate_arguments``)."""
+"""``seedstory-client generate``: one story from a running service, with progress, written to a
+folder; ``--continue DIR`` finishes a story written there that was cut short. The server's
+``seedstory generate`` is this same command (its options come from ``add_generate_arguments``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ from typing import TextIO
 import grpc
 
 from seedstory_client import API_VERSION, __version__
-from seedstory_client.client import CannotContinue, Story, StoryClient, StoryStreamError, build_request, \
-    continuation_request
+from seedstory_client.client import (
+    CannotContinue,
+    Story,
+    StoryClient,
+    StoryStreamError,
+    build_request,
+    continuation_request,
+)
 from seedstory_client.output import read_story, write_story
 from seedstory_client.v1.story_pb2 import StoryEvent
 
@@ -30,15 +36,17 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty, self.drawn = self.stream.isatty(), False
 
-    def __call__(self, ev: StoryEvent) -> None:
-        kind = ev.WhichOneof("event")
+    def __call__(self, event: StoryEvent) -> None:
+        kind = event.WhichOneof("event")
         if kind not in ("caption", "image"):  # an error's status comes after an event with the story id only
             return
         done = len(self.story.segments) + self.story.pictures
         total = max(2 * self.segments, done)  # segments=0 asks for the server's default length
         filled = 20 * done // total
-        line = (f"segment {getattr(ev, kind).index + 1}/{self.segments or '?'}: {kind:7} "
-                f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total}")
+        line = (
+            f"segment {getattr(event, kind).index + 1}/{self.segments or '?'}: {kind:7} "
+            f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total}"
+        )
         self.drawn = True
         if self.tty:
             self.stream.write("\r" + line)
@@ -51,19 +59,37 @@ class Progress:
             self.stream.write("\n")
 
 
-def generate_story(target: str, prompt: str, segments: int, out: Path, image: Path | None = None,
-                   token: str | None = None, seed: int | None = None, steps: int = 0,
-                   temperature: float = 0.8, source: str = "", resume: bool = True) -> Path:
+def generate_story(
+    target: str,
+    prompt: str,
+    segments: int,
+    out: Path,
+    image: Path | None = None,
+    token: str | None = None,
+    seed: int | None = None,
+    steps: int = 0,
+    temperature: float = 0.8,
+    source: str = "",
+    resume: bool = True,
+) -> Path:
     """Write one story from the service at ``target`` into ``out``; returns the page. A stream lost
     with ``UNAVAILABLE`` is continued (``resume``). A story that still fails midway writes the
     segments that arrived, prints the command that continues it, then raises ``StoryStreamError``."""
-    request = build_request(prompt, segments, image.read_bytes() if image else None, seed=seed,
-                            render_seed=seed, steps=steps, temperature=temperature)
+    request = build_request(
+        prompt,
+        segments,
+        image.read_bytes() if image else None,
+        seed=seed,
+        render_seed=seed,
+        steps=steps,
+        temperature=temperature,
+    )
     return _finish(target, Story(request=request), Path(out), token, resume, source)
 
 
-def continue_written_story(target: str, folder: Path, out: Path | None = None, token: str | None = None,
-                           resume: bool = True) -> Path:
+def continue_written_story(
+    target: str, folder: Path, out: Path | None = None, token: str | None = None, resume: bool = True
+) -> Path:
     """Finish the story ``write_story`` left in ``folder`` (into ``out``, by default the same folder):
     only the segments still missing are asked for, with the story's own options."""
     folder = Path(folder)
@@ -78,20 +104,27 @@ def _finish(target: str, story: Story, out: Path, token: str | None, resume: boo
     try:
         with StoryClient(target, token) as client:
             client.continue_story(story, on_event=progress, resume=resume)
-    except StoryStreamError as e:
+    except StoryStreamError as error:
         progress.close()
-        if e.story.segments:  # keep what the service wrote before it failed
-            write_story(out, e.story, source)
-            print(f"the story stopped after {e.story.pictures} of {story.request.segments or '?'} segments; "
-                  f"what arrived is in {out}{_how_to_continue(e.story, out, target, token)}", file=sys.stderr)
+        partial = error.story
+        if partial.segments:  # keep what the service wrote before it failed
+            write_story(out, partial, source)
+            print(
+                f"the story stopped after {partial.pictures} of {story.request.segments or '?'} segments; "
+                f"what arrived is in {out}{_how_to_continue(partial, out, target, token)}",
+                file=sys.stderr,
+            )
         raise
     progress.close()
     page = write_story(out, story, source)
-    s = story.stats
+    stats = story.stats
     resumed = f"; resumed {story.resumes}x" if story.resumes else ""
-    print(f"{len(story.segments)} segments in {s.get('total_s', 0):.1f}s "
-          f"(MLLM {s.get('mllm_s', 0):.1f}s, {s.get('tokens_per_s', 0):.0f} tok/s; render {s.get('render_s', 0):.1f}s; "
-          f"peak KV blocks {s.get('peak_kv_blocks', 0)}{resumed})")
+    print(
+        f"{len(story.segments)} segments in {stats.get('total_s', 0):.1f}s "
+        f"(MLLM {stats.get('mllm_s', 0):.1f}s, {stats.get('tokens_per_s', 0):.0f} tok/s; "
+        f"render {stats.get('render_s', 0):.1f}s; "
+        f"peak KV blocks {stats.get('peak_kv_blocks', 0)}{resumed})"
+    )
     return page
 
 
@@ -101,45 +134,66 @@ def _how_to_continue(story: Story, out: Path, target: str, token: str | None) ->
     except CannotContinue as e:
         return f" ({e})"
     # The token is a secret: the command names the option, never its value.
-    command = (f"seedstory-client generate --continue {shlex.quote(str(out))} --target {shlex.quote(target)}"
-               + (" --token TOKEN" if token else ""))
+    command = (
+        f"seedstory-client generate --continue {shlex.quote(str(out))} --target {shlex.quote(target)}"
+        + (" --token TOKEN" if token else "")
+    )
     return f"; continue it with: {command}"
 
 
-def add_generate_arguments(g: argparse.ArgumentParser) -> None:
+def add_generate_arguments(command: argparse.ArgumentParser) -> None:
     """The options of ``generate``, shared with the server's ``seedstory generate``."""
-    what = g.add_mutually_exclusive_group(required=True)
+    what = command.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the opening caption")
-    what.add_argument("--continue", dest="continue_from", metavar="DIR",
-                      help="finish the story written in DIR; it keeps its own image, segments, seed, steps "
-                           "and temperature")
-    g.add_argument("--image", help="start image (PNG or JPEG) for the opening caption")
-    g.add_argument("--segments", type=int, default=10)
-    g.add_argument("--out", help="folder to write (default: story_out; with --continue, DIR)")
-    g.add_argument("--target", default="localhost:9000", help="the service's gRPC address")
-    g.add_argument("--token", help="bearer token, if the service asks for one")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue the story when the service loses it (UNAVAILABLE); default: on")
+    what.add_argument(
+        "--continue",
+        dest="continue_from",
+        metavar="DIR",
+        help="finish the story written in DIR; it keeps its own image, segments, seed, steps and temperature",
+    )
+    command.add_argument("--image", help="start image (PNG or JPEG) for the opening caption")
+    command.add_argument("--segments", type=int, default=10)
+    command.add_argument("--out", help="folder to write (default: story_out; with --continue, DIR)")
+    command.add_argument("--target", default="localhost:9000", help="the service's gRPC address")
+    command.add_argument("--token", help="bearer token, if the service asks for one")
+    command.add_argument("--seed", type=int)
+    command.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
+    command.add_argument("--temperature", type=float, default=0.8)
+    command.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue the story when the service loses it (UNAVAILABLE); default: on",
+    )
 
 
-def run_generate(a: argparse.Namespace) -> Path:
-    if a.continue_from:
-        return continue_written_story(a.target, Path(a.continue_from), a.out and Path(a.out), a.token, a.resume)
-    return generate_story(a.target, a.prompt, a.segments, Path(a.out or "story_out"),
-                          Path(a.image) if a.image else None, a.token, a.seed, a.steps, a.temperature,
-                          resume=a.resume)
+def run_generate(args: argparse.Namespace) -> Path:
+    if args.continue_from:
+        return continue_written_story(
+            args.target, Path(args.continue_from), args.out and Path(args.out), args.token, args.resume
+        )
+    return generate_story(
+        args.target,
+        args.prompt,
+        args.segments,
+        Path(args.out or "story_out"),
+        Path(args.image) if args.image else None,
+        args.token,
+        args.seed,
+        args.steps,
+        args.temperature,
+        resume=args.resume,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seedstory-client",
-                                description=f"Client for the seedstory story service (API {API_VERSION}).")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (API {API_VERSION})")
-    sub = p.add_subparsers(dest="command", required=True)
+    top = argparse.ArgumentParser(
+        prog="seedstory-client", description=f"Client for the seedstory story service (API {API_VERSION})."
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__} (API {API_VERSION})")
+    sub = top.add_subparsers(dest="command", required=True)
     add_generate_arguments(sub.add_parser("generate", help="write a story with a running service"))
-    return p
+    return top
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """Python clients for the story service (sync and asyncio).
 
     client = StoryClient("localhost:9000")
-    story = client.generate("Once upon a time, Milo the red circle walks in the park.", segments=4, resume=True)
+    story = client.generate(
+        "Once upon a time, Milo the red circle walks in the park.", segments=4, resume=True
+    )
 
 A story cut short can be continued exactly: ``continuation_request(story)`` is what to send for the
 segments still missing, and ``continue_story`` sends it and folds the answer into the same ``Story``.
@@ -12,30 +14,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterable
 
 import grpc
 
-from seedstory_client.v1.story_pb2 import Rendering, Sampling, Segment, StoryEvent, StoryRequest
+from seedstory_client.v1.story_pb2 import (
+    CaptionEvent,
+    ImageEvent,
+    Rendering,
+    Sampling,
+    Segment,
+    StoryEvent,
+    StoryRequest,
+)
 from seedstory_client.v1.story_pb2_grpc import StoryServiceStub
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 DEFAULT_SEGMENTS = 10  # what `segments = 0` asks for (story.proto); a continuation must say how many are left
-RESUME_DELAY_S = 0.5   # before the first continuation, doubled for each next: a lost ingress needs a moment
+RESUME_DELAY_S = 0.5  # before the first continuation, doubled for each next: a lost ingress needs a moment
 
 log = logging.getLogger("seedstory_client")
 
 
-def build_request(caption: str, segments: int = 0, image: bytes | None = None, *, temperature: float = 0.8,
-                  top_p: float = 0.95, seed: int | None = None, steps: int = 0, guidance: float = 0.0,
-                  render_seed: int | None = None, story_so_far: Iterable[tuple[str, list[int]]] = ()) -> StoryRequest:
+def build_request(
+    caption: str,
+    segments: int = 0,
+    image: bytes | None = None,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    steps: int = 0,
+    guidance: float = 0.0,
+    render_seed: int | None = None,
+    story_so_far: Iterable[tuple[str, list[int]]] = (),
+) -> StoryRequest:
     """Zero for segments/steps/guidance means the server's default."""
     return StoryRequest(
-        caption=caption, start_image=image or b"", segments=segments,
+        caption=caption,
+        start_image=image or b"",
+        segments=segments,
         sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
         rendering=Rendering(steps=steps, guidance=guidance, seed=render_seed),
-        story_so_far=[Segment(caption=c, visual_codes=codes) for c, codes in story_so_far])
+        story_so_far=[Segment(caption=c, visual_codes=codes) for c, codes in story_so_far],
+    )
 
 
 @dataclass
@@ -44,8 +67,8 @@ class StorySegment:
     caption: str = ""
     png: bytes = b""
     visual_codes: list[int] = field(default_factory=list)
-    caption_ids: list[int] = field(default_factory=list)  # the exact ids, so a continuation is token for token
-    written_at: float = 0.0     # server times (unix s), for the pipeline's timeline
+    caption_ids: list[int] = field(default_factory=list)  # the exact ids: a continuation is token for token
+    written_at: float = 0.0  # server times (unix s), for the pipeline's timeline
     codes_at: float = 0.0
     render_start: float = 0.0
     render_end: float = 0.0
@@ -55,13 +78,14 @@ class StorySegment:
 class Story:
     """One story, possibly received over several streams: after a continuation request the server
     counts segments from 0 again, and ``add`` folds them in at the story's own indexes."""
+
     story_id: str = ""  # the first stream's
     segments: list[StorySegment] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # the last stream's
-    request: StoryRequest | None = None        # the request the story answers (its first), to continue it
-    resumes: int = 0                           # continuation requests sent after a stream failed
+    request: StoryRequest | None = None  # the request the story answers (its first), to continue it
+    resumes: int = 0  # continuation requests sent after a stream failed
     continuation_ids: list[str] = field(default_factory=list)  # their story ids
-    _base: int = field(default=0, init=False, repr=False, compare=False)      # story index of this stream's 0
+    _base: int = field(default=0, init=False, repr=False, compare=False)  # story index of this stream's 0
     _captions: int = field(default=0, init=False, repr=False, compare=False)  # captions this stream has sent
 
     def start_stream(self) -> None:
@@ -69,21 +93,21 @@ class Story:
         the first one without a picture here."""
         self._base, self._captions = self.pictures, 0
 
-    def add(self, ev: StoryEvent) -> StoryEvent:
+    def add(self, event: StoryEvent) -> StoryEvent:
         """Fold one event in; returns it with the index counted in the whole story. Raises if the server
         broke the ordering contract."""
-        self._note_id(ev.story_id)
-        kind = ev.WhichOneof("event")
+        self._note_id(event.story_id)
+        kind = event.WhichOneof("event")
         if kind == "caption":
-            self._add_caption(ev.caption)
+            self._add_caption(event.caption)
         elif kind == "image":
-            self._add_image(ev.image)
+            self._add_image(event.image)
         elif kind == "done":
-            self.stats = {f.name: v for f, v in ev.done.ListFields()}
+            self.stats = {f.name: v for f, v in event.done.ListFields()}
         if not self._base or kind not in ("caption", "image"):
-            return ev
+            return event
         folded = StoryEvent()
-        folded.CopyFrom(ev)
+        folded.CopyFrom(event)
         getattr(folded, kind).index += self._base
         return folded
 
@@ -93,24 +117,29 @@ class Story:
         elif story_id and story_id not in (self.story_id, *self.continuation_ids):
             self.continuation_ids.append(story_id)
 
-    def _add_caption(self, c) -> None:
-        if c.index != self._captions:
-            raise ValueError(f"caption {c.index} arrived after {self._captions} captions")
+    def _add_caption(self, event: CaptionEvent) -> None:
+        if event.index != self._captions:
+            raise ValueError(f"caption {event.index} arrived after {self._captions} captions")
         self._captions += 1
-        at = self._base + c.index
+        at = self._base + event.index
         if at == len(self.segments):
-            self.segments.append(StorySegment(at, c.caption, caption_ids=list(c.caption_ids), written_at=c.written_at))
+            self.segments.append(
+                StorySegment(
+                    at, event.caption, caption_ids=list(event.caption_ids), written_at=event.written_at
+                )
+            )
         else:  # a continuation writes again the captions that had arrived without their picture
             seg = self.segments[at]
-            seg.caption, seg.caption_ids, seg.written_at = c.caption, list(c.caption_ids), c.written_at
+            seg.caption, seg.caption_ids = event.caption, list(event.caption_ids)
+            seg.written_at = event.written_at
 
-    def _add_image(self, i) -> None:
-        at = self._base + i.index
-        if i.index >= self._captions or self.segments[at].png or at != self.pictures:
-            raise ValueError(f"image {i.index} arrived out of order")
+    def _add_image(self, event: ImageEvent) -> None:
+        at = self._base + event.index
+        if event.index >= self._captions or self.segments[at].png or at != self.pictures:
+            raise ValueError(f"image {event.index} arrived out of order")
         seg = self.segments[at]
-        seg.png, seg.visual_codes = i.png, list(i.visual_codes)
-        seg.codes_at, seg.render_start, seg.render_end = i.codes_at, i.render_start, i.render_end
+        seg.png, seg.visual_codes = event.png, list(event.visual_codes)
+        seg.codes_at, seg.render_start, seg.render_end = event.codes_at, event.render_start, event.render_end
 
     @property
     def pictures(self) -> int:
@@ -144,13 +173,22 @@ def continuation_request(story: Story) -> StoryRequest:
     missing = (original.segments or DEFAULT_SEGMENTS) - done
     if missing <= 0:
         raise CannotContinue(f"every one of the {done} segments asked for has its picture")
-    if original.start_image:  # the opening picture's codes are the server's own: no request can re-create them
-        raise CannotContinue("a story begun from a start image can be continued only before its first picture")
+    if original.start_image:
+        # The opening picture's codes are the server's own: no request can re-create them.
+        raise CannotContinue(
+            "a story begun from a start image can be continued only before its first picture"
+        )
     pending = story.segments[done] if done < len(story.segments) else StorySegment(done)
     request = StoryRequest(
-        **_caption_of(pending), segments=missing, sampling=original.sampling, rendering=original.rendering,
-        story_so_far=[*original.story_so_far,
-                      *(Segment(**_caption_of(s), visual_codes=s.visual_codes) for s in story.segments[:done])])
+        **_caption_of(pending),
+        segments=missing,
+        sampling=original.sampling,
+        rendering=original.rendering,
+        story_so_far=[
+            *original.story_so_far,
+            *(Segment(**_caption_of(s), visual_codes=s.visual_codes) for s in story.segments[:done]),
+        ],
+    )
     if original.rendering.HasField("seed"):
         request.rendering.seed = original.rendering.seed + done
     return request
@@ -177,8 +215,10 @@ class StoryStreamError(grpc.RpcError):
 
     def __init__(self, error: grpc.RpcError, story: Story):
         self.error, self.story = error, story
-        super().__init__(f"{self.code().name}: {self.details()} "
-                         f"(after {len(story.segments)} segments, {story.pictures} pictures)")
+        super().__init__(
+            f"{self.code().name}: {self.details()} "
+            f"(after {len(story.segments)} segments, {story.pictures} pictures)"
+        )
 
     def code(self) -> grpc.StatusCode:
         return self.error.code()
@@ -194,8 +234,14 @@ class _Streams:
     """The requests of one ``continue_story``: the first, then after each stream lost with
     ``UNAVAILABLE`` (with ``resume``) a continuation. The clients only loop over its streams."""
 
-    def __init__(self, story: Story, resume: bool, max_resumes: int, timeout: float | None,
-                 on_event: Callable[[StoryEvent], None] | None):
+    def __init__(
+        self,
+        story: Story,
+        resume: bool,
+        max_resumes: int,
+        timeout: float | None,
+        on_event: Callable[[StoryEvent], None] | None,
+    ):
         self.story, self.on_event = story, on_event
         self.left, self.sent = (max_resumes if resume else 0), 0  # continuations left and sent
         self.deadline = None if timeout is None else time.monotonic() + timeout  # one budget for all streams
@@ -208,8 +254,8 @@ class _Streams:
     def timeout(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
 
-    def add(self, ev: StoryEvent) -> None:
-        folded = self.story.add(ev)
+    def add(self, event: StoryEvent) -> None:
+        folded = self.story.add(event)
         if self.on_event:
             self.on_event(folded)
 
@@ -220,9 +266,12 @@ class _Streams:
             # The server refused the continuation (say, more story so far than it takes): what the
             # caller needs to know is why the story stopped.
             raise StoryStreamError(self.cause, self.story) from error
-        delay = RESUME_DELAY_S * 2 ** self.sent
-        if error.code() != grpc.StatusCode.UNAVAILABLE or not self.left or (
-                self.deadline is not None and time.monotonic() + delay >= self.deadline):
+        delay = RESUME_DELAY_S * 2**self.sent
+        if (
+            error.code() != grpc.StatusCode.UNAVAILABLE
+            or not self.left
+            or (self.deadline is not None and time.monotonic() + delay >= self.deadline)
+        ):
             raise StoryStreamError(error, self.story) from error
         try:
             self.request = continuation_request(self.story)
@@ -231,9 +280,15 @@ class _Streams:
         self.left, self.sent, self.cause = self.left - 1, self.sent + 1, error
         self.story.resumes += 1
         self.story.start_stream()
-        log.warning("story %s: %s: %s after %d pictures; continuing with the %d missing (resume %d)",
-                    self.story.story_id, error.code().name, error.details(), self.story.pictures,
-                    self.request.segments, self.story.resumes)
+        log.warning(
+            "story %s: %s: %s after %d pictures; continuing with the %d missing (resume %d)",
+            self.story.story_id,
+            error.code().name,
+            error.details(),
+            self.story.pictures,
+            self.request.segments,
+            self.story.resumes,
+        )
         return delay
 
 
@@ -251,29 +306,45 @@ class StoryClient:
         """The raw event stream: iterate it; ``.cancel()`` ends the story on the server."""
         return self.stub.GenerateStory(request, timeout=timeout, metadata=_metadata(self.token))
 
-    def generate(self, caption: str, segments: int = 0, image: bytes | None = None, *,
-                 timeout: float | None = None, on_event: Callable[[StoryEvent], None] | None = None,
-                 resume: bool = False, max_resumes: int = 3, **options) -> Story:
+    def generate(
+        self,
+        caption: str,
+        segments: int = 0,
+        image: bytes | None = None,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[StoryEvent], None] | None = None,
+        resume: bool = False,
+        max_resumes: int = 3,
+        **options,
+    ) -> Story:
         """The whole story; raises ``StoryStreamError`` (holding the partial story) if the stream fails.
         With ``resume``, a stream lost with ``UNAVAILABLE`` is continued (``continue_story``)."""
         story = Story(request=build_request(caption, segments, image, **options))
-        return self.continue_story(story, timeout=timeout, on_event=on_event, resume=resume,
-                                   max_resumes=max_resumes)
+        return self.continue_story(
+            story, timeout=timeout, on_event=on_event, resume=resume, max_resumes=max_resumes
+        )
 
-    def continue_story(self, story: Story, *, timeout: float | None = None,
-                       on_event: Callable[[StoryEvent], None] | None = None, resume: bool = False,
-                       max_resumes: int = 3) -> Story:
+    def continue_story(
+        self,
+        story: Story,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[StoryEvent], None] | None = None,
+        resume: bool = False,
+        max_resumes: int = 3,
+    ) -> Story:
         """Sends ``continuation_request(story)`` and folds the answer into ``story``; with ``resume``,
         up to ``max_resumes`` more after streams lost with ``UNAVAILABLE``. ``timeout`` covers them
         all; ``on_event`` sees each event with its index in the whole story."""
         streams = _Streams(story, resume, max_resumes, timeout, on_event)
         while True:
             try:
-                for ev in self.stream(streams.request, streams.timeout()):
-                    streams.add(ev)
+                for event in self.stream(streams.request, streams.timeout()):
+                    streams.add(event)
                 return story
-            except grpc.RpcError as e:
-                delay = streams.failed(e)
+            except grpc.RpcError as error:
+                delay = streams.failed(error)
             time.sleep(delay)
 
     def close(self) -> None:
@@ -295,26 +366,42 @@ class AsyncStoryClient:
     def stream(self, request: StoryRequest, timeout: float | None = None) -> AsyncIterator[StoryEvent]:
         return self.stub.GenerateStory(request, timeout=timeout, metadata=_metadata(self.token))
 
-    async def generate(self, caption: str, segments: int = 0, image: bytes | None = None, *,
-                       timeout: float | None = None, on_event: Callable[[StoryEvent], None] | None = None,
-                       resume: bool = False, max_resumes: int = 3, **options) -> Story:
+    async def generate(
+        self,
+        caption: str,
+        segments: int = 0,
+        image: bytes | None = None,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[StoryEvent], None] | None = None,
+        resume: bool = False,
+        max_resumes: int = 3,
+        **options,
+    ) -> Story:
         """As ``StoryClient.generate``: a failed stream raises ``StoryStreamError`` with the partial story."""
         story = Story(request=build_request(caption, segments, image, **options))
-        return await self.continue_story(story, timeout=timeout, on_event=on_event, resume=resume,
-                                         max_resumes=max_resumes)
+        return await self.continue_story(
+            story, timeout=timeout, on_event=on_event, resume=resume, max_resumes=max_resumes
+        )
 
-    async def continue_story(self, story: Story, *, timeout: float | None = None,
-                             on_event: Callable[[StoryEvent], None] | None = None, resume: bool = False,
-                             max_resumes: int = 3) -> Story:
+    async def continue_story(
+        self,
+        story: Story,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[StoryEvent], None] | None = None,
+        resume: bool = False,
+        max_resumes: int = 3,
+    ) -> Story:
         """As ``StoryClient.continue_story``."""
         streams = _Streams(story, resume, max_resumes, timeout, on_event)
         while True:
             try:
-                async for ev in self.stream(streams.request, streams.timeout()):
-                    streams.add(ev)
+                async for event in self.stream(streams.request, streams.timeout()):
+                    streams.add(event)
                 return story
-            except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
-                delay = streams.failed(e)
+            except grpc.RpcError as error:  # grpc.aio.AioRpcError is one
+                delay = streams.failed(error)
             await asyncio.sleep(delay)
 
     async def close(self) -> None:

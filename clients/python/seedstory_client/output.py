@@ -26,20 +26,42 @@ def write_story(out: Path, story: Story, source: str = "") -> Path:
         picture = ""
         if name:
             (out / name).write_bytes(seg.png)
-            picture = (f"<img src='{name}' alt='segment {seg.index + 1}' width=192 "
-                       f"style='image-rendering:pixelated'>")
-        segments.append({"caption": seg.caption, "caption_ids": seg.caption_ids, "visual_codes": seg.visual_codes,
-                         "image": name})
-        figures.append(f"<figure>{picture}<figcaption>{seg.index + 1}. "
-                       f"{html.escape(seg.caption)}</figcaption></figure>")
-    (out / "story.json").write_text(json.dumps({
-        "story_id": story.story_id, "source": source, "stats": story.stats, "resumes": story.resumes,
-        "continuation_ids": story.continuation_ids, "request": _request_json(out, story.request),
-        "segments": segments}, indent=2) + "\n")
+            picture = (
+                f"<img src='{name}' alt='segment {seg.index + 1}' width=192 "
+                f"style='image-rendering:pixelated'>"
+            )
+        segments.append(
+            {
+                "caption": seg.caption,
+                "caption_ids": seg.caption_ids,
+                "visual_codes": seg.visual_codes,
+                "image": name,
+            }
+        )
+        figures.append(
+            f"<figure>{picture}<figcaption>{seg.index + 1}. {html.escape(seg.caption)}</figcaption></figure>"
+        )
+    (out / "story.json").write_text(
+        json.dumps(
+            {
+                "story_id": story.story_id,
+                "source": source,
+                "stats": story.stats,
+                "resumes": story.resumes,
+                "continuation_ids": story.continuation_ids,
+                "request": _request_json(out, story.request),
+                "segments": segments,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "story.html").write_text(
         "<!doctype html><meta charset=utf-8><title>seedstory</title>"
         "<style>body{font-family:sans-serif;display:flex;flex-wrap:wrap}figure{width:200px}</style><body>"
-        + "".join(figures) + "</body>\n")
+        + "".join(figures)
+        + "</body>\n"
+    )
     return out / "story.html"
 
 
@@ -47,11 +69,24 @@ def read_story(folder: Path) -> Story:
     """The story ``write_story`` wrote into ``folder``, pictures included (server timestamps are not kept)."""
     folder = Path(folder)
     saved = json.loads((folder / "story.json").read_text())
-    segments = [StorySegment(k, s["caption"], png=(folder / s["image"]).read_bytes() if s["image"] else b"",
-                             visual_codes=s["visual_codes"], caption_ids=s.get("caption_ids", []))
-                for k, s in enumerate(saved["segments"])]
-    return Story(saved["story_id"], segments, saved["stats"], request=_request_from_json(folder, saved.get("request")),
-                 resumes=saved.get("resumes", 0), continuation_ids=saved.get("continuation_ids", []))
+    segments = [
+        StorySegment(
+            k,
+            s["caption"],
+            png=(folder / s["image"]).read_bytes() if s["image"] else b"",
+            visual_codes=s["visual_codes"],
+            caption_ids=s.get("caption_ids", []),
+        )
+        for k, s in enumerate(saved["segments"])
+    ]
+    return Story(
+        saved["story_id"],
+        segments,
+        saved["stats"],
+        request=_request_from_json(folder, saved.get("request")),
+        resumes=saved.get("resumes", 0),
+        continuation_ids=saved.get("continuation_ids", []),
+    )
 
 
 def _request_json(out: Path, request: StoryRequest | None) -> dict | None:
@@ -63,7 +98,9 @@ def _request_json(out: Path, request: StoryRequest | None) -> dict | None:
     plain.ClearField("start_image")
     saved = json_format.MessageToDict(plain, preserving_proto_field_name=True)
     if request.start_image:
-        saved["start_image"] = "start_image.png" if request.start_image.startswith(b"\x89PNG") else "start_image.jpg"
+        saved["start_image"] = (
+            "start_image.png" if request.start_image.startswith(b"\x89PNG") else "start_image.jpg"
+        )
         (out / saved["start_image"]).write_bytes(request.start_image)
     return saved
 
