@@ -14,8 +14,8 @@ over the repeats of:
   pool CPU           the same for every pool's replica processes
   per-core busy      each core's busy share, from /proc/stat
 
-    python benchmarks/serve_load.py [--variants today two-replicas batched new-defaults] \\
-        [--concurrency 1 2 4 8 16] [--matrix-concurrency 1 8] [--repeats 3] [--segments 10]
+    python benchmarks/serve_load.py [--variants today two-replicas batched batched-fewer-steps \\
+        new-defaults] [--concurrency 1 2 4 8 16] [--matrix-concurrency 1 8] [--repeats 3] [--segments 10]
 
 The last variant runs every ``--concurrency`` level; the others the ``--matrix-concurrency``
 levels. Writes ``--out``/serve_load.json and serve_load.png. The main-module guard matters: vLLM
@@ -43,6 +43,7 @@ VARIANTS = {
     "today": {"args": TODAY, "steps": 20, "detok_replicas": 1, "cpus": TODAY_CPUS},
     "two-replicas": {"args": TODAY, "steps": 20, "detok_replicas": 2, "cpus": None},
     "batched": {"args": {**TODAY, "render_slots": 4}, "steps": 20, "detok_replicas": 2, "cpus": None},
+    "batched-fewer-steps": {"args": {"render_slots": 4}, "steps": None, "detok_replicas": 2, "cpus": None},
     "new-defaults": {"args": {}, "steps": None, "detok_replicas": 2, "cpus": None},  # ray_config.yaml as is
 }
 

@@ -63,6 +63,9 @@ class KubeSettings:
     auth_secret: str = "seedstory-auth"  # the Secret that holds the bearer token...
     auth_secret_key: str = "token"  # ...under this key...
     auth_env: str = "SEEDSTORY_AUTH_TOKEN"  # ...set as this variable in every RayService pod
+    # On a GPU the small-latent UNet is launch-bound: fixed-shape calls of 4 pictures cost about
+    # one (ray_config.yaml's 1 is this CPU's choice; docs/architecture.md#5-decisions-and-why).
+    render_slots: int = 4
     head_cpu: int = 2
     head_memory: str = "8Gi"
     groups: tuple[Group, ...] = field(
@@ -85,6 +88,7 @@ def serve_config(settings: KubeSettings, config: dict | None = None) -> dict:
     # from their environment (AppSettings.token()), which the pods fill from the Secret.
     app["args"]["auth_token"] = ""
     app["args"]["auth_token_env"] = settings.auth_env
+    app["args"]["render_slots"] = settings.render_slots
     by_pool = {pool: group for group in settings.groups for pool in group.pools}
     for dep in app["deployments"]:
         group = by_pool[dep["name"]]

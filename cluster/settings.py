@@ -34,7 +34,7 @@ class AppSettings:
     resume_deadline_s: float = 180.0  # wait at most this for a replica after a loss
     health_stall_s: float = 120.0  # a pool busy this long without progress is unhealthy
     exact_renders: bool = True  # a picture's PNG depends on its codes and seed only
-    render_slots: int = 4  # pictures per de-tokenizer call, at one fixed shape (exact renders)
+    render_slots: int = 1  # pictures per de-tokenizer call, at one fixed shape (exact renders)
     sampler: str = "dpm++"  # euler | dpm++ | unipc
     guidance_until: float = 0.5  # the fraction of the steps that run classifier-free guidance
 

@@ -45,8 +45,10 @@ TOKEN = "test-token"
 @pytest.fixture(scope="session")
 def story_service(ray_cluster, tiny_ckpt):
     """The real Serve app from ray_config.yaml on the tiny checkpoint, with auth on, one ingress
-    replica, an admission limit of 2 stories (so that the admission test is deterministic) and one
-    resume per story and pool (so that tests/test_faults.py can exhaust it with two kills)."""
+    replica, an admission limit of 2 stories (so that the admission test is deterministic), one
+    resume per story and pool (so that tests/test_faults.py can exhaust it with two kills), and
+    renders in fixed-shape batches of 4 (the path where a picture could depend on its companions;
+    the CPU default, one picture per call, cannot)."""
     from types import SimpleNamespace
 
     from ray import serve
@@ -54,7 +56,12 @@ def story_service(ray_cluster, tiny_ckpt):
     from cluster.serving import deploy, grpc_target, load_config, with_args, with_deployment
 
     config = with_args(
-        load_config(), checkpoint=str(tiny_ckpt), auth_token=TOKEN, max_stories_per_replica=2, max_resumes=1
+        load_config(),
+        checkpoint=str(tiny_ckpt),
+        auth_token=TOKEN,
+        max_stories_per_replica=2,
+        max_resumes=1,
+        render_slots=4,
     )
     config = with_deployment(config, "StoryIngress", num_replicas=1)
     deploy(config)

@@ -90,7 +90,7 @@ def test_serve_config_v2_is_ray_config_yaml_with_only_the_cluster_overrides():
     local, s = load_config(), KubeSettings()
     assert served == serve_config(s, local)
     # Undo the overrides: what remains is the local config, so every other setting flows through.
-    for arg in ("checkpoint", "auth_token", "auth_token_env"):
+    for arg in ("checkpoint", "auth_token", "auth_token_env", "render_slots"):
         served["applications"][0]["args"][arg] = local["applications"][0]["args"][arg]
     for dep, mine in zip(served["applications"][0]["deployments"], local["applications"][0]["deployments"]):
         dep["ray_actor_options"] = mine["ray_actor_options"]

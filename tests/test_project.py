@@ -26,6 +26,74 @@ def test_actors_import_neither_training_nor_cluster():
     assert not imported_modules("actors") & {"training", "cluster"}
 
 
+PACKAGES = ("actors", "cluster", "training")
+LONGEST_SOURCE_FILE = 450  # lines: a file past it holds more than one job
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (at module level or inside functions)."""
+    files = {module_name(f): f for package in PACKAGES for f in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def cycle_through(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules, or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return stack[stack.index(target) :] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_project_has_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 40  # the walk found the project
+    assert cycle_through(graph) is None, " -> ".join(cycle_through(graph))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycle_through({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_no_source_file_outside_tests_is_longer_than_one_job():
+    sources = [f for top in (*PACKAGES, "benchmarks", "clients") for f in (ROOT / top).rglob("*.py")]
+    generated = {"story_pb2.py", "story_pb2_grpc.py"}
+    long = {
+        str(f.relative_to(ROOT)): n
+        for f in sources
+        if f.name not in generated
+        if (n := len(f.read_text().splitlines())) > LONGEST_SOURCE_FILE
+    }
+    assert not long
+
+
 def test_no_committed_file_names_this_machines_paths_or_the_world_outside():
     """A clone must stand alone: no file names the folder it was written in (an absolute path on
     one machine), a saved model's ``_name_or_path``, or the design notes outside the project."""
