@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
+
+from training.card import portable  # paths as a reader would type them, never this machine's
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 TEMPERATURE, TOP_P = 0.8, 0.95
@@ -153,7 +156,9 @@ async def level(target: str, concurrency: int, segments: int, steps: int | None,
         "render_batches": dict(sorted(Counter(calls.values()).items())),
         "pool_cpu": {pool: round((cpu_seconds(pids) - cpu[pool]) / wall, 3) for pool, pids in pools.items()},
         "core_busy": core_busy(cores, core_times()),
-        "story0_pngs": [png.hex()[:16] for png in stories[0]["pngs"]],  # a fingerprint of seed 0's pictures
+        "story0_pngs": [
+            hashlib.sha256(png).hexdigest()[:16] for png in stories[0]["pngs"]
+        ],  # seed 0's pictures
     }
 
 
@@ -233,7 +238,10 @@ def run_variant(name: str, levels: list[int], args: argparse.Namespace) -> dict:
         return {
             "name": name,
             "steps": steps,
-            "app_args": config["applications"][0]["args"],
+            "app_args": {
+                **config["applications"][0]["args"],
+                "checkpoint": portable(str(args.ckpt.resolve())),
+            },
             "levels": results,
         }
     finally:

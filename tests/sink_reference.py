@@ -63,6 +63,11 @@ class SinkReference:
     @torch.no_grad()
     def _token(self, ids: list[int], cache: list[tuple[list, list]]) -> torch.Tensor:
         """Run the newest token ids[-1]; returns its logits."""
+        return self.m.lm_head(self._hidden(ids, cache))[0]
+
+    @torch.no_grad()
+    def _hidden(self, ids: list[int], cache: list[tuple[list, list]]) -> torch.Tensor:
+        """Run the newest token ids[-1]; returns its final-norm hidden state (1, d)."""
         kept = [i for i, k in enumerate(kept_mask(ids, self.policy)) if k]
         ranks = list(range(len(kept)))
         x = self.m.model.embed_tokens(torch.tensor([ids[-1]]))  # (1, d)
@@ -80,21 +85,29 @@ class SinkReference:
             o = F.scaled_dot_product_attention(q, k, v, scale=a.scaling)  # (heads, 1, hd)
             x = x + a.o_proj(o.transpose(0, 1).reshape(1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.m.lm_head(self.m.model.norm(x))[0]
+        return self.m.model.norm(x)
 
     def generate(self, prompt: list[int], rules: StoryRules) -> list[int]:
+        return self.generate_rows(prompt, rules)[0]
+
+    @torch.no_grad()
+    def generate_rows(self, prompt: list[int], rules: StoryRules) -> tuple[list[int], torch.Tensor]:
+        """The greedy output, and the final-norm hidden state of every token run (n, d): row i is
+        position i of prompt + output (the closing </s> is never run)."""
         cache = [([], []) for _ in self.m.model.layers]
         ids: list[int] = []
+        rows = []
         for t in prompt:
             ids.append(t)
-            logits = self._token(ids, cache)
+            rows.append(self._hidden(ids, cache))
         state, out = start_state(rules, self.layout, prompt), []
         while True:
             choice = state.allowed()
+            logits = self.m.lm_head(rows[-1])[0]
             nxt = int(logits.masked_fill(~self.masks[choice], float("-inf")).argmax())
             out.append(nxt)
             if nxt == self.layout.eos:
-                return out
+                return out, torch.cat(rows)
             state.advance(nxt)
             ids.append(nxt)
-            logits = self._token(ids, cache)
+            rows.append(self._hidden(ids, cache))

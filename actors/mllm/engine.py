@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from actors.checkpoint import part_dir, read_manifest
-from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
+from actors.mllm.events import CaptionWritten, Event, PictureRows, PictureWritten, StoryEnd
 from actors.mllm.grammar import StoryRules
 from actors.mllm.sink import SinkSettings
 from actors.mllm.vllm_logits import EXTRA_KEY
@@ -42,6 +42,9 @@ class EngineConfig:
     # so admitted stories are never preempted (actors/mllm/vllm_kv.py). False: vLLM's own
     # admission, which takes a story whenever its first chunk fits and preempts when the pool runs out.
     admit_on_footprint: bool = True
+    # Keep each picture's final-norm hidden rows in the worker and attach them to its
+    # PictureWritten (one collective_rpc per step that finished a picture). Off: no cost.
+    capture_pictures: bool = False
 
     def __post_init__(self) -> None:
         if self.max_stories < 1 or self.block_size % 32:
@@ -72,6 +75,7 @@ class _Story:
     captioned: int = 0  # captions already streamed
     emitted: int = 0  # segments (caption + picture) already streamed
     seen: int = 0  # output tokens already looked at
+    rows_from: int = 0  # output index after the last picture whose rows were handed out
 
 
 class StoryEngine:
@@ -88,6 +92,11 @@ class StoryEngine:
         self.engine = _build_engine(config, self.manifest)
         self.stories: dict[str, _Story] = {}
         self._first_blocks: set[int] = set()  # live stories' first blocks, as the worker last heard
+        # vLLM request id -> its first block when last scheduled: the worker's key for its picture
+        # rows. Recorded at scheduling, since a story that finishes in a step frees its blocks in it.
+        self._first_block_of: dict[str, int] = {}
+        if config.capture_pictures:
+            self.scheduler.step_hooks.append(self._note_first_blocks)
 
     # -- requests --------------------------------------------------------------------------
     def submit(
@@ -116,6 +125,7 @@ class StoryEngine:
         if story is None:
             return None
         self.engine.abort_request([story_id])
+        self._first_block_of.pop(story.request_id, None)
         self._release_worker_state()
         return StoryEnd(
             story_id, aborted=True, prompt_tokens=story.prompt_len, output_tokens=story.seen, at=time.time()
@@ -124,20 +134,31 @@ class StoryEngine:
     def step(self) -> EngineStep:
         events: list[Event] = []
         written: dict[str, int] = {}
+        pictured: list[tuple[_Story, list[PictureWritten]]] = []  # stories that finished a picture
+        ended: list[_Story] = []
         for out in self.engine.step():
             story = self.stories.get(out.request_id)
             if story is None:
                 continue
             ids = out.outputs[0].token_ids
-            events += self._parse(out.request_id, story, ids)
+            parsed = self._parse(out.request_id, story, ids)
+            events += parsed
+            pictures = [ev for ev in parsed if isinstance(ev, PictureWritten)]
+            if pictures:
+                pictured.append((story, pictures))
             written[out.request_id] = len(ids) - story.seen
             story.seen = len(ids)
             if out.finished:
                 del self.stories[out.request_id]
+                ended.append(story)
                 # The grammar ends every complete story with </s> ("stop"); "length" means the
                 # engine's max_model_len (or max_tokens) cut it short.
                 truncated = out.outputs[0].finish_reason == "length"
                 events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids), truncated))
+        if self.config.capture_pictures and pictured:
+            self._attach_rows(pictured)  # before the worker forgets the stories that ended
+        for story in ended:
+            self._first_block_of.pop(story.request_id, None)
         self._release_worker_state()
         now = time.time()
         for ev in events:
@@ -151,6 +172,30 @@ class StoryEngine:
         if self._first_blocks - live:
             self.engine.collective_rpc("seedstory_retain", args=(sorted(live),))
         self._first_blocks = live
+
+    def _note_first_blocks(self, scheduler, output) -> None:
+        """Scheduler hook: each scheduled story's first block (new after a preemption)."""
+        blocks = self._manager.req_to_blocks
+        for rid in output.num_scheduled_tokens:
+            self._first_block_of[rid] = blocks[rid][0].block_id
+
+    def _attach_rows(self, pictured: list[tuple[_Story, list[PictureWritten]]]) -> None:
+        """Fetch the finished pictures' hidden rows from the worker, one call for the step, and
+        attach Q of them to each picture. Rows before ``rows_from`` were handed out already (a
+        recompute after a preemption captures them again); the worker drops them."""
+        first_blocks = [self._first_block_of[story.request_id] for story, _ in pictured]
+        starts = {key: story.prompt_len + story.rows_from for key, (story, _) in zip(first_blocks, pictured)}
+        answer = self.engine.collective_rpc("seedstory_picture_rows", args=(starts,))[0]
+        q = self.manifest.num_queries
+        for key, (story, pictures) in zip(first_blocks, pictured):
+            positions, raw, shape, dtype = answer[key]
+            if len(positions) != q * len(pictures):
+                raise RuntimeError(f"{len(positions)} picture rows for {len(pictures)} pictures of Q={q}")
+            row_bytes = len(raw) // len(positions)
+            for k, picture in enumerate(pictures):
+                part = slice(k * q * row_bytes, (k + 1) * q * row_bytes)
+                picture.rows = PictureRows(positions[k * q : (k + 1) * q], raw[part], (q, *shape[1:]), dtype)
+            story.rows_from = positions[-1] + 1 - story.prompt_len
 
     def worker_states(self) -> int:
         """Stories the worker keeps state for (tests: 0 once every story has ended)."""
@@ -273,6 +318,7 @@ def _build_engine(config: EngineConfig, manifest):
                 "max_story_segments": config.max_story_segments,
                 "admit_on_footprint": config.admit_on_footprint,
             },
+            "seedstory_capture_pictures": config.capture_pictures,
         },
     )
     engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)

@@ -24,14 +24,28 @@ class CaptionWritten:
 
 
 @dataclass
+class PictureRows:
+    """The MLLM's final-norm hidden states at a picture's Q token positions: the raw bytes of a
+    ``shape`` array of ``dtype`` (a torch dtype name), row k at position ``positions[k]`` of the
+    story (prompt included). Plain data: bytes cross processes and Ray as they are."""
+
+    positions: list[int]
+    raw: bytes
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
 class PictureWritten:
-    """A segment's picture is written: its Q visual codes."""
+    """A segment's picture is written: its Q visual codes (and, when the engine captures them,
+    its hidden rows: ``EngineConfig.capture_pictures``)."""
 
     story_id: str
     index: int
     caption_ids: list[int]
     codes: list[int]
     at: float = 0.0
+    rows: PictureRows | None = None
 
 
 @dataclass

@@ -38,7 +38,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 from actors.mllm.sink import HeldBlocks, Ranges, SinkTracker, cdiv, merge
-from actors.mllm.vllm_kv import SeedStorySinkSpec, sink_params
+from actors.mllm.vllm_kv import SeedStorySinkSpec, picture_ids, sink_params
 
 
 # -- planning (per step, plain Python lists) -------------------------------------------------
@@ -51,6 +51,12 @@ class RequestState:
     held: HeldBlocks
     stored: Ranges = field(default_factory=list)
     laid_out: int = 0  # tracker.evictions when `stored` was laid out; if it moved on, compact
+    # Final-norm hidden rows of its picture tokens, (position, row) in order, until handed out.
+    picture_rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+# Picture tokens of one request in a step: its state, their positions, their rows in the step.
+Capture = tuple[RequestState, list[int], list[int]]
 
 
 @dataclass
@@ -328,6 +334,7 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         layer = functools.partial(LlamaDecoderLayer, attn_layer_type=SinkLlamaAttention)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
         self.policy = sink_params(vllm_config.model_config.hf_config)
+        self.picture_ids = picture_ids(vllm_config.model_config.hf_config)  # None: capture is off
         self.step = StepState()
         self.layer_names = []
         for decoder in self.model.layers:
@@ -341,8 +348,21 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         self.requests: dict[int, RequestState] = {}
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        self._plan(input_ids)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        captures = self._plan(input_ids)
+        # Post-norm already: vLLM's LlamaModel applies the final norm before returning.
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if captures:
+            self._capture(hidden, captures)
+        return hidden
+
+    def _capture(self, hidden: torch.Tensor, captures: list[Capture]) -> None:
+        """Keep the rows of this step's picture tokens in their request's state: one gather."""
+        rows = [row for _, _, request_rows in captures for row in request_rows]
+        picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)].unbind(0)
+        start = 0
+        for state, positions, request_rows in captures:
+            state.picture_rows += zip(positions, picked[start : start + len(request_rows)])
+            start += len(request_rows)
 
     def retain(self, first_blocks: set[int]) -> int:
         """Forget every request whose first block is not in ``first_blocks`` (the live ones);
@@ -352,26 +372,32 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
             del self.requests[key]
         return len(self.requests)
 
-    def _plan(self, input_ids: torch.Tensor) -> None:
+    def _plan(self, input_ids: torch.Tensor) -> list[Capture]:
+        """Plan the step's attention; returns the picture tokens to keep, where capture is on."""
         ctx = get_forward_context()
         meta = ctx.attn_metadata
         if meta is None:
             self.step.batch = None
-            return
+            return []
         layer_meta = meta[self.layer_names[0]] if isinstance(meta, dict) else meta
         query_starts, seq_lens = layer_meta.query_start_loc.tolist(), layer_meta.seq_lens.tolist()
         table = layer_meta.block_table
         block_size = ctx.no_compile_layers[self.layer_names[0]].kv_cache.shape[2]
         ids = input_ids.tolist()
-        plans, blocks = [], []
+        plans, blocks, captures = [], [], []
         for req in range(len(seq_lens)):
             q0, q1, end = query_starts[req], query_starts[req + 1], seq_lens[req]
             first = end - (q1 - q0)
             state = self._request(int(table[req, 0]), first, block_size)
             plans.append(plan_request(state, first, ids[q0:q1], q0))
             blocks.append(storage_blocks(table[req], plans[-1].entries))
+            if self.picture_ids is not None:
+                rows = [row for row in range(q0, q1) if ids[row] in self.picture_ids]
+                if rows:
+                    captures.append((state, [first + row - q0 for row in rows], rows))
         cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin_cache.to(self.lm_head.weight.dtype)
         self.step.batch = build_batch(plans, blocks, block_size, cos_sin)
+        return captures
 
     def _request(self, first_block: int, first: int, block_size: int) -> RequestState:
         if first == 0:  # a new request (or a recomputed one) owns this first block now
@@ -394,3 +420,25 @@ class SinkWorkerExtension:
 
     def seedstory_states(self) -> int:
         return len(self.model_runner.get_model().requests)
+
+    def seedstory_picture_rows(
+        self, starts: dict[int, int]
+    ) -> dict[int, tuple[list[int], bytes, tuple[int, ...], str]]:
+        """Hand out, per request (first block -> start position), its picture rows at positions
+        >= start, as (positions, raw bytes, shape, dtype): bytes, because a multiprocess engine
+        core would serialise the answer. The request forgets every row it held: those below start
+        were handed out already (a recompute captures them again)."""
+        requests, out = self.model_runner.get_model().requests, {}
+        for first_block, start in starts.items():
+            state, held = requests.get(first_block), []
+            if state is not None:
+                held, state.picture_rows = state.picture_rows, []
+            kept = [(pos, row) for pos, row in held if pos >= start]
+            if not kept:
+                out[first_block] = ([], b"", (0,), "")
+                continue
+            rows = torch.stack([row for _, row in kept]).cpu()  # (n, hidden)
+            raw = rows.view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+            dtype = str(rows.dtype).removeprefix("torch.")
+            out[first_block] = ([pos for pos, _ in kept], raw, tuple(rows.shape), dtype)
+        return out
