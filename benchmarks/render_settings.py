@@ -28,6 +28,7 @@ import torch
 from detok_stages import read_set, seeds  # its sibling: run as python benchmarks/render_settings.py
 
 from training.evaluation.judge import judge_truth, place_right
+from training.evaluation.report import paired, standard_error
 
 DEFAULT_SETTINGS = [
     "euler:20:1",
@@ -72,27 +73,27 @@ def judge_pictures(held, pictures: list) -> dict:
     for seg, cast, picture in zip(held.segs, held.casts, pictures):
         pixels = np.asarray(picture, dtype=np.float32)
         rows = judge_truth(held.world, cast, seg, pixels)
-        looks.append(statistics.fmean(verdict["right"] for _, _, verdict in rows) if rows else float("nan"))
+        looks.append(statistics.fmean(verdict["right"] for _, _, verdict in rows) if rows else None)
         places.append(place_right(seg, pixels, cast))
     return {"look": looks, "place": places}
 
 
-def paired(values: list[float], baseline: list[float]) -> dict:
-    """Mean of (value - baseline) over the pictures both judged, and its standard error."""
-    diffs = [v - b for v, b in zip(values, baseline) if not (np.isnan(v) or np.isnan(b))]
-    error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return {"diff": round(statistics.fmean(diffs), 4), "se": round(error, 4), "n": len(diffs)}
+def versus(values: list[float | None], baseline: list[float | None]) -> dict:
+    """Mean of (value - baseline) over the pictures both judged, and its standard error (the eval's
+    own paired statistics, pictures in place of stories)."""
+    diffs = paired(values, baseline)
+    return {"diff": round(float(diffs.mean()), 4), "se": round(standard_error(diffs), 4), "n": len(diffs)}
 
 
 def summarise(setting: dict, scores: dict, baseline: dict | None, seconds: float, pictures: int) -> dict:
     row = {
         **setting,
-        "look": round(float(np.nanmean(scores["look"])), 4),
+        "look": round(statistics.fmean(look for look in scores["look"] if look is not None), 4),
         "place": round(float(np.mean(scores["place"])), 4),
         "s_per_picture": round(seconds / pictures, 4),
     }
     if baseline is not None:
-        row["vs_baseline"] = {key: paired(scores[key], baseline[key]) for key in ("look", "place")}
+        row["vs_baseline"] = {key: versus(scores[key], baseline[key]) for key in ("look", "place")}
         row["qualifies"] = all(d["diff"] >= -d["se"] for d in row["vs_baseline"].values())
     return row
 

@@ -34,10 +34,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from serve_bench import OPENING, TEMPERATURE, TOP_P  # its sibling: the same story and sampling
+
 from training.card import portable  # paths as a reader would type them, never this machine's
 
-OPENING = "Once upon a time, Milo the red circle walks in the park."
-TEMPERATURE, TOP_P = 0.8, 0.95
 POOLS = ("StoryIngress", "TokenizerPool", "MLLMPool", "DetokenizerPool")
 # The settings before the render-throughput work, with the CPU reservations they had.
 TODAY = {"exact_renders": True, "render_slots": 1, "sampler": "euler", "guidance_until": 1.0}

@@ -63,8 +63,9 @@ class KubeSettings:
     auth_secret: str = "seedstory-auth"  # the Secret that holds the bearer token...
     auth_secret_key: str = "token"  # ...under this key...
     auth_env: str = "SEEDSTORY_AUTH_TOKEN"  # ...set as this variable in every RayService pod
-    # On a GPU the small-latent UNet is launch-bound: fixed-shape calls of 4 pictures cost about
-    # one (ray_config.yaml's 1 is this CPU's choice; docs/architecture.md#5-decisions-and-why).
+    # On a GPU a small-latent UNet is expected to be launch-bound, so fixed-shape calls of 4 should
+    # cost little more than one (not measured yet; ray_config.yaml's 1 is this CPU's measured choice:
+    # docs/architecture.md#5-decisions-and-why).
     render_slots: int = 4
     head_cpu: int = 2
     head_memory: str = "8Gi"

@@ -5,7 +5,7 @@ reference's under the same policy."""
 import pytest
 import torch
 from sink_reference import SinkReference
-from test_mllm_engine import POOL, SEGMENTS, WINDOW, prompts, story_ids
+from test_mllm_engine import OPENING, POOL, SEGMENTS, WINDOW, prompts, story_ids
 
 from actors.checkpoint import part_dir
 from actors.mllm.engine import EngineConfig, StoryEngine
@@ -28,8 +28,9 @@ def reference_model(tiny_ckpt):
 
 @pytest.fixture(scope="module", params=["dense", "multimodal"])
 def engine(request, tiny_ckpt):
-    opening = int(request.param == "multimodal")  # as test_mllm_engine's OPENING
-    sink = SinkSettings(mode=request.param, window_segments=WINDOW, sink_segments=opening)
+    sink = SinkSettings(
+        mode=request.param, window_segments=WINDOW, sink_segments=OPENING.get(request.param, 0)
+    )
     eng = StoryEngine(
         EngineConfig(
             str(tiny_ckpt),

@@ -52,7 +52,7 @@ class DetokenizerPool:
         self.busy = 0  # pipeline calls running
         self.exact = exact
         self.slots = self.checked_slots(slots) if exact else slots
-        self.render.set_max_batch_size(max(1, slots))  # a batch is at most one call's rows
+        self.render.set_max_batch_size(slots)  # a batch is at most one call's rows
         self.faults = Faults()
         self.m_batch = metrics.Histogram(
             "seedstory_render_batch_size", "pictures per pipeline call", boundaries=[1, 2, 4, 8]

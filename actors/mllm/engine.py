@@ -143,9 +143,10 @@ class StoryEngine:
             ids = out.outputs[0].token_ids
             parsed = self._parse(out.request_id, story, ids)
             events += parsed
-            pictures = [ev for ev in parsed if isinstance(ev, PictureWritten)]
-            if pictures:
-                pictured.append((story, pictures))
+            if self.config.capture_pictures:  # off in the service: nothing more per step
+                pictures = [ev for ev in parsed if isinstance(ev, PictureWritten)]
+                if pictures:
+                    pictured.append((story, pictures))
             written[out.request_id] = len(ids) - story.seen
             story.seen = len(ids)
             if out.finished:
@@ -155,7 +156,7 @@ class StoryEngine:
                 # engine's max_model_len (or max_tokens) cut it short.
                 truncated = out.outputs[0].finish_reason == "length"
                 events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids), truncated))
-        if self.config.capture_pictures and pictured:
+        if pictured:
             self._attach_rows(pictured)  # before the worker forgets the stories that ended
         for story in ended:
             self._first_block_of.pop(story.request_id, None)
