@@ -1,9 +1,10 @@
 """One checkpoint directory holds every part of a model set, plus a manifest.
 
     CKPT/
-      manifest.json          preset, Q, K, image size, special token ids, weight dtype
-      tokenizer/             PreTrainedTokenizerFast (BPE + specials + K visual tokens)
-      mllm/                  transformers LlamaForCausalLM (save_pretrained)
+      manifest.json          preset, Q, D, image size, special token ids, weight dtype
+      tokenizer/             PreTrainedTokenizerFast (BPE + specials + Q query tokens)
+      mllm/                  transformers LlamaForCausalLM (save_pretrained), a plain Llama
+      heads/                 the MLLM's picture heads: config.json + model.safetensors
       visual_tokenizer/      config.json + model.safetensors
       detokenizer/           unet/, vae/, scheduler/ (diffusers) and adapter/ (config + safetensors)
 
@@ -22,8 +23,9 @@ from typing import Any
 from actors.config import Preset, from_dict, save_json
 from actors.tokenizer.text import TokenLayout
 
-FORMAT_VERSION = 1
-PARTS = ("tokenizer", "mllm", "visual_tokenizer", "detokenizer")
+# 2: continuous picture features (Q x D) and query tokens; 1 held K discrete visual codes.
+FORMAT_VERSION = 2
+PARTS = ("tokenizer", "mllm", "heads", "visual_tokenizer", "detokenizer")
 
 
 @dataclass(frozen=True)
@@ -38,20 +40,20 @@ class Manifest:
         return self.preset.num_queries
 
     @property
-    def codebook_size(self) -> int:
-        return self.preset.codebook_size
+    def feature_dim(self) -> int:
+        return self.preset.feature_dim
 
     @property
     def image_size(self) -> int:
         return self.preset.image_size
 
     def to_dict(self) -> dict[str, Any]:
-        # Q, K and the image size are repeated at top level for people and tools reading the file.
+        # Q, D and the image size are repeated at top level for people and tools reading the file.
         return {
             "format_version": self.format_version,
             "preset_name": self.preset.name,
             "num_queries": self.num_queries,
-            "codebook_size": self.codebook_size,
+            "feature_dim": self.feature_dim,
             "image_size": self.image_size,
             "dtype": self.dtype,
             "tokens": asdict(self.tokens),
@@ -61,7 +63,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint format {data.get('format_version')} is not {FORMAT_VERSION}")
+            raise ValueError(
+                f"checkpoint format {data.get('format_version')} is not {FORMAT_VERSION}"
+                + (": it holds discrete visual codes; retrain it with `seedstory train`" if data.get("format_version") == 1 else "")
+            )
         return cls(
             preset=Preset.from_dict(data["preset"]),
             tokens=from_dict(TokenLayout, data["tokens"]),

@@ -53,7 +53,7 @@ class MLLMConfig:
 
 @dataclass(frozen=True)
 class VisualTokenizerConfig:
-    """Encoder (ViT) -> resampler (Q learnable queries) -> vector-quantised codebook (K x D)."""
+    """Encoder (ViT) -> resampler (Q learnable queries) -> Q continuous unit vectors of D features."""
 
     image_size: int
     patch_size: int
@@ -62,15 +62,14 @@ class VisualTokenizerConfig:
     heads: int
     resampler_depth: int
     decoder_depth: int
-    num_queries: int  # Q: visual tokens per image
-    codebook_size: int  # K
-    code_dim: int  # D
+    num_queries: int  # Q: feature rows per picture
+    feature_dim: int  # D
 
     def __post_init__(self) -> None:
         _require(self.image_size % self.patch_size == 0, "visual.image_size must divide by patch_size")
         _require(self.width % self.heads == 0, "visual.width must divide by heads")
         _require(
-            min(self.num_queries, self.codebook_size, self.code_dim) > 0, "visual Q, K, D must be positive"
+            min(self.num_queries, self.feature_dim) > 0, "visual Q and D must be positive"
         )
 
     @property
@@ -80,12 +79,11 @@ class VisualTokenizerConfig:
 
 @dataclass(frozen=True)
 class DetokenizerConfig:
-    """SDXL UNet + VAE conditioned on code embeddings through an adapter (no text encoders)."""
+    """SDXL UNet + VAE conditioned on a picture's Q feature rows through an adapter (no text encoders)."""
 
     image_size: int
-    code_dim: int
+    feature_dim: int
     num_queries: int
-    codebook_size: int
     cross_attention_dim: int
     pooled_dim: int
     unet_block_out_channels: tuple[int, ...]
@@ -131,6 +129,23 @@ class DetokenizerConfig:
 
 
 @dataclass(frozen=True)
+class PictureHeadsConfig:
+    """The MLLM's two picture heads, kept outside its Llama weights (so vLLM and transformers load
+    ``mllm/`` as a plain Llama): ``output`` maps the final-norm hidden rows at a picture's Q query
+    positions to its Q feature rows; ``input`` maps a given picture's Q feature rows to the
+    embedding rows that stand at those positions."""
+
+    hidden_size: int
+    num_queries: int
+    feature_dim: int
+    width: int
+    layers: int  # bidirectional transformer layers over the Q rows, in each head
+
+    def __post_init__(self) -> None:
+        _require(min(self.hidden_size, self.num_queries, self.feature_dim, self.width) > 0, "heads sizes")
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     image_size: int
@@ -138,24 +153,25 @@ class Preset:
     mllm: MLLMConfig
     visual: VisualTokenizerConfig
     detokenizer: DetokenizerConfig
+    heads: PictureHeadsConfig
     max_caption_tokens: int = 48
 
     def __post_init__(self) -> None:
         visual, detok = self.visual, self.detokenizer
         _require(visual.image_size == self.image_size == detok.image_size, "preset: image sizes disagree")
-        _require(
-            (visual.num_queries, visual.codebook_size, visual.code_dim)
-            == (detok.num_queries, detok.codebook_size, detok.code_dim),
-            "preset: visual tokenizer and de-tokenizer disagree on Q, K or D",
-        )
+        shapes = {
+            (part.num_queries, part.feature_dim) for part in (visual, detok, self.heads)
+        }
+        _require(len(shapes) == 1, "preset: visual tokenizer, de-tokenizer and heads disagree on Q or D")
+        _require(self.heads.hidden_size == self.mllm.hidden_size, "preset: heads.hidden_size != mllm's")
 
     @property
     def num_queries(self) -> int:
         return self.visual.num_queries
 
     @property
-    def codebook_size(self) -> int:
-        return self.visual.codebook_size
+    def feature_dim(self) -> int:
+        return self.visual.feature_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,10 +179,11 @@ class Preset:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preset:
         return cls(
-            **{k: v for k, v in data.items() if k not in ("mllm", "visual", "detokenizer")},
+            **{k: v for k, v in data.items() if k not in ("mllm", "visual", "detokenizer", "heads")},
             mllm=from_dict(MLLMConfig, data["mllm"]),
             visual=from_dict(VisualTokenizerConfig, data["visual"]),
             detokenizer=from_dict(DetokenizerConfig, data["detokenizer"]),
+            heads=from_dict(PictureHeadsConfig, data["heads"]),
         )
 
 
@@ -204,14 +221,12 @@ TINY = Preset(
         resampler_depth=1,
         decoder_depth=1,
         num_queries=16,
-        codebook_size=256,
-        code_dim=64,
+        feature_dim=64,
     ),
     detokenizer=DetokenizerConfig(
         image_size=64,
-        code_dim=64,
+        feature_dim=64,
         num_queries=16,
-        codebook_size=256,
         cross_attention_dim=64,
         pooled_dim=64,
         unet_block_out_channels=(64, 128),
@@ -224,6 +239,7 @@ TINY = Preset(
         vae_scaling_factor=2.0,
         adapter_layers=2,
     ),
+    heads=PictureHeadsConfig(hidden_size=256, num_queries=16, feature_dim=64, width=256, layers=1),
 )
 
 # SEED-Story size: a Llama-2-7B-shaped MLLM, Q=64 visual tokens, a 1024^2 SDXL de-tokenizer.
@@ -249,14 +265,12 @@ FULL = Preset(
         resampler_depth=6,
         decoder_depth=6,
         num_queries=64,
-        codebook_size=8192,
-        code_dim=256,
+        feature_dim=256,
     ),
     detokenizer=DetokenizerConfig(
         image_size=1024,
-        code_dim=256,
+        feature_dim=256,
         num_queries=64,
-        codebook_size=8192,
         cross_attention_dim=2048,
         pooled_dim=1280,
         unet_block_out_channels=(320, 640, 1280),
@@ -269,6 +283,7 @@ FULL = Preset(
         vae_scaling_factor=0.13025,
         adapter_layers=4,
     ),
+    heads=PictureHeadsConfig(hidden_size=4096, num_queries=64, feature_dim=256, width=1024, layers=2),
     max_caption_tokens=128,
 )
 

@@ -66,11 +66,12 @@ class SinkReference:
         return self.m.lm_head(self._hidden(ids, cache))[0]
 
     @torch.no_grad()
-    def _hidden(self, ids: list[int], cache: list[tuple[list, list]]) -> torch.Tensor:
-        """Run the newest token ids[-1]; returns its final-norm hidden state (1, d)."""
+    def _hidden(self, ids: list[int], cache: list[tuple[list, list]], embed=None) -> torch.Tensor:
+        """Run the newest token ids[-1] (or ``embed`` (d,) in its place: a given picture's row);
+        returns its final-norm hidden state (1, d)."""
         kept = [i for i, k in enumerate(kept_mask(ids, self.policy)) if k]
         ranks = list(range(len(kept)))
-        x = self.m.model.embed_tokens(torch.tensor([ids[-1]]))  # (1, d)
+        x = self.m.model.embed_tokens(torch.tensor([ids[-1]])) if embed is None else embed[None]  # (1, d)
         for layer, (ks, vs) in zip(self.m.model.layers, cache):
             a = layer.self_attn
             h = layer.input_layernorm(x)
@@ -87,19 +88,22 @@ class SinkReference:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.m.model.norm(x)
 
-    def generate(self, prompt: list[int], rules: StoryRules) -> list[int]:
-        return self.generate_rows(prompt, rules)[0]
+    def generate(self, prompt: list[int], rules: StoryRules, embeds: dict | None = None) -> list[int]:
+        return self.generate_rows(prompt, rules, embeds)[0]
 
     @torch.no_grad()
-    def generate_rows(self, prompt: list[int], rules: StoryRules) -> tuple[list[int], torch.Tensor]:
+    def generate_rows(
+        self, prompt: list[int], rules: StoryRules, embeds: dict | None = None
+    ) -> tuple[list[int], torch.Tensor]:
         """The greedy output, and the final-norm hidden state of every token run (n, d): row i is
-        position i of prompt + output (the closing </s> is never run)."""
+        position i of prompt + output (the closing </s> is never run). ``embeds``: prompt
+        positions whose input is an embedding row (d,) instead of their id's."""
         cache = [([], []) for _ in self.m.model.layers]
         ids: list[int] = []
         rows = []
-        for t in prompt:
+        for position, t in enumerate(prompt):
             ids.append(t)
-            rows.append(self._hidden(ids, cache))
+            rows.append(self._hidden(ids, cache, (embeds or {}).get(position)))
         state, out = start_state(rules, self.layout, prompt), []
         while True:
             choice = state.allowed()

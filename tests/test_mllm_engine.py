@@ -18,7 +18,7 @@ POOL = 16  # KV blocks: too few for the four stories at once, even compacted
 
 
 def story_ids(engine, events: list[PictureWritten]) -> list[int]:
-    return [i for ev in events for i in segment_ids(engine.tokens, ev.caption_ids, ev.codes)]
+    return [i for ev in events for i in segment_ids(engine.tokens, ev.caption_ids, picture=True)]
 
 
 def prompts(engine) -> dict[str, list[int]]:
@@ -32,7 +32,7 @@ def prompts(engine) -> dict[str, list[int]]:
     }
     so_far = []
     for k in range(3):
-        so_far += segment_ids(t, [lo + k, lo + 5 + k], [(11 * k + j) % 256 for j in range(16)])
+        so_far += segment_ids(t, [lo + k, lo + 5 + k], picture=True)
     out["s5"] = [t.bos] + so_far + out["s5"][1:]
     return out
 
@@ -119,7 +119,7 @@ def test_greedy_output_equals_the_transformers_reference(engine, reference_model
     for sid, prompt in prompts(engine).items():
         events = got[sid]
         assert [ev.index for ev in events] == list(range(SEGMENTS[sid]))
-        assert all(len(ev.codes) == q for ev in events)
+        assert all(ev.features.shape == (q, engine.manifest.feature_dim) for ev in events)
         max_caption = engine.manifest.preset.max_caption_tokens
         assert events[0].caption_ids == []  # the opening caption is the client's: its picture comes first
         assert all(1 <= len(ev.caption_ids) <= max_caption for ev in events[1:])
@@ -199,7 +199,7 @@ def test_a_seed_makes_sampling_reproducible(engine):
 
     first, again, other = sample(1), sample(1), sample(2)
     assert first == again and first != other
-    assert sum(engine.tokens.is_visual(i) for i in first) == 3 * engine.manifest.num_queries
+    assert sum(engine.tokens.is_query(i) for i in first) == 3 * engine.manifest.num_queries
 
 
 def test_bad_parameters_fail_at_construction(tiny_ckpt, engine):

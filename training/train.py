@@ -32,7 +32,7 @@ PLANS = {
     "tiny": {
         # The returning world (four characters with random looks) needs more steps than the classic
         # world before the codes' own decoder draws the cast (docs/results.md#measured-2-cores-no-gpu).
-        "visual": dict(steps=2700, batch_size=64, lr=1e-3, warmup=50),
+        "visual": dict(steps=5000, batch_size=64, lr=1e-3, warmup=50),
         # Enough steps to draw the returning world's small friends, not only its heroes
         # (docs/results.md#where-the-picture-path-loses-a-character).
         "vae": dict(steps=1350, batch_size=16, lr=1e-3, warmup=25),
@@ -148,11 +148,14 @@ def train(
         if done and done["steps"] == spec.steps:
             print(f"[{spec.stage}] already trained ({spec.steps} steps); skipped", flush=True)
             continue
-        summary["stages"][spec.stage] = run_stage(spec, data, runs, workers, gpu, cpus_per_worker)
+        record = run_stage(spec, data, runs, workers, gpu, cpus_per_worker)
         # A finished stage given more steps resumes from its run: its time adds to the earlier run's.
         if done:
-            record = summary["stages"][spec.stage]
             record.update(seconds=round(record["seconds"] + done["seconds"], 1), extended_from=done["steps"])
+        # Read again before writing: another `seedstory train` may have finished a stage of this
+        # checkpoint meanwhile (stages that need only earlier parts can run side by side).
+        summary = {**read_summary(runs), **{k: v for k, v in summary.items() if k != "stages"}}
+        summary["stages"][spec.stage] = record
         write_summary(runs, summary)
         write_record(out, summary)
     return summary

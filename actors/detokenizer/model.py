@@ -1,6 +1,6 @@
-"""The de-tokenizer: SDXL (UNet with text_time conditioning + VAE) conditioned on visual codes.
+"""The de-tokenizer: SDXL (UNet with text_time conditioning + VAE) conditioned on picture features.
 
-An adapter turns the Q code embeddings of a picture into SDXL's ``prompt_embeds`` (B, Q,
+An adapter turns the Q feature rows of a picture into SDXL's ``prompt_embeds`` (B, Q,
 cross_dim) and ``pooled_prompt_embeds`` (B, pooled_dim), so diffusers'
 ``StableDiffusionXLPipeline`` renders with no text encoders. Classifier-free guidance uses
 the adapter's learned null condition as the negative embeddings.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,18 +19,14 @@ from actors.checkpoint import load_module, save_diffusers, save_module
 from actors.config import SAMPLERS, DetokenizerConfig
 
 
-class CodeAdapter(nn.Module):
-    """Codes (B, Q) -> (prompt_embeds (B, Q, cross), pooled (B, pooled)); owns a copy of the codebook."""
+class FeatureAdapter(nn.Module):
+    """Features (B, Q, D) -> (prompt_embeds (B, Q, cross), pooled (B, pooled))."""
 
     def __init__(self, config: DetokenizerConfig):
         super().__init__()
         c = self.config = config
-        # The codebook is copied from the visual tokenizer when the de-tokenizer is trained, so
-        # the pool needs only codes (plain ints) and this directory.
-        self.codebook = nn.Embedding(c.codebook_size, c.code_dim)
-        self.codebook.weight.requires_grad_(False)
-        self.pos = nn.Parameter(torch.randn(1, c.num_queries, c.code_dim) * 0.02)
-        self.proj_in = nn.Linear(c.code_dim, c.cross_attention_dim)
+        self.pos = nn.Parameter(torch.randn(1, c.num_queries, c.feature_dim) * 0.02)
+        self.proj_in = nn.Linear(c.feature_dim, c.cross_attention_dim)
         heads = max(1, c.cross_attention_dim // 64)
         layer = nn.TransformerEncoderLayer(
             c.cross_attention_dim,
@@ -47,8 +44,10 @@ class CodeAdapter(nn.Module):
         self.null_prompt = nn.Parameter(torch.zeros(1, c.num_queries, c.cross_attention_dim))
         self.null_pooled = nn.Parameter(torch.zeros(1, c.pooled_dim))
 
-    def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.normalize(self.codebook(codes), dim=-1) + self.pos  # (B, Q, D)
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Unit rows, as the visual tokenizer gives them: a regressed picture's rows are brought to
+        # the length the adapter was trained on.
+        x = F.normalize(features, dim=-1) + self.pos  # (B, Q, D)
         x = self.norm(self.blocks(self.proj_in(x)))  # (B, Q, cross)
         return x, self.to_pooled(x.mean(1))
 
@@ -166,7 +165,7 @@ class GuidanceCutoff:
 class Detokenizer:
     """The four diffusers/torch parts and the pipeline that renders them."""
 
-    def __init__(self, config: DetokenizerConfig, unet, vae, scheduler, adapter: CodeAdapter):
+    def __init__(self, config: DetokenizerConfig, unet, vae, scheduler, adapter: FeatureAdapter):
         from diffusers import StableDiffusionXLPipeline
 
         self.config, self.unet, self.vae, self.scheduler, self.adapter = config, unet, vae, scheduler, adapter
@@ -190,7 +189,7 @@ class Detokenizer:
             build_unet(config).eval(),
             build_vae(config).eval(),
             build_scheduler(config),
-            CodeAdapter(config).eval(),
+            FeatureAdapter(config).eval(),
         )
 
     def use_sampler(self, sampler: str) -> None:
@@ -202,18 +201,19 @@ class Detokenizer:
     @torch.no_grad()
     def render(
         self,
-        codes: torch.Tensor,
+        features: torch.Tensor,
         steps: int = 20,
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         guidance_until: float = 1.0,
     ) -> list:
-        """Visual codes (B, Q) -> B PIL images of image_size x image_size. Classifier-free guidance
+        """Features (B, Q, D) -> B PIL images of image_size x image_size. Classifier-free guidance
         runs on the first ``guidance_until`` of the steps only (the later steps refine detail, which
         the condition alone steers: half the UNet rows for the rest)."""
-        prompt, pooled = self.adapter(codes.to(self.unet.device))  # the models may sit on a GPU
-        neg_prompt, neg_pooled = self.adapter.null(len(codes))
+        # The models may sit on a GPU, in half precision.
+        prompt, pooled = self.adapter(features.to(self.unet.device, self.unet.dtype))
+        neg_prompt, neg_pooled = self.adapter.null(len(features))
         guided_steps = max(1, round(steps * guidance_until))
         cutoff = (
             {}
@@ -242,16 +242,17 @@ class Detokenizer:
 
     def render_seeded(
         self,
-        codes: list[list[int]],
+        features: list,
         seeds: list[int],
         steps: int = 20,
         guidance: float = 1.0,
         guidance_until: float = 1.0,
     ) -> list:
-        """One picture per codes list, each from its own seed, so a picture doesn't depend on its batch."""
+        """One picture per feature array (Q, D), each from its own seed, so a picture doesn't depend
+        on its batch."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         return self.render(
-            torch.tensor(codes),
+            torch.as_tensor(np.stack(features), dtype=torch.float32),
             steps=steps,
             guidance=guidance,
             generator=generators,
@@ -260,7 +261,7 @@ class Detokenizer:
 
     def render_in_slots(
         self,
-        codes: list[list[int]],
+        features: list,
         seeds: list[int],
         slots: int,
         steps: int = 20,
@@ -270,13 +271,13 @@ class Detokenizer:
         """Up to ``slots`` pictures in one pipeline call of exactly ``slots`` rows, the unused rows
         padded. At one fixed shape no kernel mixes rows, so a picture cannot depend on the values of
         its companions; whether it depends on its slot is what ``slot_self_test`` checks."""
-        if not 0 < len(codes) <= slots:
-            raise ValueError(f"{len(codes)} pictures do not fit {slots} slots")
-        padding = slots - len(codes)
+        if not 0 < len(features) <= slots:
+            raise ValueError(f"{len(features)} pictures do not fit {slots} slots")
+        padding = slots - len(features)
         images = self.render_seeded(
-            codes + [codes[0]] * padding, seeds + [0] * padding, steps, guidance, guidance_until
+            list(features) + [features[0]] * padding, seeds + [0] * padding, steps, guidance, guidance_until
         )
-        return images[: len(codes)]
+        return images[: len(features)]
 
     def slot_self_test(self, slots: int, guidance_until: float = 1.0, steps: int = 3) -> str | None:
         """None if a canary picture is byte-identical in every slot beside other companions, else why
@@ -284,11 +285,12 @@ class Detokenizer:
         step runs the same kernels at the same shapes."""
         from actors.imageio import to_png
 
-        q, k = self.config.num_queries, self.config.codebook_size
-        canary, canary_seed = [(7 * i + 3) % k for i in range(q)], 1234
+        shape = (self.config.num_queries, self.config.feature_dim)
+        draw = np.random.default_rng(0)
+        canary, canary_seed = draw.standard_normal(shape, dtype=np.float32), 1234
         drawn = []
         for slot in range(slots):
-            companions = [[(31 * (slot + 1) * (row + 1) + i) % k for i in range(q)] for row in range(slots)]
+            companions = [draw.standard_normal(shape, dtype=np.float32) for _ in range(slots)]
             seeds = [100 * slot + row for row in range(slots)]
             companions[slot], seeds[slot] = canary, canary_seed
             images = self.render_in_slots(companions, seeds, slots, steps, SELF_TEST_GUIDANCE, guidance_until)
@@ -308,7 +310,7 @@ class Detokenizer:
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
         directory, torch_dtype = Path(directory), getattr(torch, dtype)
-        adapter = load_module(CodeAdapter, DetokenizerConfig, directory / "adapter", dtype)
+        adapter = load_module(FeatureAdapter, DetokenizerConfig, directory / "adapter", dtype)
         unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=torch_dtype).eval()
         vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=torch_dtype).eval()
         scheduler = EulerDiscreteScheduler.from_pretrained(directory / "scheduler")

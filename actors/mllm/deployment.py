@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import ray
 from ray import serve
 from ray.util import metrics
@@ -71,9 +72,15 @@ class MLLMPool:
 
     # -- the API ---------------------------------------------------------------------------
     async def generate(
-        self, story_id: str, prompt_ids: list[int], segments: int, sampling: dict
+        self,
+        story_id: str,
+        prompt_ids: list[int],
+        segments: int,
+        sampling: dict,
+        given: dict[int, np.ndarray] | None = None,
     ) -> AsyncIterator[Event]:
         """Stream one story's events (CaptionWritten, PictureWritten, then StoryEnd), in order.
+        ``given``: the prompt's given pictures (position of the first query row -> features).
         Raises ``PoolFailure`` if the engine breaks (``refused`` if it was broken already)."""
         self.liveness.refuse_if_broken()
         queue: asyncio.Queue = asyncio.Queue()
@@ -81,7 +88,7 @@ class MLLMPool:
         ended = False
         try:
             self.liveness.work_arrived(was_idle=not self.engine.has_work())
-            await self._call(self.engine.submit, story_id, prompt_ids, segments, Sampling(**sampling))
+            await self._call(self.engine.submit, story_id, prompt_ids, segments, Sampling(**sampling), given)
             self._drive()
             while not ended:
                 event = await queue.get()

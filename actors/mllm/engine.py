@@ -1,7 +1,7 @@
 """The story engine: vLLM with our plugin, one request per story, streamed segment by segment.
 
 ``step`` runs one engine step and reports, as plain data (``EngineStep``), what it wrote: what
-finished during it (captions, whole segments of caption ids + Q visual codes, and ended stories:
+finished during it (captions, whole segments of caption ids + the picture's features, and ended stories:
 ``actors/mllm/events.py``), the output tokens each story wrote, and the KV blocks each story still
 running holds. ``abort`` ends a story and returns its KV blocks at once. Callers step it through
 ``actors/mllm/driver.py``'s ``StoryDriver``, which keeps the per-step books (tokens, seconds, KV
@@ -14,8 +14,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+
 from actors.checkpoint import part_dir, read_manifest
-from actors.mllm.events import CaptionWritten, Event, PictureRows, PictureWritten, StoryEnd
+from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
 from actors.mllm.grammar import StoryRules
 from actors.mllm.sink import SinkSettings
 from actors.mllm.vllm_logits import EXTRA_KEY
@@ -42,9 +44,6 @@ class EngineConfig:
     # so admitted stories are never preempted (actors/mllm/vllm_kv.py). False: vLLM's own
     # admission, which takes a story whenever its first chunk fits and preempts when the pool runs out.
     admit_on_footprint: bool = True
-    # Keep each picture's final-norm hidden rows in the worker and attach them to its
-    # PictureWritten (one collective_rpc per step that finished a picture). Off: no cost.
-    capture_pictures: bool = False
 
     def __post_init__(self) -> None:
         if self.max_stories < 1 or self.block_size % 32:
@@ -90,18 +89,27 @@ class StoryEngine:
                 f"num_queries={config.num_queries} but the checkpoint has Q={self.manifest.num_queries}"
             )
         self.engine = _build_engine(config, self.manifest)
+        self.engine.collective_rpc("seedstory_bind")
+        self.heads = load_heads(config.checkpoint, config.dtype)
+        self.heads_dtype = next(self.heads.parameters()).dtype
         self.stories: dict[str, _Story] = {}
         self._first_blocks: set[int] = set()  # live stories' first blocks, as the worker last heard
         # vLLM request id -> its first block when last scheduled: the worker's key for its picture
         # rows. Recorded at scheduling, since a story that finishes in a step frees its blocks in it.
         self._first_block_of: dict[str, int] = {}
-        if config.capture_pictures:
-            self.scheduler.step_hooks.append(self._note_first_blocks)
+        self.scheduler.step_hooks.append(self._note_first_blocks)
 
     # -- requests --------------------------------------------------------------------------
     def submit(
-        self, story_id: str, prompt_ids: list[int], segments: int, sampling: Sampling = Sampling()
+        self,
+        story_id: str,
+        prompt_ids: list[int],
+        segments: int,
+        sampling: Sampling = Sampling(),
+        given: dict[int, np.ndarray] | None = None,
     ) -> None:
+        """Start a story. ``given``: the prompt's given pictures, by the position of their first
+        query row -> their features (Q, D); they enter as the input head's embedding rows."""
         from vllm import SamplingParams
 
         if story_id in self.stories:
@@ -117,8 +125,28 @@ class StoryEngine:
             detokenize=False,
             extra_args={EXTRA_KEY: asdict(rules)},
         )
-        internal = self.engine.add_request(story_id, {"prompt_token_ids": list(prompt_ids)}, params)
+        prompt = self._prompt(list(prompt_ids), given or {})
+        internal = self.engine.add_request(story_id, prompt, params)
         self.stories[story_id] = _Story(prompt_len=len(prompt_ids), request_id=internal)
+
+    def _prompt(self, ids: list[int], given: dict[int, np.ndarray]) -> dict:
+        """vLLM's prompt: token ids, and where pictures are given a mixed prompt whose embedding
+        rows stand at their query positions (``<img>``/``</img>`` stay ids: the scheduler's sink
+        reads them, and it sees 0 at embedding positions: docs/architecture.md#6)."""
+        if not given:
+            return {"prompt_token_ids": ids}
+        import torch
+
+        q = self.manifest.num_queries
+        embeds = torch.zeros(len(ids), self.manifest.preset.mllm.hidden_size, dtype=self.heads_dtype)
+        is_token = [True] * len(ids)
+        for start, features in sorted(given.items()):
+            if ids[start : start + q] != self.tokens.query_ids or ids[start - 1] != self.tokens.boi:
+                raise ValueError(f"a given picture at {start} does not sit on a picture's query ids")
+            with torch.no_grad():
+                embeds[start : start + q] = self.heads.embeddings(torch.as_tensor(features)[None])[0]
+            is_token[start : start + q] = [False] * q
+        return {"prompt_token_ids": ids, "prompt_embeds": embeds, "prompt_is_token_ids": is_token}
 
     def abort(self, story_id: str) -> StoryEnd | None:
         story = self.stories.pop(story_id, None)
@@ -143,10 +171,9 @@ class StoryEngine:
             ids = out.outputs[0].token_ids
             parsed = self._parse(out.request_id, story, ids)
             events += parsed
-            if self.config.capture_pictures:  # off in the service: nothing more per step
-                pictures = [ev for ev in parsed if isinstance(ev, PictureWritten)]
-                if pictures:
-                    pictured.append((story, pictures))
+            pictures = [ev for ev in parsed if isinstance(ev, PictureWritten)]
+            if pictures:
+                pictured.append((story, pictures))
             written[out.request_id] = len(ids) - story.seen
             story.seen = len(ids)
             if out.finished:
@@ -157,7 +184,7 @@ class StoryEngine:
                 truncated = out.outputs[0].finish_reason == "length"
                 events.append(StoryEnd(out.request_id, False, story.prompt_len, len(ids), truncated))
         if pictured:
-            self._attach_rows(pictured)  # before the worker forgets the stories that ended
+            self._attach_features(pictured)  # before the worker forgets the stories that ended
         for story in ended:
             self._first_block_of.pop(story.request_id, None)
         self._release_worker_state()
@@ -180,23 +207,29 @@ class StoryEngine:
         for rid in output.num_scheduled_tokens:
             self._first_block_of[rid] = blocks[rid][0].block_id
 
-    def _attach_rows(self, pictured: list[tuple[_Story, list[PictureWritten]]]) -> None:
+    def _attach_features(self, pictured: list[tuple[_Story, list[PictureWritten]]]) -> None:
         """Fetch the finished pictures' hidden rows from the worker, one call for the step, and
-        attach Q of them to each picture. Rows before ``rows_from`` were handed out already (a
-        recompute after a preemption captures them again); the worker drops them."""
+        give each picture the output head's features of its Q rows (one head call for the step).
+        Rows before ``rows_from`` were handed out already (a recompute after a preemption captures
+        them again); the worker drops them."""
+        import torch
+
         first_blocks = [self._first_block_of[story.request_id] for story, _ in pictured]
         starts = {key: story.prompt_len + story.rows_from for key, (story, _) in zip(first_blocks, pictured)}
         answer = self.engine.collective_rpc("seedstory_picture_rows", args=(starts,))[0]
-        q = self.manifest.num_queries
+        q, rows = self.manifest.num_queries, []
         for key, (story, pictures) in zip(first_blocks, pictured):
             positions, raw, shape, dtype = answer[key]
             if len(positions) != q * len(pictures):
-                raise RuntimeError(f"{len(positions)} picture rows for {len(pictures)} pictures of Q={q}")
-            row_bytes = len(raw) // len(positions)
-            for k, picture in enumerate(pictures):
-                part = slice(k * q * row_bytes, (k + 1) * q * row_bytes)
-                picture.rows = PictureRows(positions[k * q : (k + 1) * q], raw[part], (q, *shape[1:]), dtype)
+                raise RuntimeError(f"{len(positions)} query rows for {len(pictures)} pictures of Q={q}")
+            held = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype))
+            rows.append(held.view(len(pictures), q, *shape[1:]))
             story.rows_from = positions[-1] + 1 - story.prompt_len
+        with torch.no_grad():
+            features = self.heads.features(torch.cat(rows).to(self.heads_dtype)).float().numpy()
+        done = [picture for _, pictures in pictured for picture in pictures]
+        for picture, picture_features in zip(done, features):
+            picture.features = picture_features
 
     def worker_states(self) -> int:
         """Stories the worker keeps state for (tests: 0 once every story has ended)."""
@@ -214,9 +247,8 @@ class StoryEngine:
             story.captioned = len(captions)
         if self.tokens.eoi in new:
             done = [s for s in split_segments(self.tokens, ids) if s[1]]  # segments with their picture
-            events += [
-                PictureWritten(story_id, k, done[k][0], done[k][1]) for k in range(story.emitted, len(done))
-            ]
+            # Features come from the worker's rows after the step (_attach_features).
+            events += [PictureWritten(story_id, k, done[k][0], None) for k in range(story.emitted, len(done))]
             story.emitted = len(done)
         return events
 
@@ -275,6 +307,13 @@ class StoryEngine:
             core.shutdown()
 
 
+def load_heads(checkpoint: str, dtype: str):
+    """The picture heads, in the engine's dtype (its hidden rows come in it)."""
+    from actors.mllm.heads import PictureHeads
+
+    return PictureHeads.from_pretrained(part_dir(checkpoint, "heads"), dtype)
+
+
 def _build_engine(config: EngineConfig, manifest):
     # In-process engine core: the wrapper reads the scheduler's block pool directly.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -282,7 +321,7 @@ def _build_engine(config: EngineConfig, manifest):
     from vllm.v1.engine.core_client import InprocClient
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    longest = manifest.preset.max_caption_tokens + manifest.num_queries + 2  # caption <img> codes </img>
+    longest = manifest.preset.max_caption_tokens + manifest.num_queries + 2  # caption <img> q.. </img>
     max_len = (config.max_story_segments + 1) * longest  # + 1: the opening caption and the closing </s>
     if config.sink.mode == "dense":
         max_len = min(max_len, manifest.preset.mllm.max_position_embeddings)
@@ -310,6 +349,8 @@ def _build_engine(config: EngineConfig, manifest):
         async_scheduling=False,
         worker_extension_cls="actors.mllm.vllm_model.SinkWorkerExtension",
         logits_processors=["actors.mllm.vllm_logits:StoryGrammarProcessor"],
+        # Given pictures enter as embedding rows of a mixed prompt.
+        enable_prompt_embeds=True,
         hf_overrides={
             "architectures": [ARCHITECTURE],
             "seedstory_sink": asdict(config.sink),
@@ -319,7 +360,6 @@ def _build_engine(config: EngineConfig, manifest):
                 "max_story_segments": config.max_story_segments,
                 "admit_on_footprint": config.admit_on_footprint,
             },
-            "seedstory_capture_pictures": config.capture_pictures,
         },
     )
     engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)

@@ -1,7 +1,7 @@
-"""What the story engine reports, as plain dataclasses (no torch, no vLLM).
+"""What the story engine reports, as plain dataclasses (no torch, no vLLM; features are numpy).
 
 ``StoryEngine.step`` returns them, in order per story: a ``CaptionWritten`` when a caption is
-final, a ``PictureWritten`` when its picture's codes are, and a ``StoryEnd``. The same objects
+final, a ``PictureWritten`` when its picture's features are, and a ``StoryEnd``. The same objects
 cross Ray from the MLLMPool to the ingress, with the pool's additions filled in; the bulk job,
 the eval and the benchmarks read them too. (The gRPC API's ``CaptionEvent``/``ImageEvent`` are
 what the ingress makes of them for clients.)
@@ -10,6 +10,8 @@ what the ingress makes of them for clients.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass
@@ -24,28 +26,15 @@ class CaptionWritten:
 
 
 @dataclass
-class PictureRows:
-    """The MLLM's final-norm hidden states at a picture's Q token positions: the raw bytes of a
-    ``shape`` array of ``dtype`` (a torch dtype name), row k at position ``positions[k]`` of the
-    story (prompt included). Plain data: bytes cross processes and Ray as they are."""
-
-    positions: list[int]
-    raw: bytes
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass
 class PictureWritten:
-    """A segment's picture is written: its Q visual codes (and, when the engine captures them,
-    its hidden rows: ``EngineConfig.capture_pictures``)."""
+    """A segment's picture is written: its features, the output head's map of the MLLM's final-norm
+    hidden rows at the picture's Q query positions, float32 (Q, D)."""
 
     story_id: str
     index: int
     caption_ids: list[int]
-    codes: list[int]
+    features: np.ndarray
     at: float = 0.0
-    rows: PictureRows | None = None
 
 
 @dataclass

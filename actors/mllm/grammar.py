@@ -1,9 +1,10 @@
 """The story grammar as a plain state machine over token ids (no torch).
 
-A story is: caption, ``<img>``, exactly Q visual tokens, ``</img>``, caption, ... and after
-the requested number of pictures, ``</s>``. Captions hold 1..max_caption_tokens text tokens;
-visual tokens appear only inside pictures. The vLLM logits processor and the reference
-decoder in tests both ask this module what may come next.
+A story is: caption, ``<img>``, the Q query tokens in order, ``</img>``, caption, ... and after
+the requested number of pictures, ``</s>``. Captions hold 1..max_caption_tokens text tokens.
+Inside a picture nothing is chosen: the query tokens and ``</img>`` are forced (the picture is
+read off the hidden states at the query positions, not sampled). The vLLM logits processor and
+the reference decoder in tests both ask this module what may come next.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from actors.tokenizer.text import TokenLayout
 CAPTION_FIRST = "caption_first"  # text only: a caption has at least one token
 CAPTION = "caption"  # text or <img>
 BOI = "boi"  # only <img>: the caption reached its maximum length
-VISUAL = "visual"  # only visual tokens
-EOI = "eoi"  # only </img>: Q visual tokens written
+EOI = "eoi"  # only </img>: the Q query tokens written
 EOS = "eos"  # only </s>: all pictures written
-CHOICES = (CAPTION_FIRST, CAPTION, BOI, VISUAL, EOI, EOS)
+CHOICES = (CAPTION_FIRST, CAPTION, BOI, EOI, EOS)
+QUERY = "query_"  # + row j: only the query token of row j
+
+
+def choices(layout: TokenLayout) -> tuple[str, ...]:
+    """Every choice the grammar can make over this vocabulary: one per query row besides CHOICES."""
+    return CHOICES + tuple(f"{QUERY}{row}" for row in range(layout.num_queries))
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class GrammarState:
     def allowed(self) -> str:
         rules = self.rules
         if self.in_picture:
-            return EOI if self.run == rules.num_queries else VISUAL
+            return EOI if self.run == rules.num_queries else f"{QUERY}{self.run}"
         if self.pictures == rules.segments:
             return EOS
         if self.run == 0:
@@ -67,13 +73,14 @@ class GrammarState:
 
 
 def permits(layout: TokenLayout, choice: str, token: int) -> bool:
+    if choice.startswith(QUERY):
+        return token == layout.query_base + int(choice.removeprefix(QUERY))
     lo, hi = layout.text_range
     text = lo <= token < hi
     return {
         CAPTION_FIRST: text,
         CAPTION: text or token == layout.boi,
         BOI: token == layout.boi,
-        VISUAL: layout.is_visual(token),
         EOI: token == layout.eoi,
         EOS: token == layout.eos,
     }[choice]
@@ -90,6 +97,6 @@ def start_state(rules: StoryRules, layout: TokenLayout, prompt: list[int]) -> Gr
     Pictures in the prompt don't count towards ``rules.segments``."""
     tail = prompt[max((i for i, tok in enumerate(prompt) if tok == layout.eoi), default=-1) + 1 :]
     caption = [tok for tok in tail if tok not in (layout.bos, layout.eos, layout.pad)]
-    if layout.boi in caption or any(layout.is_visual(tok) for tok in caption):
+    if layout.boi in caption or any(layout.is_query(tok) for tok in caption):
         raise ValueError("the prompt ends inside a picture; end it with whole segments or a caption")
     return GrammarState(rules, layout, run=rules.max_caption_tokens if caption else 0)

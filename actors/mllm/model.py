@@ -1,7 +1,8 @@
-"""The MLLM: an ordinary Llama-architecture causal LM over text + <img>/</img> + K visual tokens.
+"""The MLLM: an ordinary Llama-architecture causal LM over text + <img>/</img> + Q query tokens.
 
-Because visual tokens are discrete (docs/architecture.md#5-decisions-and-why), vLLM hosts this model
-natively; the transformers module here is what training writes and what equivalence tests compare to.
+Its picture heads live beside it (``actors/mllm/heads.py``), so ``mllm/`` stays a plain Llama that
+vLLM hosts natively and transformers loads as is; the transformers module here is what training
+writes and what equivalence tests compare to.
 """
 
 from __future__ import annotations

@@ -107,13 +107,10 @@ def sink_params(hf_config) -> SinkParams:
     return SinkSettings(**hf_config.seedstory_sink).with_ids(tokens["boi"], tokens["eoi"])
 
 
-def picture_ids(hf_config) -> range | None:
-    """The ids whose final-norm hidden rows the model keeps per story (a picture's Q visual-code
-    ids), or None when the engine does not capture them (the service's default: no cost)."""
-    if not hf_config.seedstory_capture_pictures:
-        return None
+def query_ids(hf_config) -> range:
+    """The ids whose final-norm hidden rows the model keeps per story: a picture's Q query ids."""
     tokens = hf_config.seedstory_tokens
-    return range(tokens["visual_base"], tokens["visual_base"] + tokens["num_codes"])
+    return range(tokens["query_base"], tokens["query_base"] + tokens["num_queries"])
 
 
 class SinkScheduler(Scheduler):

@@ -10,7 +10,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from actors.config import from_dict
-from actors.mllm.grammar import CHOICES, GrammarState, StoryRules, allowed_ids, start_state
+from actors.mllm.grammar import GrammarState, StoryRules, allowed_ids, choices, start_state
 from actors.tokenizer.text import TokenLayout
 
 EXTRA_KEY = "seedstory"
@@ -19,7 +19,7 @@ EXTRA_KEY = "seedstory"
 def choice_masks(layout: TokenLayout, device=None) -> dict[str, torch.Tensor]:
     """One boolean "may come next" mask over the vocabulary per grammar choice, built once."""
     masks = {}
-    for choice in CHOICES:
+    for choice in choices(layout):
         masks[choice] = torch.zeros(layout.vocab_size, dtype=torch.bool, device=device)
         masks[choice][allowed_ids(layout, choice)] = True
     return masks

@@ -38,7 +38,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 from actors.mllm.sink import HeldBlocks, Ranges, SinkTracker, cdiv, merge
-from actors.mllm.vllm_kv import SeedStorySinkSpec, picture_ids, sink_params
+from actors.mllm.vllm_kv import SeedStorySinkSpec, query_ids, sink_params
 
 
 # -- planning (per step, plain Python lists) -------------------------------------------------
@@ -51,11 +51,11 @@ class RequestState:
     held: HeldBlocks
     stored: Ranges = field(default_factory=list)
     laid_out: int = 0  # tracker.evictions when `stored` was laid out; if it moved on, compact
-    # Final-norm hidden rows of its picture tokens, (position, row) in order, until handed out.
+    # Final-norm hidden rows at its query positions, (position, row) in order, until handed out.
     picture_rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
-# Picture tokens of one request in a step: its state, their positions, their rows in the step.
+# Query tokens of one request in a step: its state, their positions, their rows in the step.
 Capture = tuple[RequestState, list[int], list[int]]
 
 
@@ -334,7 +334,10 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         layer = functools.partial(LlamaDecoderLayer, attn_layer_type=SinkLlamaAttention)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
         self.policy = sink_params(vllm_config.model_config.hf_config)
-        self.picture_ids = picture_ids(vllm_config.model_config.hf_config)  # None: capture is off
+        self.query_ids = query_ids(vllm_config.model_config.hf_config)
+        # The runner's persistent input-id buffer, bound by SinkWorkerExtension.seedstory_bind: with
+        # prompt embeds enabled, forward gets input_ids=None on every step (docs/architecture.md#6).
+        self.input_id_buffer: torch.Tensor | None = None
         self.step = StepState()
         self.layer_names = []
         for decoder in self.model.layers:
@@ -348,7 +351,7 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         self.requests: dict[int, RequestState] = {}
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        captures = self._plan(input_ids)
+        captures = self._plan(input_ids, len(positions))
         # Post-norm already: vLLM's LlamaModel applies the final norm before returning.
         hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         if captures:
@@ -356,7 +359,7 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         return hidden
 
     def _capture(self, hidden: torch.Tensor, captures: list[Capture]) -> None:
-        """Keep the rows of this step's picture tokens in their request's state: one gather."""
+        """Keep the rows of this step's query tokens in their request's state: one gather."""
         rows = [row for _, _, request_rows in captures for row in request_rows]
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)].unbind(0)
         start = 0
@@ -372,13 +375,15 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
             del self.requests[key]
         return len(self.requests)
 
-    def _plan(self, input_ids: torch.Tensor) -> list[Capture]:
-        """Plan the step's attention; returns the picture tokens to keep, where capture is on."""
+    def _plan(self, input_ids: torch.Tensor | None, num_tokens: int) -> list[Capture]:
+        """Plan the step's attention; returns the query tokens whose rows to keep."""
         ctx = get_forward_context()
         meta = ctx.attn_metadata
         if meta is None:
             self.step.batch = None
             return []
+        if input_ids is None:  # a step with embeddings: the ids are in the runner's buffer
+            input_ids = self.input_id_buffer[:num_tokens]
         layer_meta = meta[self.layer_names[0]] if isinstance(meta, dict) else meta
         query_starts, seq_lens = layer_meta.query_start_loc.tolist(), layer_meta.seq_lens.tolist()
         table = layer_meta.block_table
@@ -391,10 +396,9 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
             state = self._request(int(table[req, 0]), first, block_size)
             plans.append(plan_request(state, first, ids[q0:q1], q0))
             blocks.append(storage_blocks(table[req], plans[-1].entries))
-            if self.picture_ids is not None:
-                rows = [row for row in range(q0, q1) if ids[row] in self.picture_ids]
-                if rows:
-                    captures.append((state, [first + row - q0 for row in rows], rows))
+            rows = [row for row in range(q0, q1) if ids[row] in self.query_ids]
+            if rows:
+                captures.append((state, [first + row - q0 for row in rows], rows))
         cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin_cache.to(self.lm_head.weight.dtype)
         self.step.batch = build_batch(plans, blocks, block_size, cos_sin)
         return captures
@@ -415,6 +419,11 @@ class SinkWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``) so the engine can reach the model
     through ``collective_rpc``, vLLM's public route for it."""
 
+    def seedstory_bind(self) -> None:
+        """Give the model the runner's input-id buffer (it holds the real ids, query ids at
+        embedding positions included, when forward is given embeddings only)."""
+        self.model_runner.get_model().input_id_buffer = self.model_runner.input_ids.gpu
+
     def seedstory_retain(self, first_blocks: list[int]) -> int:
         return self.model_runner.get_model().retain(set(first_blocks))
 
@@ -424,7 +433,7 @@ class SinkWorkerExtension:
     def seedstory_picture_rows(
         self, starts: dict[int, int]
     ) -> dict[int, tuple[list[int], bytes, tuple[int, ...], str]]:
-        """Hand out, per request (first block -> start position), its picture rows at positions
+        """Hand out, per request (first block -> start position), its query rows at positions
         >= start, as (positions, raw bytes, shape, dtype): bytes, because a multiprocess engine
         core would serialise the answer. The request forgets every row it held: those below start
         were handed out already (a recompute captures them again)."""

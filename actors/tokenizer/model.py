@@ -1,9 +1,11 @@
-"""The visual tokenizer: encoder -> resampler (Q learnable queries) -> VQ codebook (K x D).
+"""The visual tokenizer: encoder -> resampler (Q learnable queries) -> Q feature rows of D.
 
-Images are float tensors (B, 3, H, W) in [-1, 1]. ``encode`` gives Q discrete codes per
-image; ``embed`` maps codes to their codebook vectors, which the de-tokenizer conditions
-on. A small decoder reconstructs pixels from the quantised tokens: it is what the
-reconstruction objective trains through (training/), and it is never used when serving.
+Images are float tensors (B, 3, H, W) in [-1, 1]. ``encode`` gives a picture's features: Q
+continuous unit vectors (B, Q, D), what the MLLM regresses and the de-tokenizer conditions on.
+There is no codebook: codes lost the characters' looks whatever their size
+(docs/results.md#which-tokenizer-would-carry-the-looks). A small decoder reconstructs pixels
+from the features: it is what the reconstruction objective trains through (training/), and the
+evaluation's ceiling; it is never used when serving.
 """
 
 from __future__ import annotations
@@ -44,11 +46,9 @@ class VisualTokenizer(nn.Module):
         # 2. Resampler: Q learnable queries cross-attend to the patches.
         self.queries = nn.Parameter(torch.randn(1, config.num_queries, width) * 0.02)
         self.resampler = _cross_stack(width, config.heads, config.resampler_depth)
-        self.to_code = nn.Linear(width, config.code_dim)
-        # 3. Codebook, compared by cosine similarity (normalised vectors keep codes alive).
-        self.codebook = nn.Embedding(config.codebook_size, config.code_dim)
-        # 4. Pixel decoder for the reconstruction objective.
-        self.from_code = nn.Linear(config.code_dim, width)
+        self.to_feature = nn.Linear(width, config.feature_dim)
+        # 3. Pixel decoder for the reconstruction objective.
+        self.from_feature = nn.Linear(config.feature_dim, width)
         self.patch_queries = nn.Parameter(torch.randn(1, config.num_patches, width) * 0.02)
         self.decoder = _cross_stack(width, config.heads, config.decoder_depth)
         self.to_pixels = nn.Linear(width, 3 * patch * patch)
@@ -59,38 +59,29 @@ class VisualTokenizer(nn.Module):
         return self.encoder(x)
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Continuous resampler outputs, normalised: (B, Q, D)."""
+        """The features with gradients (training): resampler outputs as unit vectors (B, Q, D).
+        Unit length fixes their scale, so the MLLM's regression and the de-tokenizer's noise are
+        measured in one unit whatever the run."""
         x = self.patches(images)
         q = self.resampler(self.queries.expand(len(images), -1, -1), x)  # (B, Q, w)
-        return F.normalize(self.to_code(q), dim=-1)
+        return F.normalize(self.to_feature(q), dim=-1)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> features (B, Q, D)."""
+        return self.latents(images)
+
+    @torch.no_grad()
+    def mean_patch(self, images: torch.Tensor) -> torch.Tensor:
         """One vector per image, the mean encoder output (B, w): the space the evaluation's Fréchet
         distance uses."""
         return self.patches(images).mean(1)
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest codebook entry per token: (codes (B, Q), straight-through vectors (B, Q, D))."""
-        book = F.normalize(self.codebook.weight, dim=-1)
-        codes = (z @ book.T).argmax(-1)
-        zq = book[codes]
-        return codes, z + (zq - z).detach()
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> LongTensor codes (B, Q)."""
-        return self.quantize(self.latents(images))[0]
-
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, Q) -> codebook vectors (B, Q, D)."""
-        return F.normalize(self.codebook(codes), dim=-1)
-
-    def decode(self, zq: torch.Tensor) -> torch.Tensor:
-        """Quantised tokens (B, Q, D) -> reconstructed images (B, 3, H, W)."""
-        batch, patch = len(zq), self.config.patch_size
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, Q, D) -> reconstructed images (B, 3, H, W)."""
+        batch, patch = len(features), self.config.patch_size
         grid = self.config.image_size // patch  # patches per side
-        x = self.decoder(self.patch_queries.expand(batch, -1, -1), self.from_code(zq))  # (B, N, w)
+        x = self.decoder(self.patch_queries.expand(batch, -1, -1), self.from_feature(features))  # (B, N, w)
         x = self.to_pixels(x).view(batch, grid, grid, 3, patch, patch)  # (B, gh, gw, 3, p, p)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(batch, 3, grid * patch, grid * patch)
 

@@ -3,13 +3,24 @@ batched by Serve) and of the bulk job's tokenizer stage (batched by Ray Data).""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from actors.checkpoint import part_dir, read_manifest
 from actors.errors import InputError
 from actors.imageio import ImageError, decode_image, resize_square, to_tensor
 from actors.tokenizer.model import VisualTokenizer
-from actors.tokenizer.text import load_text_tokenizer, segment_ids
+from actors.tokenizer.text import load_text_tokenizer
+
+
+@dataclass
+class Prompt:
+    """The MLLM's prompt: ids, and the given pictures by the position of their first query row (the
+    MLLMPool puts the input head's rows of their features there)."""
+
+    ids: list[int]
+    given: dict[int, np.ndarray] = field(default_factory=dict)  # position -> features (Q, D) float32
 
 
 class PromptBuilder:
@@ -34,8 +45,9 @@ class PromptBuilder:
             raise InputError(field, f"{bad[0]} is not a caption token id (those are [{lo}, {hi}))")
         return list(ids)
 
-    def image_codes(self, images: list[bytes]) -> list[list[int] | InputError]:
-        """Q codes per picture; a bad picture gives its InputError in place (the others still encode)."""
+    def image_features(self, images: list[bytes]) -> list[np.ndarray | InputError]:
+        """Features (Q, D) float32 per picture; a bad picture gives its InputError in place (the
+        others still encode)."""
         size, pixels, out = self.manifest.preset.image_size, [], []
         for data in images:
             try:
@@ -44,20 +56,28 @@ class PromptBuilder:
             except ImageError as e:
                 out.append(InputError("start_image", str(e)))
         if pixels:
-            with torch.no_grad():
-                codes = iter(self.visual.encode(to_tensor(pixels)).tolist())  # (B, Q)
-            out = [next(codes) if o is None else o for o in out]
+            features = iter(self.visual.encode(to_tensor(pixels)).numpy())  # (B, Q, D)
+            out = [next(features) if o is None else o for o in out]
         return out
 
     def prompt(
         self,
         caption_ids: list[int],
-        codes: list[int] | None,
-        story_so_far: list[tuple[list[int], list[int]]] = (),
-    ) -> list[int]:
-        """[<s>] + earlier segments + the opening caption (+ its picture, if given)."""
+        start: np.ndarray | None,
+        story_so_far: list[tuple[list[int], np.ndarray | None]] = (),
+    ) -> Prompt:
+        """[<s>] + earlier segments + the opening caption (+ its picture, if a start picture is
+        given). An earlier segment's picture is None when the service wrote it (its ids alone
+        recompute it), else the features of a picture given as an image."""
         layout = self.manifest.tokens
-        ids = [layout.bos]
-        for earlier_caption, earlier_codes in story_so_far:
-            ids += segment_ids(layout, earlier_caption, earlier_codes)
-        return ids + segment_ids(layout, caption_ids, codes)
+        ids, given = [layout.bos], {}
+        segments = [*story_so_far, (caption_ids, start)]
+        for k, (caption, features) in enumerate(segments):
+            ids += caption
+            last = k == len(segments) - 1
+            if last and features is None:  # the opening caption's picture is the MLLM's to write
+                break
+            if features is not None:
+                given[len(ids) + 1] = features  # its first query row, after <img>
+            ids += layout.picture_ids
+        return Prompt(ids, given)

@@ -1,7 +1,7 @@
 """The text tokenizer (a BPE trained on captions) and the layout of the shared vocabulary.
 
-The MLLM's vocabulary is: special tokens, then K visual tokens (contiguous ids), then BPE
-text tokens. ``TokenLayout`` is the plain-data description of it that every other part
+The MLLM's vocabulary is: special tokens, then a picture's Q query tokens (contiguous ids), then
+BPE text tokens. ``TokenLayout`` is the plain-data description of it that every other part
 (decoding grammar, sink policy, API) uses; it is saved in the checkpoint manifest.
 """
 
@@ -14,8 +14,9 @@ from pathlib import Path
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<img>", "</img>")
 
 
-def visual_token(code: int) -> str:
-    return f"<v{code:05d}>"
+def query_token(row: int) -> str:
+    """The token of a picture's query row ``row`` (SEED-Story's ``<img_00000>`` ...)."""
+    return f"<img_{row:05d}>"
 
 
 @dataclass(frozen=True)
@@ -26,37 +27,36 @@ class TokenLayout:
     unk: int
     boi: int  # <img>
     eoi: int  # </img>
-    visual_base: int  # id of visual code 0
-    num_codes: int  # K
+    query_base: int  # id of query row 0
+    num_queries: int  # Q
     vocab_size: int
 
-    def visual_id(self, code: int) -> int:
-        """Visual code i -> its token id."""
-        if not 0 <= code < self.num_codes:
-            raise ValueError(f"visual code {code} outside [0, {self.num_codes})")
-        return self.visual_base + code
+    @property
+    def query_ids(self) -> list[int]:
+        """A picture's Q query ids, in order: every picture has the same ones (its rows are what
+        differ), so a story's ids stay a function of its captions alone."""
+        return list(range(self.query_base, self.query_base + self.num_queries))
 
-    def visual_code(self, token_id: int) -> int:
-        """Token id -> visual code i (the inverse of ``visual_id``)."""
-        if not self.is_visual(token_id):
-            raise ValueError(f"token id {token_id} is not a visual token")
-        return token_id - self.visual_base
+    @property
+    def picture_ids(self) -> list[int]:
+        """A whole picture as ids: ``<img> q_0 .. q_{Q-1} </img>``."""
+        return [self.boi, *self.query_ids, self.eoi]
 
-    def is_visual(self, token_id: int) -> bool:
-        return self.visual_base <= token_id < self.visual_base + self.num_codes
+    def is_query(self, token_id: int) -> bool:
+        return self.query_base <= token_id < self.query_base + self.num_queries
 
     @property
     def text_range(self) -> tuple[int, int]:
         """Ids [lo, hi) of ordinary caption tokens (BPE pieces)."""
-        return self.visual_base + self.num_codes, self.vocab_size
+        return self.query_base + self.num_queries, self.vocab_size
 
 
-def train_text_tokenizer(captions: Iterable[str], vocab_size: int, num_codes: int):
+def train_text_tokenizer(captions: Iterable[str], vocab_size: int, num_queries: int):
     """Train a byte-level BPE on captions; returns a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIALS) + [visual_token(i) for i in range(num_codes)]
+    specials = list(SPECIALS) + [query_token(i) for i in range(num_queries)]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     bpe.decoder = decoders.ByteLevel()
@@ -83,7 +83,7 @@ def load_text_tokenizer(path: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
-def token_layout(tokenizer, num_codes: int) -> TokenLayout:
+def token_layout(tokenizer, num_queries: int) -> TokenLayout:
     ids = tokenizer.convert_tokens_to_ids
     layout = TokenLayout(
         pad=ids("<pad>"),
@@ -92,47 +92,39 @@ def token_layout(tokenizer, num_codes: int) -> TokenLayout:
         unk=ids("<unk>"),
         boi=ids("<img>"),
         eoi=ids("</img>"),
-        visual_base=ids(visual_token(0)),
-        num_codes=num_codes,
+        query_base=ids(query_token(0)),
+        num_queries=num_queries,
         vocab_size=len(tokenizer),
     )
-    # The layout promises contiguous visual ids; check the trained vocabulary keeps it.
-    if ids(visual_token(num_codes - 1)) != layout.visual_base + num_codes - 1:
-        raise ValueError("visual tokens are not contiguous in the tokenizer vocabulary")
+    # The layout promises contiguous query ids; check the trained vocabulary keeps it.
+    if ids(query_token(num_queries - 1)) != layout.query_base + num_queries - 1:
+        raise ValueError("query tokens are not contiguous in the tokenizer vocabulary")
     return layout
 
 
-def segment_ids(layout: TokenLayout, caption_ids: list[int], codes: Iterable[int] | None) -> list[int]:
-    """One story segment as ids: caption ids, then ``<img> v.. </img>`` when codes are given."""
-    if codes is None:
-        return list(caption_ids)
-    return [*caption_ids, layout.boi, *(layout.visual_id(c) for c in codes), layout.eoi]
+def segment_ids(layout: TokenLayout, caption_ids: list[int], picture: bool) -> list[int]:
+    """One story segment as ids: caption ids, then ``<img> q.. </img>`` when it has its picture."""
+    return [*caption_ids, *layout.picture_ids] if picture else list(caption_ids)
 
 
-def encode_segment(tokenizer, layout: TokenLayout, caption: str, codes: Iterable[int] | None) -> list[int]:
+def encode_segment(tokenizer, layout: TokenLayout, caption: str, picture: bool) -> list[int]:
     """``segment_ids`` for a caption given as text."""
-    return segment_ids(layout, tokenizer.encode(caption, add_special_tokens=False), codes)
+    return segment_ids(layout, tokenizer.encode(caption, add_special_tokens=False), picture)
 
 
-def split_segments(layout: TokenLayout, ids: Iterable[int]) -> list[tuple[list[int], list[int]]]:
-    """Parse ids back into (caption ids, visual codes) per segment; the inverse of ``encode_segment``."""
-    segments: list[tuple[list[int], list[int]]] = []
+def split_segments(layout: TokenLayout, ids: Iterable[int]) -> list[tuple[list[int], bool]]:
+    """Parse ids back into (caption ids, whether its picture is complete) per segment; the inverse of
+    ``encode_segment``."""
+    segments: list[tuple[list[int], bool]] = []
     caption: list[int] = []
-    codes: list[int] | None = None
     for token in ids:
-        if token in (layout.bos, layout.eos, layout.pad):
-            continue
-        if token == layout.boi:
-            codes = []
-        elif token == layout.eoi:
-            segments.append((caption, codes or []))
-            caption, codes = [], None
-        elif codes is not None:
-            codes.append(layout.visual_code(token))
-        else:
+        if token == layout.eoi:
+            segments.append((caption, True))
+            caption = []
+        elif token not in (layout.bos, layout.eos, layout.pad, layout.boi) and not layout.is_query(token):
             caption.append(token)
     if caption:
-        segments.append((caption, []))
+        segments.append((caption, False))
     return segments
 
 
@@ -150,6 +142,6 @@ def written_captions(layout: TokenLayout, ids: Iterable[int]) -> list[list[int]]
         if token == layout.boi:
             captions.append(caption)
             caption = []
-        elif token not in (layout.bos, layout.eos, layout.pad, layout.eoi) and not layout.is_visual(token):
+        elif token not in (layout.bos, layout.eos, layout.pad, layout.eoi) and not layout.is_query(token):
             caption.append(token)
     return captions

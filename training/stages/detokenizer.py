@@ -1,7 +1,9 @@
-"""Stage 3: the de-tokenizer's UNet + code adapter, by the diffusion loss.
+"""Stage 3: the de-tokenizer's UNet + feature adapter, by the diffusion loss.
 
-Conditioned on the frozen visual tokenizer's codes of each picture (its codebook is copied
-into the adapter and frozen), with the frozen VAE's latents as targets. Zero terminal SNR,
+Conditioned on the frozen visual tokenizer's features of each picture, with noise added
+(``FEATURE_NOISE``: each picture's rows get Gaussian noise of a standard deviation drawn up to it,
+then are made unit again) so that the de-tokenizer tolerates the MLLM's regression error, with
+the frozen VAE's latents as targets. Zero terminal SNR,
 v-prediction, and 10% of conditions dropped to the adapter's learned null, which the
 pipeline uses as its negative for guidance. The loss is weighted towards the latents under the
 characters (the visual tokenizer's foreground weight, pooled to the latent grid): the
@@ -16,12 +18,15 @@ import torch.nn.functional as F
 
 from actors.checkpoint import load_module, part_dir, read_manifest, write_atomically
 from actors.config import DetokenizerConfig
-from actors.detokenizer.model import CodeAdapter, Detokenizer, add_time_ids, build_scheduler, scheduler_kwargs
+from actors.detokenizer.model import FeatureAdapter, Detokenizer, add_time_ids, build_scheduler, scheduler_kwargs
 from actors.tokenizer.model import VisualTokenizer
 from training.data import image_batches
 from training.stages.visual import foreground_weight
 
 DROP_CONDITION = 0.1
+# Per-dimension noise on unit rows of D=64: 0.08 moves a row by ~0.64 (cosine ~0.8), about the
+# regression error of a tiny MLLM (docs/results.md#continuous-features).
+FEATURE_NOISE = 0.08
 
 
 def init(spec) -> dict:
@@ -31,9 +36,7 @@ def init(spec) -> dict:
     visual = VisualTokenizer.from_pretrained(part_dir(spec.ckpt, "visual_tokenizer")).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32).train()
-    adapter = load_module(CodeAdapter, DetokenizerConfig, root / "adapter").train()
-    adapter.codebook.weight.data.copy_(visual.codebook.weight.data)
-    adapter.codebook.weight.requires_grad_(False)
+    adapter = load_module(FeatureAdapter, DetokenizerConfig, root / "adapter").train()
     return {"unet": unet, "adapter": adapter, "visual": visual, "vae": vae}
 
 
@@ -47,7 +50,7 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     unet, adapter, vae = models["unet"], models["adapter"], models["vae"]
     config, count = adapter.config, len(images)
     with torch.no_grad():
-        codes = models["visual"].encode(images)  # (B, Q)
+        features = noisy_features(models["visual"].encode(images))  # (B, Q, D)
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
     sched = _scheduler(config, DDPMScheduler)
     noise = torch.randn_like(latents)
@@ -55,7 +58,7 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     noisy = sched.add_noise(latents, noise, timesteps)
     v_prediction = config.prediction_type == "v_prediction"
     target = sched.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    prompt, pooled = adapter(codes)  # (B, Q, cross), (B, pooled)
+    prompt, pooled = adapter(features)  # (B, Q, cross), (B, pooled)
     null_prompt, null_pooled = adapter.null(count)
     drop = torch.rand(count, device=latents.device) < DROP_CONDITION
     prompt = torch.where(drop[:, None, None], null_prompt, prompt)
@@ -70,6 +73,12 @@ def loss(models: dict, images: torch.Tensor, spec, step: int) -> tuple[torch.Ten
     weight = F.adaptive_max_pool2d(foreground_weight(images), latents.shape[-2:])  # (B, 1, h, w)
     mse = (weight * (pred - target) ** 2).mean() / weight.mean()
     return mse, {"diffusion": float(mse)}
+
+
+def noisy_features(features: torch.Tensor) -> torch.Tensor:
+    """Unit rows (B, Q, D) with Gaussian noise of a per-picture deviation in [0, FEATURE_NOISE)."""
+    scale = torch.rand(len(features), 1, 1, device=features.device) * FEATURE_NOISE
+    return F.normalize(features + scale * torch.randn_like(features), dim=-1)
 
 
 _SCHEDULERS: dict = {}
