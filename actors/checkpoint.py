@@ -65,7 +65,11 @@ class Manifest:
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format {data.get('format_version')} is not {FORMAT_VERSION}"
-                + (": it holds discrete visual codes; retrain it with `seedstory train`" if data.get("format_version") == 1 else "")
+                + (
+                    ": it holds discrete visual codes; retrain it with `seedstory train`"
+                    if data.get("format_version") == 1
+                    else ""
+                )
             )
         return cls(
             preset=Preset.from_dict(data["preset"]),

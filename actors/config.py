@@ -68,9 +68,7 @@ class VisualTokenizerConfig:
     def __post_init__(self) -> None:
         _require(self.image_size % self.patch_size == 0, "visual.image_size must divide by patch_size")
         _require(self.width % self.heads == 0, "visual.width must divide by heads")
-        _require(
-            min(self.num_queries, self.feature_dim) > 0, "visual Q and D must be positive"
-        )
+        _require(min(self.num_queries, self.feature_dim) > 0, "visual Q and D must be positive")
 
     @property
     def num_patches(self) -> int:
@@ -159,9 +157,7 @@ class Preset:
     def __post_init__(self) -> None:
         visual, detok = self.visual, self.detokenizer
         _require(visual.image_size == self.image_size == detok.image_size, "preset: image sizes disagree")
-        shapes = {
-            (part.num_queries, part.feature_dim) for part in (visual, detok, self.heads)
-        }
+        shapes = {(part.num_queries, part.feature_dim) for part in (visual, detok, self.heads)}
         _require(len(shapes) == 1, "preset: visual tokenizer, de-tokenizer and heads disagree on Q or D")
         _require(self.heads.hidden_size == self.mllm.hidden_size, "preset: heads.hidden_size != mllm's")
 

@@ -7,9 +7,11 @@
     1. read the prompts (columns: caption, optional image bytes, optional story_id, optional seed)
     2. check the story ids across the file: the first row of an id wins, later ones are bad rows;
        skip the rows OUT already holds (exactly once: re-running resumes)
-    3. tokenizer actors: caption (+ image) -> prompt ids; bad rows carry their reason on
+    3. tokenizer actors: caption (+ image) -> prompt ids (+ the image's features); bad rows carry
+       their reason on
     4. MLLM actors (vLLM + sink): a batch of stories written together, continuous batching; the
-       sink settings and the default checkpoint come from --config (ray_config.yaml), as serve's
+       sink settings and the default checkpoint come from --config (ray_config.yaml), as serve's.
+       Each picture comes out as its features (Q x D floats)
     5. de-tokenizer actors: every picture of the batch -> PNG, then commit: the batch's whole
        stories become one Parquet file, written to a temporary name and renamed into place, so a
        file is whole or absent; bad rows go to the errors table (``cluster/bulk_output.py``)
@@ -28,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.features import from_bytes, to_bytes
 from actors.mllm.sink import SinkSettings
 from actors.tokenizer.text import caption_text
 from cluster import mllm_config
@@ -125,6 +128,10 @@ def triage(
 
 # -- 3-5. the actor stages --------------------------------------------------------------------------
 class Tokenize:
+    """Caption (+ image) -> prompt ids, and a start image's features by the position of its first
+    query row (``given_at``, ``given``: that many ``actors.features`` byte strings, which cross
+    Ray Data's Arrow blocks as they are)."""
+
     def __init__(self, checkpoint: str):
         from actors.tokenizer.prompts import PromptBuilder
 
@@ -136,27 +143,35 @@ class Tokenize:
         captions = [cell_caption(c) for c in batch["caption"]]
         images = list(batch["image"]) if "image" in batch.columns else [None] * len(batch)
         has_image = [len(_bytes(i)) > 0 for i in images]
-        codes = iter(self.builder.image_codes([i for i, ok in zip(images, has_image) if ok]))
-        prompts, errors = [], []
+        features = iter(self.builder.image_features([i for i, ok in zip(images, has_image) if ok]))
+        prompts, given_at, given, errors = [], [], [], []
         for caption, ids, ok in zip(captions, self.builder.caption_ids(captions), has_image):
-            image_codes = next(codes) if ok else None  # consumed in row order, whatever happens below
+            start = next(features) if ok else None  # consumed in row order, whatever happens below
             try:
                 if not caption:
                     raise InputError("caption", "is missing or empty")
-                if isinstance(image_codes, InputError):
-                    raise image_codes
-                prompts.append(self.builder.prompt(self.builder.check_caption(ids, "caption"), image_codes))
+                if isinstance(start, InputError):
+                    raise start
+                prompt = self.builder.prompt(self.builder.check_caption(ids, "caption"), start)
+                prompts.append(prompt.ids)
+                given_at.append(list(prompt.given))
+                given.append([to_bytes(f) for f in prompt.given.values()])
                 errors.append("")
             except InputError as e:
                 prompts.append([])
+                given_at.append([])
+                given.append([])
                 errors.append(str(e))
         batch["caption"], batch["prompt_ids"], batch["error"] = captions, prompts, errors
+        batch["given_at"], batch["given"] = given_at, given
         return batch.drop(columns=[c for c in ("image",) if c in batch.columns])
 
 
 class Write:
+    """A batch of stories written together; each picture leaves as its features' bytes."""
+
     def __init__(self, checkpoint: str, sink: dict, segments: int, temperature: float, top_p: float):
-        from actors.checkpoint import part_dir
+        from actors.checkpoint import part_dir, read_manifest
         from actors.mllm.driver import StoryDriver
         from actors.mllm.engine import EngineConfig, StoryEngine
         from actors.tokenizer.text import load_text_tokenizer
@@ -167,25 +182,35 @@ class Write:
         )
         self.driver = StoryDriver(self.engine)
         self.text = load_text_tokenizer(part_dir(checkpoint, "tokenizer"))
+        manifest = read_manifest(checkpoint)
+        self.shape = (manifest.num_queries, manifest.feature_dim)
         self.segments, self.temperature, self.top_p = segments, temperature, top_p
 
     def __call__(self, batch):
         from actors.mllm.engine import Sampling
 
         seeds = batch["seed"] if "seed" in batch.columns else [_seed(sid) for sid in batch["story_id"]]
-        for sid, prompt, error, seed in zip(batch["story_id"], batch["prompt_ids"], batch["error"], seeds):
+        rows = zip(
+            batch["story_id"], batch["prompt_ids"], batch["given_at"], batch["given"], batch["error"], seeds
+        )
+        for sid, prompt, given_at, given, error, seed in rows:
             if not error:
+                pictures = {int(at): from_bytes(f, *self.shape) for at, f in zip(given_at, given)}
                 self.engine.submit(
-                    sid, list(prompt), self.segments, Sampling(self.temperature, self.top_p, int(seed))
+                    sid,
+                    list(prompt),
+                    self.segments,
+                    Sampling(self.temperature, self.top_p, int(seed)),
+                    given=pictures or None,
                 )
         written = self.driver.drain().pictures
-        captions, codes = [], []
+        captions, features = [], []
         for sid, opening in zip(batch["story_id"], batch["caption"]):
             events = written.get(sid, [])
             captions.append([caption_text(self.text, ev.caption_ids, opening) for ev in events])
-            codes.append([ev.codes for ev in events])
-        batch["captions"], batch["codes"] = captions, codes
-        return batch.drop(columns=["prompt_ids"])
+            features.append([to_bytes(ev.features) for ev in events])
+        batch["captions"], batch["features"] = captions, features
+        return batch.drop(columns=["prompt_ids", "given_at", "given"])
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:
@@ -201,22 +226,21 @@ class Render:
     """
 
     def __init__(self, checkpoint: str, steps: int, guidance: float, out: str, segments: int):
-        from actors.checkpoint import part_dir
+        from actors.checkpoint import part_dir, read_manifest
         from actors.detokenizer.model import Detokenizer
 
         self.model = Detokenizer.from_pretrained(part_dir(checkpoint, "detokenizer"))
+        manifest = read_manifest(checkpoint)
+        self.shape = (manifest.num_queries, manifest.feature_dim)
         self.steps, self.guidance, self.out, self.segments = steps, guidance, out, segments
 
     def __call__(self, batch):
         from actors.imageio import to_png
 
-        jobs = [(row, k, c) for row, story in enumerate(batch["codes"]) for k, c in enumerate(story)]
+        jobs = [(row, k, f) for row, story in enumerate(batch["features"]) for k, f in enumerate(story)]
         seeds = [_seed(f"{batch['story_id'].iloc[row]}/{k}") for row, k, _ in jobs]
-        images = (
-            self.model.render_seeded([c for _, _, c in jobs], seeds, self.steps, self.guidance)
-            if jobs
-            else []
-        )
+        features = [from_bytes(f, *self.shape) for _, _, f in jobs]
+        images = self.model.render_seeded(features, seeds, self.steps, self.guidance) if jobs else []
         pngs = [[] for _ in range(len(batch))]
         for (row, _, _), img in zip(jobs, images):
             pngs[row].append(to_png(img))

@@ -14,8 +14,11 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from actors.features import WIRE_DTYPE
 
 SEGMENTS = pa.schema(
     [
@@ -23,7 +26,9 @@ SEGMENTS = pa.schema(
         ("segment", pa.int32()),
         ("caption", pa.string()),
         ("png", pa.binary()),
-        ("visual_codes", pa.list_(pa.int32())),
+        # The picture's features: Q * D float32 values, row-major (Q rows of D), as the MLLM wrote
+        # them and the de-tokenizer drew them; they render the picture again without the MLLM.
+        ("features", pa.list_(pa.float32())),
         ("opening", pa.string()),
     ]
 )
@@ -68,11 +73,18 @@ def commit(batch, out: str, segments: int):
     if len(short):  # the engine ended a story early: a bug, never a silent partial story
         raise RuntimeError(f"stories {list(short['story_id'])} have fewer than {segments} segments")
     rows = [
-        {"story_id": sid, "segment": k, "caption": cap, "png": png, "visual_codes": codes, "opening": opening}
-        for sid, opening, caps, pngs, all_codes in zip(
-            ok["story_id"], ok["caption"], ok["captions"], ok["pngs"], ok["codes"]
+        {
+            "story_id": sid,
+            "segment": k,
+            "caption": cap,
+            "png": png,
+            "features": np.frombuffer(features, WIRE_DTYPE).tolist(),  # actors.features' bytes
+            "opening": opening,
+        }
+        for sid, opening, caps, pngs, all_features in zip(
+            ok["story_id"], ok["caption"], ok["captions"], ok["pngs"], ok["features"]
         )
-        for k, (cap, png, codes) in enumerate(zip(caps, pngs, all_codes))
+        for k, (cap, png, features) in enumerate(zip(caps, pngs, all_features))
     ]
     atomic_write(Path(out) / "segments", pa.Table.from_pylist(rows, schema=SEGMENTS))
     errors = [
@@ -118,7 +130,9 @@ def write_gallery(out: Path, limit: int = 50) -> Path:
     stories: dict[str, Story] = {}
     for row in read_stories(out).to_pylist():
         story = stories.setdefault(row["story_id"], Story(story_id=row["story_id"]))
-        story.segments.append(StorySegment(row["segment"], row["caption"], row["png"], row["visual_codes"]))
+        story.segments.append(
+            StorySegment(row["segment"], row["caption"], row["png"])
+        )  # features: the table's
     links = []
     for sid, story in list(stories.items())[:limit]:
         write_story(out / "gallery" / sid, story)

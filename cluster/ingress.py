@@ -1,18 +1,21 @@
 """StoryIngress: the gRPC servicer (behind Serve's gRPC proxy) that orchestrates one story.
 
     1. check the request (INVALID_ARGUMENT), the token (UNAUTHENTICATED) and the load (RESOURCE_EXHAUSTED)
-    2. TokenizerPool: caption (+ start image, + story so far) -> prompt ids
+    2. TokenizerPool: caption (+ start image, + story so far) -> prompt ids, and the features of
+       the pictures the request gave as images (by the position of their first query row)
     3. MLLMPool: stream the story; send each caption on at once, and each finished picture's
-       codes to the DetokenizerPool at once, while the MLLM goes on with the next segment
+       features to the DetokenizerPool at once, while the MLLM goes on with the next segment
     4. deliver the rendered pictures in order, then the story's stats
 
 A lost replica does not end the story (``cluster/recovery.py`` holds the policy). The ingress keeps
-the story's exact state, the tokens the MLLM wrote for every event it passed on, so when the
-MLLMPool replica dies or its engine breaks, it resumes the story on a live replica from
-prompt + those tokens, and the client's stream goes on: every segment once, in order. Renders
-lost with a DetokenizerPool replica are sent again (a picture depends only on its codes and seed),
-and a lost tokenizer call is retried. Past ``max_resumes`` losses, or with no replica back within
-``resume_deadline_s``, the story ends with UNAVAILABLE naming the stage.
+the story's exact state, the tokens the MLLM wrote for every event it passed on and the given
+pictures' features, so when the MLLMPool replica dies or its engine breaks, it resumes the story
+on a live replica from prompt + those tokens, the given rows unchanged (a picture the MLLM wrote
+is recomputed from its ids), and the client's stream goes on: every segment once, in order (with
+greedy sampling the same ids; the later pictures' features to float rounding, docs/serving.md).
+Renders lost with a DetokenizerPool replica are sent again (a picture depends only on its
+features and seed), and a lost tokenizer call is retried. Past ``max_resumes`` losses, or with
+no replica back within ``resume_deadline_s``, the story ends with UNAVAILABLE naming the stage.
 
 If the client cancels, disconnects or runs out of deadline, Serve cancels this generator; the
 ``finally`` blocks cancel the MLLM stream (whose replica aborts the vLLM request and frees its
@@ -33,13 +36,14 @@ import zlib
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 from ray import serve
 from ray.util import metrics
 
 from actors.checkpoint import read_manifest
 from actors.errors import InputError
+from actors.features import to_bytes
 from actors.mllm.events import CaptionWritten, Event, PictureWritten, StoryEnd
-from actors.tokenizer.text import segment_ids
 from cluster.recovery import Recovery, StageUnavailable, within
 from cluster.requests import StorySpec, check_request
 from cluster.settings import AppSettings
@@ -66,9 +70,7 @@ class StoryIngress:
     def __init__(self, tokenizer, mllm, detokenizer, settings: dict):
         self.settings = AppSettings.from_args(settings)
         self.token = self.settings.token()
-        manifest = read_manifest(self.settings.checkpoint)
-        self.shape = (manifest.num_queries, manifest.codebook_size)
-        self.layout = manifest.tokens
+        self.layout = read_manifest(self.settings.checkpoint).tokens
         self.tokenizer, self.mllm, self.detokenizer = tokenizer, mllm, detokenizer
         self.active = 0
         self.m_stage = metrics.Histogram(
@@ -114,7 +116,7 @@ class StoryIngress:
         received = time.time()
         self._authorize(grpc_context)
         try:
-            spec = check_request(request, self.settings.limits, *self.shape)
+            spec = check_request(request, self.settings.limits)
         except InputError as e:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         if self.active >= self.settings.max_stories_per_replica:
@@ -239,8 +241,8 @@ def _event(story_id: str, **kind) -> StoryEvent:
 
 class _StoryRun:
     """The two halves of one story's pipeline, writing (MLLM) and rendering (de-tokenizer), and
-    the story's exact state: the tokens the MLLM wrote for every event passed on, from which a
-    lost MLLM replica's story resumes."""
+    the story's exact state: the tokens the MLLM wrote for every event passed on, from which (with
+    the given pictures' features) a lost MLLM replica's story resumes."""
 
     def __init__(
         self,
@@ -259,10 +261,13 @@ class _StoryRun:
             out,
         )
         self.prompt_ids: list[int] = prep["prompt_ids"]
+        # The given pictures' features by the position of their first query row: a resume sends
+        # them again as they are (positions in the prompt, which a resume extends, never shifts).
+        self.given: dict[int, np.ndarray] = prep["given"]
         self.opening = (prep["caption_ids"], prep["caption"])  # the request's own caption, for event 0
         self.output: list[int] = []  # tokens written for the events passed on (caption ids, pictures)
         self.captions = 0  # captions sent to the client
-        self.renders: list[tuple] = []  # (index, render task, codes_at, codes), in segment order
+        self.renders: list[tuple] = []  # (index, render task, features_at, features), in segment order
         self.sent = 0  # pictures sent to the client
         self.ready = asyncio.Event()  # set when a render is added or the writing ends
         self.written = False
@@ -299,7 +304,8 @@ class _StoryRun:
 
     async def write_attempt(self, timeout: float | None) -> None:
         """Stream the rest of the story from one MLLM replica: from the prompt plus every token
-        already passed on, so a resumed story continues exactly where the client's stream is."""
+        already passed on, with the given pictures' rows, so a resumed story continues exactly where
+        the client's stream is."""
         base, left = self.pictures, self.spec.segments - self.pictures
         self.tokens_before = len(self.output)
         if left == 0:  # the replica was lost after the last picture, before the end: nothing to resume
@@ -309,7 +315,7 @@ class _StoryRun:
         if self.stream is not None:
             self.stream.cancel()  # the lost attempt's, in case its replica still runs it
         self.stream = self.ingress.mllm.options(stream=True).generate.remote(
-            request_id, self.prompt_ids + self.output, left, self.spec.sampling
+            request_id, self.prompt_ids + self.output, left, self.spec.sampling, given=self.given or None
         )
         events = aiter(self.stream)
         self.on_mllm(await within(anext(events), timeout), base)  # a resume waits at most `timeout`
@@ -322,8 +328,8 @@ class _StoryRun:
         if isinstance(ev, CaptionWritten):
             self.on_caption(ev, base + ev.index)
         elif isinstance(ev, PictureWritten):
-            self.output += segment_ids(self.ingress.layout, [], ev.codes)
-            self.start_render(base + ev.index, ev.codes, ev.at)
+            self.output += self.ingress.layout.picture_ids  # a resume recomputes its rows from its ids
+            self.start_render(base + ev.index, ev.features, ev.at)
         elif isinstance(ev, StoryEnd):
             self.end = ev
 
@@ -344,9 +350,9 @@ class _StoryRun:
         self.last_at = ev.at
 
     # -- rendering -------------------------------------------------------------------------
-    def start_render(self, index: int, codes: list[int], codes_at: float) -> None:
+    def start_render(self, index: int, features: np.ndarray, features_at: float) -> None:
         job = {
-            "codes": codes,
+            "features": features,
             "steps": self.spec.steps,
             "guidance": self.spec.guidance,
             "seed": self.seed(index),
@@ -357,7 +363,7 @@ class _StoryRun:
             )
         )
         task.add_done_callback(self.render_done)
-        self.renders.append((index, task, codes_at, codes))
+        self.renders.append((index, task, features_at, features))
         self.ingress.pending_renders += 1
         self.ingress.m_renders.set(self.ingress.pending_renders)
         self.ready.set()
@@ -375,7 +381,7 @@ class _StoryRun:
                 self.ready.clear()
                 await self.ready.wait()
                 continue
-            index, task, codes_at, codes = self.renders[self.sent]
+            index, task, features_at, features = self.renders[self.sent]
             try:
                 rendered = await task
             except Exception:
@@ -388,10 +394,12 @@ class _StoryRun:
                     image=ImageEvent(
                         index=index,
                         png=rendered["png"],
-                        visual_codes=codes,
                         width=rendered["width"],
                         height=rendered["height"],
-                        codes_at=codes_at,
+                        features=to_bytes(features),
+                        feature_rows=features.shape[0],
+                        feature_dim=features.shape[1],
+                        features_at=features_at,
                         render_start=rendered["start"],
                         render_end=rendered["end"],
                     ),

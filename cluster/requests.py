@@ -2,7 +2,7 @@
 
 ``check_request`` turns a ``StoryRequest`` message into a plain ``StorySpec`` or raises
 ``InputError`` naming the field. Caption token counts and image decoding are checked
-where the ids are made, in the TokenizerPool.
+where the ids and features are made, in the TokenizerPool.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ class StorySpec:
     steps: int
     guidance: float
     render_seed: int | None
-    story_so_far: list[dict] = field(default_factory=list)  # [{"caption", "caption_ids", "visual_codes"}]
+    # Earlier segments: [{"caption", "caption_ids", "image"}], "image" None for a picture the service
+    # wrote (its ids recompute it), else the picture the client gave, as PNG/JPEG bytes.
+    story_so_far: list[dict] = field(default_factory=list)
     caption_ids: list[int] = field(default_factory=list)  # the opening caption as exact ids, if given
 
 
-def check_request(req, limits: StoryLimits, num_queries: int, codebook_size: int) -> StorySpec:
+def check_request(req, limits: StoryLimits) -> StorySpec:
     """StoryRequest message -> StorySpec, or InputError for the first bad field."""
-    story_so_far = _story_so_far(req.story_so_far, limits, num_queries, codebook_size)
-    start_image = _image(req.start_image, limits)
+    story_so_far = _story_so_far(req.story_so_far, limits)
+    start_image = _image(req.start_image, limits, "start_image")
     return StorySpec(
         caption=_opening(req, limits, continuing=bool(story_so_far) and start_image is None),
         caption_ids=list(req.caption_ids),
@@ -78,9 +80,9 @@ def _caption(text: str, name: str, limits: StoryLimits, optional: bool = False) 
     return text
 
 
-def _image(data: bytes, limits: StoryLimits) -> bytes | None:
+def _image(data: bytes, limits: StoryLimits, name: str) -> bytes | None:
     if len(data) > limits.max_image_bytes:
-        raise InputError("start_image", f"is {len(data)} bytes, more than {limits.max_image_bytes}")
+        raise InputError(name, f"is {len(data)} bytes, more than {limits.max_image_bytes}")
     return bytes(data) or None
 
 
@@ -118,20 +120,29 @@ def _sampling(sampling) -> dict:
     return {"temperature": sampling.temperature, "top_p": top_p, "seed": seed}
 
 
-def _story_so_far(segments, limits: StoryLimits, num_queries: int, codebook_size: int) -> list[dict]:
+def _story_so_far(segments, limits: StoryLimits) -> list[dict]:
     if len(segments) > limits.max_story_so_far:
         raise InputError("story_so_far", f"has {len(segments)} segments, more than {limits.max_story_so_far}")
     out = []
     for i, seg in enumerate(segments):
-        codes = list(seg.visual_codes)
-        if len(codes) != num_queries:
-            raise InputError(f"story_so_far[{i}].visual_codes", f"has {len(codes)} codes, need {num_queries}")
-        bad = [c for c in codes if not 0 <= c < codebook_size]
-        if bad:
-            raise InputError(
-                f"story_so_far[{i}].visual_codes", f"code {bad[0]} is outside [0, {codebook_size})"
-            )
         ids = list(seg.caption_ids)  # exact ids stand in for the text (checked by the tokenizer)
         text = _caption(seg.caption, f"story_so_far[{i}].caption", limits, optional=bool(ids))
-        out.append({"caption": text, "caption_ids": ids, "visual_codes": codes})
+        out.append({"caption": text, "caption_ids": ids, "image": _picture(seg, i, limits)})
     return out
+
+
+def _picture(seg, i: int, limits: StoryLimits) -> bytes | None:
+    """None for a picture the service wrote (``written: true``), else the given picture's bytes (the
+    TokenizerPool decodes and encodes them)."""
+    kind = seg.WhichOneof("picture")
+    if kind == "image":
+        image = _image(seg.image, limits, f"story_so_far[{i}].image")
+        if image is None:
+            raise InputError(f"story_so_far[{i}].image", "is empty")
+        return image
+    if kind == "written" and seg.written:
+        return None
+    raise InputError(
+        f"story_so_far[{i}].picture",
+        "is missing: set written (the service wrote this picture) or give it as image bytes",
+    )

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -71,10 +72,12 @@ def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(
     assert (summary["stories"], summary["errors"], summary["skipped"]) == (GOOD, 2, 0)
     assert_exactly_once(out)
     assert_bad_rows(out)
+    assert read_stories(out).schema.field("features").type == pa.list_(pa.float32())
     rows = read_stories(out).to_pylist()
     for row in rows:
         assert row["caption"] and Image.open(io.BytesIO(row["png"])).size == (64, 64)
-        assert len(row["visual_codes"]) == 16
+        features = np.asarray(row["features"], np.float32)  # Q x D, row-major: it renders again
+        assert features.shape == (16 * 64,) and np.isfinite(features).all()
     for row in (r for r in rows if r["segment"] == 0):
         if row["opening"].endswith("day 0."):  # its picture was given: every caption is the model's
             assert row["caption"] != row["opening"]

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import importlib.metadata
 import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tomllib
@@ -18,6 +20,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -114,14 +117,19 @@ class CutShort(story_pb2_grpc.StoryServiceServicer):
         yield story_pb2.StoryEvent(
             story_id="s1", caption=story_pb2.CaptionEvent(index=0, caption=request.caption)
         )
-        yield story_pb2.StoryEvent(
-            story_id="s1", image=story_pb2.ImageEvent(index=0, png=b"png0", visual_codes=[1, 2])
-        )
+        yield story_pb2.StoryEvent(story_id="s1", image=_image_event(0, b"png0", FEATURES0))
         yield story_pb2.StoryEvent(
             story_id="s1", caption=story_pb2.CaptionEvent(index=1, caption="Milo sits.")
         )
         yield story_pb2.StoryEvent(story_id="s1")
         context.abort(grpc.StatusCode.OUT_OF_RANGE, "story: cut short")
+
+
+FEATURES0 = struct.pack("<4f", 0.5, -0.5, 0.25, 1.0)  # 2 rows of 2 little-endian float32
+
+
+def _image_event(index: int, png: bytes, features: bytes) -> story_pb2.ImageEvent:
+    return story_pb2.ImageEvent(index=index, png=png, features=features, feature_rows=2, feature_dim=2)
 
 
 def _serve(servicer) -> tuple[grpc.Server, str]:
@@ -145,9 +153,9 @@ def _check_partial(err: StoryStreamError) -> None:
     assert err.code() == grpc.StatusCode.OUT_OF_RANGE and err.details() == "story: cut short"
     story = err.story
     assert story.story_id == "s1" and not story.complete
-    assert [(s.caption, s.png, s.visual_codes) for s in story.segments] == [
-        (OPENING, b"png0", [1, 2]),
-        ("Milo sits.", b"", []),
+    assert [(s.caption, s.png, s.features, s.feature_rows, s.feature_dim) for s in story.segments] == [
+        (OPENING, b"png0", FEATURES0, 2, 2),
+        ("Milo sits.", b"", b"", 0, 0),
     ]
 
 
@@ -199,9 +207,11 @@ def test_the_command_writes_what_arrived_then_fails(cut_short, tmp_path, capsys)
 LOST = "mllm: replica lost 3 times"
 
 
-def _part(j: int) -> tuple[str, list[int], list[int], bytes]:
-    """Segment j of the one story the scripted service knows: caption, caption ids, codes, picture."""
-    return (OPENING if j == 0 else f"Part {j}.", [10 + j, 20 + j], [j, j + 1], f"png{j}".encode())
+def _part(j: int) -> tuple[str, list[int], bytes, bytes]:
+    """Segment j of the one story the scripted service knows: caption, caption ids, features (2 x 2
+    float32), picture."""
+    features = struct.pack("<4f", j, j + 0.5, -j, 1.0)
+    return (OPENING if j == 0 else f"Part {j}.", [10 + j, 20 + j], features, f"png{j}".encode())
 
 
 def _caption(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
@@ -212,10 +222,8 @@ def _caption(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
 
 
 def _image(story_id: str, index: int, j: int) -> story_pb2.StoryEvent:
-    _, _, codes, png = _part(j)
-    return story_pb2.StoryEvent(
-        story_id=story_id, image=story_pb2.ImageEvent(index=index, png=png, visual_codes=codes)
-    )
+    _, _, features, png = _part(j)
+    return story_pb2.StoryEvent(story_id=story_id, image=_image_event(index, png, features))
 
 
 class Lossy(story_pb2_grpc.StoryServiceServicer):
@@ -270,8 +278,9 @@ def _generate(target: str, use_async: bool, *args, **kwargs) -> Story:
 
 
 def _so_far(*parts: int) -> list[story_pb2.Segment]:
-    """Earlier segments as a continuation sends them: exact caption ids (no text) and visual codes."""
-    return [story_pb2.Segment(caption_ids=_part(j)[1], visual_codes=_part(j)[2]) for j in parts]
+    """Earlier segments as a continuation sends them: exact caption ids (no text), and pictures the
+    service wrote (it recomputes them from the ids)."""
+    return [story_pb2.Segment(caption_ids=_part(j)[1], written=True) for j in parts]
 
 
 def _continuation(
@@ -287,9 +296,10 @@ def _continuation(
 def _check_story(story: Story, pictures: int, pending: int = 0) -> None:
     """Every segment once, in order, exactly as the service wrote it; the last ``pending``
     without a picture."""
-    assert [(s.index, s.caption, s.caption_ids, s.visual_codes, s.png) for s in story.segments] == [
-        (j, *_part(j)) if j < pictures else (j, *_part(j)[:2], [], b"") for j in range(pictures + pending)
+    assert [(s.index, s.caption, s.caption_ids, s.features, s.png) for s in story.segments] == [
+        (j, *_part(j)) if j < pictures else (j, *_part(j)[:2], b"", b"") for j in range(pictures + pending)
     ]
+    assert all((s.feature_rows, s.feature_dim) == ((2, 2) if s.png else (0, 0)) for s in story.segments)
 
 
 OPTIONS = dict(temperature=0.5, top_p=0.9, seed=3, steps=4, guidance=2.0)
@@ -365,7 +375,7 @@ def _story_of(*events: story_pb2.StoryEvent, **request) -> Story:
 
 def test_the_continuation_request():
     c0, c1, i0, i1 = _caption("s", 0, 0), _caption("s", 1, 1), _image("s", 0, 0), _image("s", 1, 1)
-    earlier = [("Milo sits.", [5, 6])]
+    earlier = [("Milo sits.", True), ("Bea runs.", b"\x89PNG bea")]
     # No caption pending: the MLLM writes the next one; no render seed stays none; the request's own
     # story so far goes first.
     story = _story_of(c0, c1, i0, i1, segments=4, seed=9, story_so_far=earlier)
@@ -383,14 +393,19 @@ def test_the_continuation_request():
     assert (request.caption, request.caption_ids, request.story_so_far) == (
         "Part 1.",
         [],
-        [story_pb2.Segment(caption=OPENING, visual_codes=_part(0)[2])],
+        [story_pb2.Segment(caption=OPENING, written=True)],
     )
+    # A story begun from a start image: the opening caption goes with it as an earlier segment, the
+    # same image bytes (the service encodes them to features again).
+    request = continuation_request(_story_of(c0, c1, i0, segments=4, image=b"\x89PNG start"))
+    expected = build_request("", 3)
+    expected.caption_ids.extend(_part(1)[1])
+    expected.story_so_far.extend([story_pb2.Segment(caption=OPENING, image=b"\x89PNG start"), *_so_far(0)])
+    assert request == expected
     # Segments 0 asks for the server's default, 10.
     assert continuation_request(_story_of(c0, i0, segments=0)).segments == 9
     with pytest.raises(CannotContinue, match="every one"):
         continuation_request(_story_of(c0, c1, i0, i1, segments=2))
-    with pytest.raises(CannotContinue, match="start image"):
-        continuation_request(_story_of(c0, i0, segments=4, image=b"\x89PNG"))
     with pytest.raises(CannotContinue, match="request"):
         continuation_request(Story())
 
@@ -416,9 +431,11 @@ def test_the_command_resumes_by_default_and_writes_what_continues_a_story(lossy,
     )
     assert service.requests[1] == _continuation(2, 2, 1, 9, seed=7)
     saved = json.loads((tmp_path / "story.json").read_text())
-    assert [(s["caption"], s["caption_ids"], s["visual_codes"], s["image"]) for s in saved["segments"]] == [
-        (*_part(j)[:3], f"segment_{j:03d}.png") for j in range(3)
-    ]
+    assert [
+        (s["caption"], s["caption_ids"], base64.b64decode(s["features"]), s["image"])
+        for s in saved["segments"]
+    ] == [(*_part(j)[:3], f"segment_{j:03d}.png") for j in range(3)]
+    assert all((s["feature_rows"], s["feature_dim"]) == (2, 2) for s in saved["segments"])
     assert (saved["story_id"], saved["continuation_ids"], saved["resumes"]) == ("s1", ["s2"], 1)
     assert read_story(tmp_path).request == build_request(OPENING, 3, seed=7, render_seed=7)
 
@@ -554,7 +571,9 @@ def test_the_client_venv_writes_a_story_from_the_service(client_venv, story_serv
     page = (out / "story.html").read_text()
     for seg in story["segments"]:
         assert seg["caption"] and seg["image"] in page
-        assert len(seg["visual_codes"]) == manifest.num_queries
+        features = np.frombuffer(base64.b64decode(seg["features"]), "<f4")
+        assert (seg["feature_rows"], seg["feature_dim"]) == (manifest.num_queries, manifest.feature_dim)
+        assert features.size == manifest.num_queries * manifest.feature_dim and np.isfinite(features).all()
         png = Image.open(io.BytesIO((out / seg["image"]).read_bytes()))
         assert png.format == "PNG" and png.size == (manifest.preset.image_size,) * 2
     assert sorted(p.name for p in out.glob("*.png")) == [f"segment_{k:03d}.png" for k in range(3)]

@@ -11,8 +11,9 @@ from actors.imageio import to_png
 pytestmark = pytest.mark.gpu
 
 
-def test_a_render_on_the_gpu_depends_only_on_its_codes_and_seed(tiny_ckpt):
+def test_a_render_on_the_gpu_depends_only_on_its_features_and_seed(tiny_ckpt):
     """A render sent again after a lost replica must give the same PNG, on a GPU too."""
+    import numpy as np
     import torch
 
     from actors.detokenizer.model import Detokenizer
@@ -21,9 +22,11 @@ def test_a_render_on_the_gpu_depends_only_on_its_codes_and_seed(tiny_ckpt):
     detokenizer.pipeline.to("cuda")
     detokenizer.adapter.to("cuda")
     assert detokenizer.unet.device.type == "cuda"
-    codes, seeds = [[1] * 16, [2] * 16], [5, 6]
-    first = [to_png(img) for img in detokenizer.render_seeded(codes, seeds, steps=4, guidance=2.0)]
-    again = [to_png(img) for img in detokenizer.render_seeded(codes, seeds, steps=4, guidance=2.0)]
+    shape = (detokenizer.config.num_queries, detokenizer.config.feature_dim)
+    draw = np.random.default_rng(0)
+    features, seeds = [draw.standard_normal(shape, dtype=np.float32) for _ in range(2)], [5, 6]
+    first = [to_png(img) for img in detokenizer.render_seeded(features, seeds, steps=4, guidance=2.0)]
+    again = [to_png(img) for img in detokenizer.render_seeded(features, seeds, steps=4, guidance=2.0)]
     assert first == again
     assert first[0] != first[1]
     torch.cuda.empty_cache()

@@ -37,7 +37,12 @@ def engine(request, tiny_ckpt):
     )
     eng = StoryEngine(
         EngineConfig(
-            str(tiny_ckpt), sink=sink, max_stories=4, kv_blocks=256, max_story_segments=12, max_batched_tokens=64
+            str(tiny_ckpt),
+            sink=sink,
+            max_stories=4,
+            kv_blocks=256,
+            max_story_segments=12,
+            max_batched_tokens=64,
         )
     )
     yield eng
@@ -97,7 +102,12 @@ def given_prompt(engine, seed: int) -> tuple[list[int], dict[int, np.ndarray]]:
 def test_a_given_picture_enters_through_the_input_head(engine, reference_model, heads):
     prompt, given = given_prompt(engine, seed=1)
     runs = {}
-    for name, picture in (("a", given), ("a_again", given), ("b", given_prompt(engine, seed=2)[1]), ("none", {})):
+    for name, picture in (
+        ("a", given),
+        ("a_again", given),
+        ("b", given_prompt(engine, seed=2)[1]),
+        ("none", {}),
+    ):
         engine.submit(name, prompt, 3, given=picture)
         runs[name] = drain(engine)[name]
     q = engine.manifest.num_queries

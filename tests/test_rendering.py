@@ -3,6 +3,7 @@ self-test, the samplers and classifier-free guidance on part of the steps."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,15 @@ from actors.detokenizer.model import Detokenizer
 from actors.imageio import to_png
 
 STEPS, GUIDANCE = 4, 3.0
-CANARY = [list(range(16))]
+SHAPE = (16, 64)  # the tiny preset's Q x D
+
+
+def features(seed: int) -> np.ndarray:
+    """A picture's features (Q, D): random rows, fine for a random-init de-tokenizer."""
+    return np.random.default_rng(seed).standard_normal(SHAPE, dtype=np.float32)
+
+
+CANARY = [features(0)]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +34,22 @@ def pngs(images) -> list[bytes]:
     return [to_png(image) for image in images]
 
 
+def test_the_canary_has_the_de_tokenizers_shape(detok):
+    assert SHAPE == (detok.config.num_queries, detok.config.feature_dim)
+
+
+def test_a_picture_depends_on_its_features(detok):
+    a, b = (pngs(detok.render_seeded([f], [7], STEPS, GUIDANCE))[0] for f in (features(1), features(2)))
+    assert a != b
+
+
 def test_a_picture_in_a_slot_does_not_depend_on_its_companions(detok):
     """At one fixed shape a row cannot read other rows: the canary is the same PNG beside
     different companions (and with the unused slots padded)."""
     with_padding = detok.render_in_slots(CANARY, [9], 4, STEPS, GUIDANCE)
-    beside_others = detok.render_in_slots(CANARY + [[3] * 16, [200] * 16], [9, 1, 2], 4, STEPS, GUIDANCE)
+    beside_others = detok.render_in_slots(
+        CANARY + [features(3), features(200)], [9, 1, 2], 4, STEPS, GUIDANCE
+    )
     assert len(with_padding) == 1 and len(beside_others) == 3
     assert pngs(with_padding)[0] == pngs(beside_others)[0]
     assert pngs(beside_others)[1] != pngs(beside_others)[2]  # the companions are pictures of their own
@@ -42,8 +62,8 @@ def test_the_slot_self_test_passes_here_and_names_the_slots_that_differ(detok, m
     assert detok.slot_self_test(4) is None
     render = detok.render_in_slots
 
-    def slot_dependent(codes, seeds, slots, *args):  # a kernel whose rounding depended on the row
-        images = render(codes, seeds, slots, *args)
+    def slot_dependent(rows, seeds, slots, *args):  # a kernel whose rounding depended on the row
+        images = render(rows, seeds, slots, *args)
         return [image.rotate(90 * slot) for slot, image in enumerate(images)]
 
     monkeypatch.setattr(detok, "render_in_slots", slot_dependent)

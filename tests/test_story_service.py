@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 from statuses import leaks
@@ -65,8 +66,9 @@ def test_a_twelve_segment_story_arrives_complete_and_in_order(twelve, tiny_ckpt)
     for seg in twelve.segments:
         img = Image.open(io.BytesIO(seg.png))
         assert img.format == "PNG" and img.size == (manifest.preset.image_size,) * 2
-        assert len(seg.visual_codes) == manifest.num_queries
-        assert all(0 <= c < manifest.codebook_size for c in seg.visual_codes)
+        q, d = manifest.num_queries, manifest.feature_dim
+        assert (seg.feature_rows, seg.feature_dim, len(seg.features)) == (q, d, q * d * 4)
+        assert np.isfinite(np.frombuffer(seg.features, "<f4")).all()
     s = twelve.stats
     assert s["prompt_tokens"] > 0 and s["output_tokens"] > 12 * manifest.num_queries
     assert 0 < s["peak_kv_blocks"] and s["kv_block_bytes"] > 0
@@ -74,14 +76,14 @@ def test_a_twelve_segment_story_arrives_complete_and_in_order(twelve, tiny_ckpt)
 
 
 def test_pictures_render_while_the_next_caption_is_written(twelve):
-    """Picture k's render starts once its codes exist, and before caption k+1 is final unless
+    """Picture k's render starts once its features exist, and before caption k+1 is final unless
     the renderer was still drawing an earlier picture then: a backlog when rendering is slower
     than writing, never a wait for the story."""
     segs = twelve.segments
     for k in range(len(segs) - 1):
         after = segs[k + 1].written_at
         backlog = any(s.render_end > after for s in segs[:k])
-        assert segs[k].codes_at <= segs[k].render_start, f"segment {k}"
+        assert segs[k].features_at <= segs[k].render_start, f"segment {k}"
         assert segs[k].render_start < after or backlog, f"segment {k}"
     # So the story takes less than its stages would one after the other.
     busy = twelve.stats["mllm_s"] + sum(s.render_end - s.render_start for s in segs)
@@ -143,15 +145,33 @@ def _leaves(value):
     return [value]
 
 
-def test_a_story_continues_from_the_story_so_far_and_a_start_image(client, twelve, tiny_ckpt):
-    # The pictures so far are the served story's; the captions are a person's (a random-init model's
-    # captions need not re-encode within the caption budget).
-    so_far = [(f"Milo walks in the park {k}.", s.visual_codes) for k, s in enumerate(twelve.segments[:3])]
+def test_a_story_continues_from_the_story_so_far_and_a_start_image(client, tiny_ckpt):
+    # Pictures the service wrote (their ids recompute them) beside one given as image bytes; the
+    # captions are a person's (a random-init model's captions need not re-encode within the budget).
+    so_far = [
+        ("Milo walks in the park 0.", True),
+        ("Milo walks in the park 1.", png_bytes((48, 40))),
+        ("Milo walks in the park 2.", True),
+    ]
     story = client.generate("Milo rests.", 2, png_bytes(), story_so_far=so_far, seed=1, steps=4)
     assert story.complete and len(story.segments) == 2
     # With the opening's picture given, every caption in the answer is the model's own.
     assert story.segments[0].caption != "Milo rests."
-    assert story.stats["prompt_tokens"] > 3 * read_manifest(tiny_ckpt).num_queries
+    assert story.stats["prompt_tokens"] > 4 * read_manifest(tiny_ckpt).num_queries
+
+
+def test_a_given_picture_is_part_of_the_prompt(client):
+    """The same story so far with a given picture in place of a written one is another prompt: the
+    picture's features enter at its query rows (greedy, so only the prompt differs)."""
+
+    def story(picture):
+        so_far = [("Milo walks in the park.", picture)]
+        return client.generate("Milo rests.", 1, story_so_far=so_far, temperature=0.0, render_seed=2, steps=2)
+
+    written, given, again = story(True), story(png_bytes()), story(png_bytes())
+    assert [s.features for s in given.segments] == [s.features for s in again.segments]
+    assert given.stats["prompt_tokens"] == written.stats["prompt_tokens"]  # the same ids
+    assert [s.features for s in given.segments] != [s.features for s in written.segments]
 
 
 def test_the_async_client_gets_the_same_story_for_the_same_seeds(story_service, client):
@@ -164,20 +184,29 @@ def test_the_async_client_gets_the_same_story_for_the_same_seeds(story_service, 
     a = asyncio.run(run())
     b = client.generate(OPENING, 2, seed=5, render_seed=5, steps=4)
     assert [s.caption for s in a.segments] == [s.caption for s in b.segments]
-    assert [s.visual_codes for s in a.segments] == [s.visual_codes for s in b.segments]
+    assert [s.features for s in a.segments] == [s.features for s in b.segments]
     assert [s.png for s in a.segments] == [s.png for s in b.segments]
 
 
 # -- renders that do not depend on their batch -----------------------------------------------------
-def test_a_picture_renders_the_same_alone_and_in_a_batch_beside_others(story_service):
+def test_a_picture_renders_the_same_alone_and_in_a_batch_beside_others(story_service, tiny_ckpt):
     """The DetokenizerPool batches concurrent pictures into fixed-shape calls (render_slots): a
     picture sent again after a lost replica, or beside other stories, must be the same PNG."""
     from ray import serve
 
+    manifest = read_manifest(tiny_ckpt)
+    shape, draw = (manifest.num_queries, manifest.feature_dim), np.random.default_rng(3)
     pool = serve.get_deployment_handle("DetokenizerPool", "seedstory")
-    canary = {"codes": list(range(16)), "steps": 4, "guidance": 5.0, "seed": 21}
+    canary = {
+        "features": draw.standard_normal(shape, dtype=np.float32),
+        "steps": 4,
+        "guidance": 5.0,
+        "seed": 21,
+    }
     alone = pool.render.remote(canary).result()
-    others = [{**canary, "codes": [i] * 16, "seed": i} for i in range(4)]
+    others = [
+        {**canary, "features": draw.standard_normal(shape, dtype=np.float32), "seed": i} for i in range(4)
+    ]
     crowd = [pool.render.remote(job) for pair in zip([canary] * 4, others) for job in pair]
     canaries = [response.result() for response in crowd[::2]]
     assert max(result["batch"] for result in canaries) > 1  # some canary shared a pipeline call
@@ -215,14 +244,25 @@ BAD = [
     ("decompression bomb", dict(image=_bomb()), "start_image"),
     ("top_p", dict(top_p=1.5), "sampling.top_p"),
     ("steps", dict(steps=1000), "rendering.steps"),
-    ("codes count", dict(story_so_far=[("Milo walks.", [1, 2])]), "story_so_far[0].visual_codes"),
-    ("codes range", dict(story_so_far=[("Milo walks.", "huge")]), "story_so_far[0].visual_codes"),
+    (
+        "no picture",
+        dict(story_so_far=[("Milo walks.", True), ("Milo sits.", False)]),
+        "story_so_far[1].picture",
+    ),
+    (
+        "given picture not an image",
+        dict(story_so_far=[("Milo walks.", b"not a picture")]),
+        "story_so_far[0].image",
+    ),
+    (
+        "given picture a bomb",
+        dict(story_so_far=[("Milo walks.", True), ("Milo sits.", _bomb())]),
+        "story_so_far[1].image",
+    ),
 ]
 
 
 def _bad_request(tiny_ckpt, caption=OPENING, segments=2, image=None, story_so_far=(), **options):
-    q, k = read_manifest(tiny_ckpt).num_queries, read_manifest(tiny_ckpt).codebook_size
-    story_so_far = [(c, [k + 7] * q if codes == "huge" else codes) for c, codes in story_so_far]
     return build_request(caption, segments, image, story_so_far=story_so_far, **options)
 
 

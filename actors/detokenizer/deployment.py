@@ -1,10 +1,10 @@
-"""DetokenizerPool: the Serve deployment that renders visual codes to PNG with the SDXL pipeline.
+"""DetokenizerPool: the Serve deployment that renders pictures' features to PNG with the SDXL pipeline.
 
-``render`` takes one picture's codes; ``@serve.batch`` gathers pictures from concurrent stories
+``render`` takes one picture's features (Q, D); ``@serve.batch`` gathers pictures from concurrent stories
 into one worker-thread call per (steps, guidance) group. How a group is rendered decides whether
 a picture depends on its batch (a render sent again after a lost replica must be the same PNG):
 - exact, ``render_slots`` > 1 (the default): one call of exactly ``render_slots`` rows, unused rows
-  padded. At one shape no kernel mixes rows, so a picture depends on its codes and seed only, once
+  padded. At one shape no kernel mixes rows, so a picture depends on its features and seed only, once
   the start-up self-test has shown that it does not depend on its slot either;
 - exact, one slot (or the self-test failed): one pipeline call per picture;
 - not exact: one call for the group at its own size (its pixels may differ by 1 between batches).
@@ -63,7 +63,7 @@ class DetokenizerPool:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def render(self, jobs: list[dict]) -> list[dict]:
-        """Each job: {"codes": [Q ints], "steps": int, "guidance": float, "seed": int}.
+        """Each job: {"features": (Q, D) float32 array, "steps": int, "guidance": float, "seed": int}.
         Returns {"png", "width", "height", "start", "end", "batch"} per job, in order."""
         results: dict[int, dict] = {}
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["steps"], jobs[i]["guidance"]))
@@ -112,13 +112,15 @@ class DetokenizerPool:
 
     def _render(self, jobs: list[dict], steps: int, guidance: float) -> list:
         """One group's pictures, as the module docstring says (exact: a picture is a function of its
-        codes and seed alone; tiny, CPU, one thread: pixels differ by 1 in ~0.03% of values between
+        features and seed alone; tiny, CPU, one thread: pixels differ by 1 in ~0.03% of values between
         batch sizes, never between slots of one size)."""
         self.faults.tick()
-        codes, seeds = [job["codes"] for job in jobs], [job["seed"] for job in jobs]
+        features, seeds = [job["features"] for job in jobs], [job["seed"] for job in jobs]
         until = self.guidance_until
         if not self.exact:
-            return self.model.render_seeded(codes, seeds, steps, guidance, until)
+            return self.model.render_seeded(features, seeds, steps, guidance, until)
         if self.slots > 1:
-            return self.model.render_in_slots(codes, seeds, self.slots, steps, guidance, until)
-        return [self.model.render_seeded([c], [s], steps, guidance, until)[0] for c, s in zip(codes, seeds)]
+            return self.model.render_in_slots(features, seeds, self.slots, steps, guidance, until)
+        return [
+            self.model.render_seeded([f], [s], steps, guidance, until)[0] for f, s in zip(features, seeds)
+        ]

@@ -347,7 +347,7 @@ def _build_engine(config: EngineConfig, manifest):
         # step is scheduled after this one ran (actors/mllm/vllm_kv.py).
         scheduler_cls="actors.mllm.vllm_kv.SinkScheduler",
         async_scheduling=False,
-        worker_extension_cls="actors.mllm.vllm_model.SinkWorkerExtension",
+        worker_extension_cls="actors.mllm.vllm_worker.SinkWorkerExtension",
         logits_processors=["actors.mllm.vllm_logits:StoryGrammarProcessor"],
         # Given pictures enter as embedding rows of a mixed prompt.
         enable_prompt_embeds=True,

@@ -33,7 +33,13 @@ class RowMixer(nn.Module):
         self.proj_in = nn.Linear(n_in, width)
         self.pos = nn.Parameter(torch.randn(1, num_rows, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            width,
+            max(1, width // 64),
+            4 * width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)

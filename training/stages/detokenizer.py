@@ -18,7 +18,13 @@ import torch.nn.functional as F
 
 from actors.checkpoint import load_module, part_dir, read_manifest, write_atomically
 from actors.config import DetokenizerConfig
-from actors.detokenizer.model import FeatureAdapter, Detokenizer, add_time_ids, build_scheduler, scheduler_kwargs
+from actors.detokenizer.model import (
+    Detokenizer,
+    FeatureAdapter,
+    add_time_ids,
+    build_scheduler,
+    scheduler_kwargs,
+)
 from actors.tokenizer.model import VisualTokenizer
 from training.data import image_batches
 from training.stages.visual import foreground_weight

@@ -60,7 +60,9 @@ def loss(models: dict, batch: dict, spec, step: int) -> tuple[torch.Tensor, dict
         at_given = (pictures[0][given].flatten(), pictures[1][given].flatten())
         embeds = embeds.index_put(at_given, heads.embeddings(features[given]).flatten(0, 1).to(embeds.dtype))
     hidden = mllm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-    caption_loss = token_loss(mllm.lm_head(hidden[:, :-1]), ids[:, 1:], batch["loss_mask"][:, 1:].bool(), layout)
+    caption_loss = token_loss(
+        mllm.lm_head(hidden[:, :-1]), ids[:, 1:], batch["loss_mask"][:, 1:].bool(), layout
+    )
     written = ~given
     predicted = heads.features(hidden[pictures[0][written], pictures[1][written]])  # (Pw, Q, D)
     cosine = F.cosine_similarity(predicted, features[written], dim=-1).mean()

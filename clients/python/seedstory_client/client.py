@@ -48,17 +48,27 @@ def build_request(
     steps: int = 0,
     guidance: float = 0.0,
     render_seed: int | None = None,
-    story_so_far: Iterable[tuple[str, list[int]]] = (),
+    story_so_far: Iterable[tuple[str, bool | bytes]] = (),
 ) -> StoryRequest:
-    """Zero for segments/steps/guidance means the server's default."""
+    """Zero for segments/steps/guidance means the server's default. ``story_so_far``: earlier
+    segments as ``(caption, picture)``, the picture ``True`` when the service wrote it (its ids
+    recompute it) or given as PNG/JPEG bytes."""
     return StoryRequest(
         caption=caption,
         start_image=image or b"",
         segments=segments,
         sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
         rendering=Rendering(steps=steps, guidance=guidance, seed=render_seed),
-        story_so_far=[Segment(caption=c, visual_codes=codes) for c, codes in story_so_far],
+        story_so_far=[_segment(caption, picture) for caption, picture in story_so_far],
     )
+
+
+def _segment(caption: str, picture: bool | bytes) -> Segment:
+    """An earlier segment: its picture written by the service (``True``) or given as image bytes.
+    ``False`` sets neither, which the service refuses (``story_so_far[i].picture``)."""
+    if isinstance(picture, bytes | bytearray):
+        return Segment(caption=caption, image=bytes(picture))
+    return Segment(caption=caption, written=True) if picture else Segment(caption=caption)
 
 
 @dataclass
@@ -66,10 +76,14 @@ class StorySegment:
     index: int
     caption: str = ""
     png: bytes = b""
-    visual_codes: list[int] = field(default_factory=list)
+    # The picture's features as the service sent them: feature_rows x feature_dim little-endian
+    # float32 values, row-major (story.proto's ImageEvent); they render the picture again.
+    features: bytes = b""
     caption_ids: list[int] = field(default_factory=list)  # the exact ids: a continuation is token for token
+    feature_rows: int = 0
+    feature_dim: int = 0
     written_at: float = 0.0  # server times (unix s), for the pipeline's timeline
-    codes_at: float = 0.0
+    features_at: float = 0.0
     render_start: float = 0.0
     render_end: float = 0.0
 
@@ -138,8 +152,13 @@ class Story:
         if event.index >= self._captions or self.segments[at].png or at != self.pictures:
             raise ValueError(f"image {event.index} arrived out of order")
         seg = self.segments[at]
-        seg.png, seg.visual_codes = event.png, list(event.visual_codes)
-        seg.codes_at, seg.render_start, seg.render_end = event.codes_at, event.render_start, event.render_end
+        seg.png, seg.features = event.png, event.features
+        seg.feature_rows, seg.feature_dim = event.feature_rows, event.feature_dim
+        seg.features_at, seg.render_start, seg.render_end = (
+            event.features_at,
+            event.render_start,
+            event.render_end,
+        )
 
     @property
     def pictures(self) -> int:
@@ -159,7 +178,9 @@ def continuation_request(story: Story) -> StoryRequest:
     """What to send for the segments ``story`` still misses, so that with its answer folded in
     (``Story.start_stream``, ``Story.add``) it is the story its ``request`` asked for:
 
-    - ``story_so_far``: the request's own, then every segment whose picture arrived (by caption ids);
+    - ``story_so_far``: the request's own, then the opening caption with its start image if it had
+      one, then every segment whose picture arrived (by caption ids, ``written``: the service
+      recomputes those pictures from the ids);
     - the opening: the caption that arrived without its picture, else none (the MLLM writes the next);
     - ``segments``: those still missing; sampling and rendering as asked, the render seed moved on by
       the segments complete, since the server renders picture i with seed ``render_seed + i``.
@@ -173,11 +194,6 @@ def continuation_request(story: Story) -> StoryRequest:
     missing = (original.segments or DEFAULT_SEGMENTS) - done
     if missing <= 0:
         raise CannotContinue(f"every one of the {done} segments asked for has its picture")
-    if original.start_image:
-        # The opening picture's codes are the server's own: no request can re-create them.
-        raise CannotContinue(
-            "a story begun from a start image can be continued only before its first picture"
-        )
     pending = story.segments[done] if done < len(story.segments) else StorySegment(done)
     request = StoryRequest(
         **_caption_of(pending),
@@ -186,12 +202,22 @@ def continuation_request(story: Story) -> StoryRequest:
         rendering=original.rendering,
         story_so_far=[
             *original.story_so_far,
-            *(Segment(**_caption_of(s), visual_codes=s.visual_codes) for s in story.segments[:done]),
+            *_start(original),
+            *(Segment(**_caption_of(s), written=True) for s in story.segments[:done]),
         ],
     )
     if original.rendering.HasField("seed"):
         request.rendering.seed = original.rendering.seed + done
     return request
+
+
+def _start(request: StoryRequest) -> list[Segment]:
+    """The request's opening caption and start image as an earlier segment (none without a start
+    image: then the opening caption is the story's segment 0). The image goes again as the same
+    bytes, which the service encodes to features again."""
+    if not request.start_image:
+        return []
+    return [Segment(caption=request.caption, caption_ids=request.caption_ids, image=request.start_image)]
 
 
 def _caption_of(segment: StorySegment) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
@@ -16,8 +17,9 @@ def write_story(out: Path, story: Story, source: str = "") -> Path:
     """PNGs, story.json and story.html (captions beside pictures) in ``out``; returns the page.
     ``source`` names the model (the server's checkpoint name), never its path. A story cut short may
     end on a caption whose picture never came: it gets ``"image": null`` and no picture on the page.
-    story.json keeps each segment's exact caption ids and visual codes and the story's request, so
-    ``read_story`` + ``continuation_request`` can finish it."""
+    story.json keeps each segment's exact caption ids, its picture's features (base64 of the
+    ImageEvent's bytes, with their rows and dim) and the story's request, so ``read_story`` +
+    ``continuation_request`` can finish it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     segments, figures = [], []
@@ -34,7 +36,9 @@ def write_story(out: Path, story: Story, source: str = "") -> Path:
             {
                 "caption": seg.caption,
                 "caption_ids": seg.caption_ids,
-                "visual_codes": seg.visual_codes,
+                "features": base64.b64encode(seg.features).decode("ascii"),
+                "feature_rows": seg.feature_rows,
+                "feature_dim": seg.feature_dim,
                 "image": name,
             }
         )
@@ -74,8 +78,10 @@ def read_story(folder: Path) -> Story:
             k,
             s["caption"],
             png=(folder / s["image"]).read_bytes() if s["image"] else b"",
-            visual_codes=s["visual_codes"],
+            features=base64.b64decode(s.get("features", "")),
             caption_ids=s.get("caption_ids", []),
+            feature_rows=s.get("feature_rows", 0),
+            feature_dim=s.get("feature_dim", 0),
         )
         for k, s in enumerate(saved["segments"])
     ]

@@ -27,14 +27,16 @@ class Rendering(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("caption", "visual_codes", "caption_ids")
+    __slots__ = ("caption", "caption_ids", "written", "image")
     CAPTION_FIELD_NUMBER: _ClassVar[int]
-    VISUAL_CODES_FIELD_NUMBER: _ClassVar[int]
     CAPTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     caption: str
-    visual_codes: _containers.RepeatedScalarFieldContainer[int]
     caption_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, caption: _Optional[str] = ..., visual_codes: _Optional[_Iterable[int]] = ..., caption_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    written: bool
+    image: bytes
+    def __init__(self, caption: _Optional[str] = ..., caption_ids: _Optional[_Iterable[int]] = ..., written: _Optional[bool] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class StoryRequest(_message.Message):
     __slots__ = ("caption", "start_image", "segments", "sampling", "rendering", "story_so_far", "caption_ids")
@@ -67,24 +69,28 @@ class CaptionEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., caption: _Optional[str] = ..., caption_ids: _Optional[_Iterable[int]] = ..., written_at: _Optional[float] = ...) -> None: ...
 
 class ImageEvent(_message.Message):
-    __slots__ = ("index", "png", "visual_codes", "width", "height", "codes_at", "render_start", "render_end")
+    __slots__ = ("index", "png", "width", "height", "features_at", "render_start", "render_end", "features", "feature_rows", "feature_dim")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
-    VISUAL_CODES_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
-    CODES_AT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_AT_FIELD_NUMBER: _ClassVar[int]
     RENDER_START_FIELD_NUMBER: _ClassVar[int]
     RENDER_END_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     index: int
     png: bytes
-    visual_codes: _containers.RepeatedScalarFieldContainer[int]
     width: int
     height: int
-    codes_at: float
+    features_at: float
     render_start: float
     render_end: float
-    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., visual_codes: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., codes_at: _Optional[float] = ..., render_start: _Optional[float] = ..., render_end: _Optional[float] = ...) -> None: ...
+    features: bytes
+    feature_rows: int
+    feature_dim: int
+    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., features_at: _Optional[float] = ..., render_start: _Optional[float] = ..., render_end: _Optional[float] = ..., features: _Optional[bytes] = ..., feature_rows: _Optional[int] = ..., feature_dim: _Optional[int] = ...) -> None: ...
 
 class StoryStats(_message.Message):
     __slots__ = ("prompt_tokens", "output_tokens", "peak_kv_blocks", "kv_block_bytes", "tokenize_s", "mllm_s", "render_s", "total_s", "tokens_per_s", "resumes")
