@@ -18,10 +18,11 @@ the hero, the caption's place, action and friends fixed) says whether the story'
              alone, to read the other stages against (a soft picture loses to a sharp wrong one)
   loaded     the JPEG file as the data pipeline loads it (decode, centre-crop, resize)
   vae        the de-tokenizer's VAE alone: encode -> decode (posterior mode)
-  vq_decoder the visual tokenizer's pixel decoder from the quantised codes (a small decoder,
-             trained only as an auxiliary loss: a lower bound on what the codes carry)
-  render     the full de-tokenizer from the ground-truth codes, at the served steps/guidance
-  img2img    the UNet and the code conditioning starting halfway (strength 0.5) from the VAE
+  decoder    the visual tokenizer's pixel decoder from the picture's features (a small decoder,
+             trained only as the tokenizer's reconstruction loss: a lower bound on what the
+             features carry; results before the switch to features call it vq_decoder)
+  render     the full de-tokenizer from the ground-truth features, at the served steps/guidance
+  img2img    the UNet and the feature conditioning starting halfway (strength 0.5) from the VAE
              latent of the true picture: does the UNet keep the hero when it starts near it?
   sweep      render at steps x guidance, on the first --sweep-segments pictures of each story
 
@@ -172,9 +173,9 @@ def vae_roundtrip(detok, pixels: torch.Tensor) -> list:
     return detok.pipeline.image_processor.postprocess(decoded, output_type="pil")
 
 
-def vq_decoder(visual, detok, pixels: torch.Tensor) -> list:
+def decoder(visual, detok, pixels: torch.Tensor) -> list:
     def decode(b):
-        return visual.decode(visual.quantize(visual.latents(b))[1])  # what the reconstruction loss trained
+        return visual.decode(visual.encode(b))  # what the reconstruction loss trained
 
     decoded = batched(decode, pixels).clamp(-1, 1)
     return detok.pipeline.image_processor.postprocess(decoded, output_type="pil")
@@ -185,22 +186,22 @@ def seeds(held: HeldSet) -> list[int]:
     return [i * 1000 + k for i, k in held.keys]
 
 
-def render(detok, codes: list[list[int]], held: HeldSet, steps: int, guidance: float) -> list:
-    return render_all(detok, codes, seeds(held), EvalSettings(steps=steps, guidance=guidance))[0]
+def render(detok, features: list[np.ndarray], held: HeldSet, steps: int, guidance: float) -> list:
+    return render_all(detok, features, seeds(held), EvalSettings(steps=steps, guidance=guidance))[0]
 
 
 def img2img(
-    detok, codes: list[list[int]], held: HeldSet, steps: int, guidance: float, batch: int = 16
+    detok, features: list[np.ndarray], held: HeldSet, steps: int, guidance: float, batch: int = 16
 ) -> list:
-    """Half-noised VAE latents of the true pictures, denoised by the UNet under the codes' conditioning."""
+    """Half-noised VAE latents of the true pictures, denoised by the UNet under the features' conditioning."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(detok.pipeline)  # shares the modules, no copy
     pipe.set_progress_bar_config(disable=True)
     out, gens = [], [torch.Generator().manual_seed(x) for x in seeds(held)]
     with torch.no_grad():
-        for i in range(0, len(codes), batch):
-            prompt, pooled = detok.adapter(torch.tensor(codes[i : i + batch]))
+        for i in range(0, len(features), batch):
+            prompt, pooled = detok.adapter(torch.as_tensor(np.stack(features[i : i + batch])))
             neg, neg_pooled = detok.adapter.null(len(prompt))
             out += pipe(
                 image=held.loaded[i : i + batch],
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> dict:
     visual = VisualTokenizer.from_pretrained(part_dir(args.ckpt, "visual_tokenizer")).eval()
     held = read_set(args.heldout, args.stories, args.segments, size)
     pixels = to_tensor(held.loaded)
-    codes = visual.encode(pixels).tolist()  # the ground-truth codes, as the TokenizerPool makes them
+    # The ground-truth features, (Q, D) a picture, as the TokenizerPool makes them.
+    features = list(batched(visual.encode, pixels).numpy())
     stages = {
         "truth": lambda: truth(held, size),
         **{
@@ -241,9 +243,9 @@ def run(args: argparse.Namespace) -> dict:
         },
         "loaded": lambda: held.loaded,
         "vae": lambda: vae_roundtrip(detok, pixels),
-        "vq_decoder": lambda: vq_decoder(visual, detok, pixels),
-        "render": lambda: render(detok, codes, held, served.default_steps, served.default_guidance),
-        "img2img": lambda: img2img(detok, codes, held, served.default_steps, served.default_guidance),
+        "decoder": lambda: decoder(visual, detok, pixels),
+        "render": lambda: render(detok, features, held, served.default_steps, served.default_guidance),
+        "img2img": lambda: img2img(detok, features, held, served.default_steps, served.default_guidance),
     }
     results = {}
     for name, stage in stages.items():
@@ -252,19 +254,19 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "settings": settings(args, served, size),
         "stages": results,
-        "sweep": sweep(detok, codes, held, args),
+        "sweep": sweep(detok, features, held, args),
     }
 
 
-def sweep(detok, codes: list[list[int]], held: HeldSet, args: argparse.Namespace) -> list[dict]:
+def sweep(detok, features: list[np.ndarray], held: HeldSet, args: argparse.Namespace) -> list[dict]:
     if args.sweep_segments == 0:
         return []
     sub = subset(held, args.sweep_segments)
-    sub_codes = [codes[n] for n, (_, k) in enumerate(held.keys) if k < args.sweep_segments]
+    sub_features = [features[n] for n, (_, k) in enumerate(held.keys) if k < args.sweep_segments]
     rows = []
     for steps in SWEEP_STEPS:
         for guidance in SWEEP_GUIDANCE:
-            scores = score(sub, *timed(render, detok, sub_codes, sub, steps, guidance))
+            scores = score(sub, *timed(render, detok, sub_features, sub, steps, guidance))
             rows.append({"steps": steps, "guidance": guidance, **scores})
             report(f"steps {steps} guidance {guidance:g}", scores)
     return rows

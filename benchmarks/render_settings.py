@@ -1,6 +1,6 @@
 """Fewer UNet evaluations at the same quality: render settings judged against today's default.
 
-Every setting renders the same held-out pictures from their ground-truth codes (the visual
+Every setting renders the same held-out pictures from their ground-truth features (the visual
 tokenizer's, as the TokenizerPool makes them) with the same seeds, in the service's fixed
 ``--slots``-row calls on one thread, and the eval's look judge scores each picture: the mean of
 "right" over the characters there (colour, shape and pattern all right) and the place. Each
@@ -49,15 +49,15 @@ def parse_setting(text: str) -> dict:
 
 
 def render_setting(
-    detok, codes: list[list[int]], picture_seeds: list[int], setting: dict, guidance: float, slots: int
+    detok, features: list[np.ndarray], picture_seeds: list[int], setting: dict, guidance: float, slots: int
 ) -> tuple[list, float]:
     """Every picture at one setting, ``slots`` rows per call as the DetokenizerPool renders; and the
     seconds it took."""
     detok.use_sampler(setting["sampler"])
     start, pictures = time.perf_counter(), []
-    for at in range(0, len(codes), slots):
+    for at in range(0, len(features), slots):
         pictures += detok.render_in_slots(
-            codes[at : at + slots],
+            features[at : at + slots],
             picture_seeds[at : at + slots],
             slots,
             setting["steps"],
@@ -110,10 +110,10 @@ def run(args: argparse.Namespace) -> dict:
     detok = Detokenizer.from_pretrained(part_dir(args.ckpt, "detokenizer"))
     visual = VisualTokenizer.from_pretrained(part_dir(args.ckpt, "visual_tokenizer")).eval()
     held = read_set(args.heldout, args.stories, args.segments, read_manifest(args.ckpt).image_size)
-    codes = visual.encode(to_tensor(held.loaded)).tolist()
+    features = list(visual.encode(to_tensor(held.loaded)).numpy())  # (Q, D) a picture
     rows, baseline = [], None
     for setting in map(parse_setting, args.settings):
-        pictures, seconds = render_setting(detok, codes, seeds(held), setting, guidance, args.slots)
+        pictures, seconds = render_setting(detok, features, seeds(held), setting, guidance, args.slots)
         scores = judge_pictures(held, pictures)
         rows.append(summarise(setting, scores, baseline, seconds, len(pictures)))
         baseline = baseline or scores

@@ -7,25 +7,32 @@
 
 The sampled eval (``seedstory eval``) says whether the pictures come out right; this says why.
 Held-out returning-world stories are teacher-forced, token by token, through the transformers
-MLLM under each mode's kept set: the true captions, and the visual tokenizer's codes of the
-true pictures. It follows the engine's semantics: every token's keys and values are computed
-once, when the token is read; the kept ones (``actors.mllm.sink.kept_ranges``, the policy the
-engine runs) are re-ranked from 0 and rotated to their ranks. Three measurements:
+MLLM under each mode's kept set: the true captions, and every picture as the service writes it,
+``<img>`` and the Q query ids ``</img>`` (a written picture is a function of the story's ids: its
+features are read off the final-norm hidden rows at the query positions). It follows the
+engine's semantics: every token's keys and values are computed once, when the token is read; the
+kept ones (``actors.mllm.sink.kept_ranges``, the policy the engine runs) are re-ranked from 0 and
+rotated to their ranks. Three measurements:
 
-1. **Code NLL**: the mean negative log-likelihood of each picture's 16 codes, on pictures where
-   a friend returns (``truth.jsonl``'s ``returning``: back after 10+ segments away, beyond the
-   window of 8) and on the others; per mode, with story-paired differences against the window.
-   If the kept ``<img>``/``</img>`` neighbourhoods carry a returning friend's look, the
-   multimodal sink's NLL on those pictures is lower than the window's.
-2. **Attention**: at the codes of those pictures, the share of attention (mean over layers,
-   heads and code positions) on each region of the context: the current segment, the window, the
+1. **Feature cosine**: each picture's features as the MLLM writes them (the output head on its Q
+   query rows) against the visual tokenizer's features of the true picture (the mllm stage's
+   regression target), the mean cosine over the Q rows; on pictures where a friend returns
+   (``truth.jsonl``'s ``returning``: back after 10+ segments away, beyond the window of 8) and on
+   the others; per mode, with story-paired differences against the window. If the kept
+   ``<img>``/``</img>`` neighbourhoods carry a returning friend's look, the multimodal sink's
+   cosine on those pictures is higher than the window's.
+2. **Attention**: at the query rows of those pictures, the share of attention (mean over layers,
+   heads and query rows) on each region of the context: the current segment, the window, the
    sink tokens, the opening caption (the only caption that says the looks), the opening picture,
    the returning friend's last picture before it left, the old tokens the multimodal sink keeps
    (its neighbourhoods), and the rest of the old segments.
-3. **What each code slot carries**: over the held-out pictures, how well the code in slot q
-   (1..16) alone tells a friend's colour, shape and pattern (a code -> majority-look table fitted
-   on half the stories and scored on the other half; chance is about 1/6, 1/6, 1/2). The
-   multimodal sink keeps slots 1..boi_after and 17-eoi_before..16 of every old picture.
+3. **What each feature row carries**: over the held-out pictures, how well row q (1..16) of the
+   visual tokenizer's features alone tells a friend's colour, shape and pattern (nearest class
+   mean, fitted on half the stories and scored on the other half; chance is about 1/6, 1/6, 1/2).
+   The multimodal sink keeps query rows 1..boi_after and 17-eoi_before..16 of every old picture.
+
+Results before the switch to features (``nll_*`` keys, code slots) are kept in
+benchmarks/results as history.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class Story:
     returning: list[list[str]]  # per segment: the friends back after 10+ segments away
     present: list[list[str]]  # per segment: who is there
     looks: dict[str, dict[str, str]]
+    features: np.ndarray  # per segment: the visual tokenizer's features of its true picture (Q, D)
 
 
 # -- the stories, as token ids --------------------------------------------------------------------
@@ -80,17 +88,28 @@ def read_stories(folder: Path, builder, stories: int, segments: int) -> list[Sto
     out = []
     for row, truth in zip(rows, truths):
         caps = builder.caption_ids(row["captions"][:segments])
-        codes = builder.image_codes([(folder / "images" / p).read_bytes() for p in row["images"][:segments]])
+        features = builder.image_features(
+            [(folder / "images" / p).read_bytes() for p in row["images"][:segments]]
+        )
+        bad = [f for f in features if not isinstance(f, np.ndarray)]
+        if bad:
+            raise ValueError(f"{folder}: a picture does not encode: {bad[0]}")
         ids, spans, bois = [layout.bos], [], []
-        for cap, code in zip(caps, codes):
+        for cap in caps:
             start = len(ids)
-            ids += segment_ids(layout, cap, code)
+            ids += segment_ids(layout, cap, picture=True)
             spans.append((start, len(ids)))
             bois.append(start + len(cap))
         segs = truth["segments"][:segments]
         out.append(
             Story(
-                ids, spans, bois, [s["returning"] for s in segs], [s["present"] for s in segs], truth["looks"]
+                ids,
+                spans,
+                bois,
+                [s["returning"] for s in segs],
+                [s["present"] for s in segs],
+                truth["looks"],
+                np.stack(features),
             )
         )
     return out
@@ -117,15 +136,16 @@ class SinkForcer:
     @torch.no_grad()
     def run(
         self, ids: list[int], watch: set[int]
-    ) -> tuple[np.ndarray, dict[int, tuple[list[int], np.ndarray]]]:
-        """Log-probabilities of every next token, and for each position in ``watch`` the kept
-        positions it attended to with their attention (mean over layers and heads)."""
+    ) -> tuple[np.ndarray, dict[int, tuple[list[int], np.ndarray]], torch.Tensor]:
+        """Log-probabilities of every next token; for each position in ``watch`` the kept
+        positions it attended to with their attention (mean over layers and heads); and every
+        position's final-norm hidden state (n, hidden), what the output head reads at query rows."""
         n_layers = len(self.model.model.layers)
         keys = [torch.empty(self.kv_heads, 0, self.head_dim) for _ in range(n_layers)]
         values = [torch.empty(self.kv_heads, 0, self.head_dim) for _ in range(n_layers)]
         # The kept keys, rotated to their ranks.
         rotated = [torch.empty(self.kv_heads, 0, self.head_dim) for _ in range(n_layers)]
-        logp, seen, before = np.zeros(len(ids)), {}, []
+        logp, seen, before, rows = np.zeros(len(ids)), {}, [], []
         for position in range(len(ids)):
             kept = positions(kept_ranges(ids[: position + 1], self.sink))
             ranks, grew = list(range(len(kept))), kept[:-1] == before
@@ -150,15 +170,17 @@ class SinkForcer:
                 weights += att.mean((0, 1)) / n_layers
                 hidden = hidden + attn.o_proj((att @ v).transpose(0, 1).reshape(1, -1))
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            rows.append(self.model.model.norm(hidden))
             if position + 1 < len(ids):
-                logits = self.model.lm_head(self.model.model.norm(hidden))[0]
+                logits = self.model.lm_head(rows[-1])[0]
                 logp[position + 1] = float(torch.log_softmax(logits, -1)[ids[position + 1]])
             if position in watch:
                 seen[position] = (kept, weights.numpy())
-        return logp, seen
+        return logp, seen, torch.cat(rows)
 
 
-def code_positions(story: Story, k: int) -> list[int]:
+def query_positions(story: Story, k: int) -> list[int]:
+    """Segment k's picture's Q query rows: after its ``<img>``, before its ``</img>``."""
     return list(range(story.boi[k] + 1, story.spans[k][1] - 1))
 
 
@@ -195,55 +217,72 @@ def regions(story: Story, k: int, sink) -> dict[int, str]:
     return label
 
 
-def probe_mode(model, story: Story, sink) -> dict:
+@torch.no_grad()
+def written_cosines(heads, story: Story, hidden: torch.Tensor) -> dict[int, float]:
+    """Per segment: the mean cosine over its Q rows between the features the MLLM writes there (the
+    output head on the final-norm query rows) and the true picture's."""
+    rows = torch.stack([hidden[query_positions(story, k)] for k in range(len(story.spans))])  # (S, Q, H)
+    written = heads.features(rows.to(next(heads.parameters()).dtype)).float()
+    truth = torch.from_numpy(story.features).float()
+    cosine = torch.nn.functional.cosine_similarity(written, truth, dim=-1).mean(-1)  # (S,)
+    return {k: float(c) for k, c in enumerate(cosine)}
+
+
+def probe_mode(model, heads, story: Story, sink) -> dict:
     back = [k for k, names in enumerate(story.returning) if names]
-    watch = {i for k in back for i in code_positions(story, k)}
-    logp, seen = SinkForcer(model, sink).run(story.ids, watch)
-    nll = {k: float(-np.mean(logp[code_positions(story, k)])) for k in range(len(story.spans))}
+    watch = {i for k in back for i in query_positions(story, k)}
+    _, seen, hidden = SinkForcer(model, sink).run(story.ids, watch)
+    cosine = written_cosines(heads, story, hidden)
     shares = []
     for k in back:
         label = regions(story, k, sink)
-        for i in code_positions(story, k):
+        for i in query_positions(story, k):
             kept, w = seen[i]
             share = Counter()
             for pos, wt in zip(kept, w):
                 share[label[pos]] += float(wt)
             shares.append([share[r] for r in REGIONS])
-    return {"nll": nll, "back": back, "attention": np.mean(shares, 0).tolist() if shares else None}
+    return {"cosine": cosine, "back": back, "attention": np.mean(shares, 0).tolist() if shares else None}
 
 
-# -- what the code slots carry ----------------------------------------------------------------------
+# -- what the feature rows carry -------------------------------------------------------------------
 
 
-def slot_probe(stories: list[Story], layout, num_queries: int) -> dict:
-    """Per slot and attribute: held-out accuracy of a code -> majority friend-look table."""
+def slot_probe(stories: list[Story], num_queries: int) -> dict:
+    """Per feature row and attribute: held-out accuracy of the nearest class mean (the row's mean
+    per friend look, fitted on half the stories, scored on the other half)."""
     half = len(stories) // 2
     out = {}
     for attr in ("colour", "shape", "pattern"):
         acc = []
         for slot in range(num_queries):
-            table = defaultdict(Counter)
+            rows = defaultdict(list)
             for story in stories[:half]:
-                for code, friend in _friend_codes(story, layout, slot):
-                    table[code][story.looks[friend][attr]] += 1
+                for row, friend in _friend_rows(story, slot):
+                    rows[story.looks[friend][attr]].append(row)
+            classes = sorted(rows)
+            if not classes:
+                acc.append(float("nan"))
+                continue
+            means = np.stack([np.mean(rows[c], 0) for c in classes])
             hits = [
-                table[code].most_common(1)[0][0] == story.looks[friend][attr] if table[code] else False
+                classes[int(np.argmin(((means - row) ** 2).sum(-1)))] == story.looks[friend][attr]
                 for story in stories[half:]
-                for code, friend in _friend_codes(story, layout, slot)
+                for row, friend in _friend_rows(story, slot)
             ]
             acc.append(float(np.mean(hits)) if hits else float("nan"))
         out[attr] = acc
     return out
 
 
-def _friend_codes(story: Story, layout, slot: int):
-    """(the code in ``slot``, the friend) for every picture with exactly one friend (so the look is
-    unambiguous)."""
+def _friend_rows(story: Story, slot: int):
+    """(feature row ``slot`` of the true picture, the friend) for every picture with exactly one
+    friend (so the look is unambiguous)."""
     hero = next(iter(story.looks))
     for k in range(len(story.spans)):
         friends = [n for n in story.present[k] if n != hero]
         if len(friends) == 1:
-            yield layout.visual_code(story.ids[code_positions(story, k)[slot]]), friends[0]
+            yield story.features[k][slot], friends[0]
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -256,6 +295,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> dict:
     from actors.checkpoint import part_dir
+    from actors.mllm.heads import PictureHeads
     from actors.mllm.model import load_mllm
     from actors.tokenizer.prompts import PromptBuilder
     from cluster.mllm_config import resolve
@@ -265,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     builder = PromptBuilder(str(ckpt))
     layout, num_queries = builder.manifest.tokens, builder.manifest.num_queries
     model = load_mllm(part_dir(ckpt, "mllm"))
+    heads = PictureHeads.from_pretrained(part_dir(ckpt, "heads")).eval()
     sink = sink.for_pictures(num_queries)
     stories = read_stories(args.heldout, builder, args.stories, args.segments)
     result = {
@@ -274,14 +315,14 @@ def run(args: argparse.Namespace) -> dict:
     }
     for mode in args.modes:
         started, mode_sink = time.time(), replace(sink, mode=mode).with_ids(layout.boi, layout.eoi)
-        runs = [probe_mode(model, story, mode_sink) for story in stories]
+        runs = [probe_mode(model, heads, story, mode_sink) for story in stories]
         result["modes"][mode] = summarise(runs)
         print(
             f"[{mode}] {time.time() - started:.0f}s {json.dumps(result['modes'][mode]['summary'])}",
             flush=True,
         )
     result["paired_vs_window"] = paired_table(result["modes"])
-    result["slots"] = slot_probe(stories, layout, num_queries)
+    result["slots"] = slot_probe(stories, num_queries)
     result["kept_slots"] = {
         "after <img>": list(range(1, sink.boi_after + 1)),
         "before </img>": list(range(num_queries - sink.eoi_before + 1, num_queries + 1)),
@@ -290,14 +331,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    back = [float(np.mean([r["nll"][k] for k in r["back"]])) if r["back"] else None for r in runs]
-    other = [float(np.mean([v for k, v in r["nll"].items() if k not in r["back"]])) for r in runs]
+    back = [float(np.mean([r["cosine"][k] for k in r["back"]])) if r["back"] else None for r in runs]
+    other = [float(np.mean([v for k, v in r["cosine"].items() if k not in r["back"]])) for r in runs]
     att = [r["attention"] for r in runs if r["attention"] is not None]
+    kept = [b for b in back if b is not None]
     return {
         "per_story": {"returning": back, "other": other},
         "summary": {
-            "nll_returning": float(np.mean([b for b in back if b is not None])),
-            "nll_other": float(np.mean(other)),
+            "cosine_returning": float(np.mean(kept)) if kept else None,
+            "cosine_other": float(np.mean(other)),
             "returning_pictures": sum(len(r["back"]) for r in runs),
             "attention": dict(zip(REGIONS, np.mean(att, 0).round(4).tolist())) if att else None,
         },
@@ -316,10 +358,10 @@ def paired_table(modes: dict) -> dict:
             i for i, (x, y) in enumerate(zip(r["per_story"]["returning"], base["returning"])) if x is not None
         ]
         out[mode] = {
-            "nll_returning": paired(
+            "cosine_returning": paired(
                 [r["per_story"]["returning"][i] for i in rows], [base["returning"][i] for i in rows]
             ),
-            "nll_other": paired(r["per_story"]["other"], base["other"]),
+            "cosine_other": paired(r["per_story"]["other"], base["other"]),
             "stories": len(rows),
         }
     return out

@@ -11,7 +11,7 @@ What is measured, and how:
               and rendering bars per segment) goes to serve_bench_timeline.png.
   overhead    After Ray is shut down, the same story (prompt, sampling seed, render seeds, steps) written
               in-process without Ray or gRPC: a StoryEngine stepped (StoryDriver) on the main thread,
-              each finished picture's codes rendered by the Detokenizer on one worker thread, the
+              each finished picture's features rendered by the Detokenizer on one worker thread, the
               served pipeline's shape.
               Serve + gRPC overhead per segment = (served - bare) / segments, also as % of the bare
               per-segment time; goal <= 10%. Served and bare run --repeats times each; medians are used.
@@ -137,13 +137,13 @@ async def timed_story(client, caption: str, segments: int, steps: int, seed: int
         "segments": [
             {
                 "written_at": s.written_at,
-                "codes_at": s.codes_at,
+                "features_at": s.features_at,
                 "render_start": s.render_start,
                 "render_end": s.render_end,
             }
             for s in story.segments
         ],
-        "codes": [s.visual_codes for s in story.segments],
+        "features": [s.features for s in story.segments],  # the wire bytes (actors/features.py)
         "delivery_ms_mean": 1000 * statistics.mean(delivery),
         "delivery_ms_p50": 1000 * statistics.median(delivery),
         "delivery_ms_max": 1000 * max(delivery),
@@ -280,6 +280,7 @@ def bare_story(
 ) -> dict:
     """Write on this thread, render on the pool's: what the ingress does with two pools, minus Ray
     and gRPC."""
+    from actors.features import to_bytes
     from actors.mllm.driver import StoryDriver
     from actors.mllm.engine import Sampling
     from actors.mllm.events import CaptionWritten, PictureWritten, StoryEnd
@@ -287,7 +288,7 @@ def bare_story(
 
     t0 = time.time()
     # The TokenizerPool's prompt for a caption with no picture and no story so far.
-    prompt = [engine.tokens.bos] + encode_segment(text_tokenizer, engine.tokens, OPENING, None)
+    prompt = [engine.tokens.bos] + encode_segment(text_tokenizer, engine.tokens, OPENING, picture=False)
     mllm_start = time.time()
     engine.submit("bare", prompt, segments, Sampling(TEMPERATURE, TOP_P, seed))
     rows, renders, mllm_end, tokens = [], [], mllm_start, 0
@@ -297,17 +298,17 @@ def bare_story(
             if isinstance(ev, CaptionWritten):
                 rows.append({"written_at": now})
             elif isinstance(ev, PictureWritten):
-                rows[ev.index]["codes_at"] = now
+                rows[ev.index]["features_at"] = now
                 # The ingress's render seed: the request's render_seed + the segment index.
                 renders.append(
-                    pool.submit(render, detok, ev.codes, steps, guidance, (seed + ev.index) % (1 << 63))
+                    pool.submit(render, detok, ev.features, steps, guidance, (seed + ev.index) % (1 << 63))
                 )
             elif isinstance(ev, StoryEnd):
                 mllm_end, tokens = now, ev.output_tokens
-    codes = []
+    features = []
     for row, job in zip(rows, renders):
-        row["render_start"], row["render_end"], picture_codes = job.result()
-        codes.append(picture_codes)
+        row["render_start"], row["render_end"], picture_features = job.result()
+        features.append(to_bytes(picture_features))  # as the service sends them, to compare
     end = time.time()
     return {
         "sent": t0,
@@ -316,18 +317,18 @@ def bare_story(
         "mllm_s": mllm_end - mllm_start,
         "output_tokens": tokens,
         "segments": rows,
-        "codes": codes,
+        "features": features,
     }
 
 
-def render(detok, codes: list[int], steps: int, guidance: float, seed: int) -> tuple[float, float, list[int]]:
-    """The DetokenizerPool's work for one picture, PNG encoding included."""
+def render(detok, features, steps: int, guidance: float, seed: int) -> tuple[float, float, object]:
+    """The DetokenizerPool's work for one picture (features (Q, D)), PNG encoding included."""
     from actors.imageio import to_png
 
     start = time.time()
-    image = detok.render_seeded([codes], [seed], steps, guidance)[0]
+    image = detok.render_seeded([features], [seed], steps, guidance)[0]
     to_png(image)
-    return start, time.time(), codes
+    return start, time.time(), features
 
 
 def main() -> None:
@@ -355,7 +356,7 @@ def main() -> None:
         args.out / "serve_bench_timeline.png",
     )
     for run in served_result["pipeline_runs"] + bare_runs:
-        run.pop("codes")  # compared above; not worth the JSON
+        run.pop("features")  # compared above; not worth the JSON
     result = {
         "machine": info,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

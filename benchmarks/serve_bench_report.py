@@ -82,10 +82,24 @@ def compare(served_runs: list[dict], bare_runs: list[dict], segments: int) -> di
         "served_tokens_per_s": served_run["output_tokens"] / served_run["mllm_s"],
         "bare_tokens_per_s": bare_run["output_tokens"] / bare_run["mllm_s"],
         # The same seeds should give the same story both ways: else the two do different work.
-        "same_codes": served_run["codes"] == bare_run["codes"],
+        "same_features": served_run["features"] == bare_run["features"],
+        "features_max_diff": features_max_diff(served_run["features"], bare_run["features"]),
         # Per event, stage done (server) -> client: the served path's own latency, GIL effects aside.
         "served_delivery_ms": {k: served_run[f"delivery_ms_{k}"] for k in ("mean", "p50", "max")},
     }
+
+
+def features_max_diff(first: list[bytes], second: list[bytes]) -> float:
+    """The largest difference of one feature value between two runs' pictures (their wire bytes,
+    little-endian float32: actors/features.py); inf when they hold different numbers of values."""
+    import numpy as np
+
+    if len(first) != len(second) or any(len(a) != len(b) for a, b in zip(first, second)):
+        return float("inf")
+    if not first:
+        return 0.0
+    values = [np.frombuffer(b"".join(run), dtype="<f4") for run in (first, second)]
+    return float(np.abs(values[0] - values[1]).max())
 
 
 def plot_timeline(runs: dict, path: Path) -> None:
@@ -98,9 +112,9 @@ def plot_timeline(runs: dict, path: Path) -> None:
     for ax, (name, run) in zip(axes[0], runs.items()):
         t0, prev = run["sent"], run["mllm_start"]
         for k, seg in enumerate(run["segments"]):
-            # A segment is written from the previous picture's last code to its own.
+            # A segment is written from the previous picture's features to its own.
             ax.broken_barh(
-                [(prev - t0, seg["codes_at"] - prev)],
+                [(prev - t0, seg["features_at"] - prev)],
                 (k - 0.4, 0.38),
                 color="tab:blue",
                 label="MLLM writing" if k == 0 else None,
@@ -118,7 +132,7 @@ def plot_timeline(runs: dict, path: Path) -> None:
                 lw=1,
                 label="caption written" if k == 0 else None,
             )
-            prev = seg["codes_at"]
+            prev = seg["features_at"]
         ax.axvline(run["e2e_s"], color="grey", ls="--", label="done")
         ratio = overlap(run)["ratio"]
         ax.set(xlabel="seconds since send", title=f"{name}: {run['e2e_s']:.1f}s, overlap ratio {ratio:.2f}")
@@ -170,7 +184,8 @@ def overhead_lines(cmp: dict) -> str:
         f"{1000 * cmp['overhead_per_segment_s']:.0f} ms per segment = {cmp['overhead_pct']:.1f}% of the bare "
         f"{cmp['bare_per_segment_s']:.2f}s per segment "
         f"(goal <= {OVERHEAD_GOAL:.0f}%: {verdict(cmp['goal_met'])}); "
-        f"same codes both ways: {cmp['same_codes']}\n"
+        f"same features both ways: {cmp['same_features']} "
+        f"(largest difference {cmp['features_max_diff']:.2g})\n"
         f"MLLM writing alone: served {cmp['served_mllm_s']:.2f}s ({cmp['served_tokens_per_s']:.0f} tok/s) vs "
         f"bare {cmp['bare_mllm_s']:.2f}s ({cmp['bare_tokens_per_s']:.0f} tok/s)\n"
         f"served event delivery (stage done on the server -> client): mean "

@@ -26,9 +26,9 @@ from actors.checkpoint import part_dir, read_manifest
 from actors.mllm.driver import StoryDriver
 from actors.mllm.engine import EngineConfig, StoryEngine
 from actors.mllm.events import PictureWritten, StoryEnd
-from actors.mllm.grammar import CHOICES, StoryRules, allowed_ids, start_state
+from actors.mllm.grammar import StoryRules, allowed_ids, choices, start_state
 from actors.mllm.sink import MODES, SinkSettings, SinkTracker, cdiv
-from actors.tokenizer.text import encode_segment, load_text_tokenizer
+from actors.tokenizer.text import encode_segment, load_text_tokenizer, segment_ids
 
 OPENING = "Once upon a time, Milo the red circle walks in the park."
 
@@ -49,12 +49,14 @@ def one_request_story(engine, prompt, segments) -> dict:
     for step in StoryDriver(engine).steps():
         for ev in step.events:
             if isinstance(ev, PictureWritten):
-                tracker.extend(ev.caption_ids + [engine.tokens.boi] + ev.codes + [engine.tokens.eoi])
+                # A written picture is its ids, <img> q.. </img>: the same for every picture.
+                written = segment_ids(engine.tokens, ev.caption_ids, picture=True)
+                tracker.extend(written)
                 rows.append(
                     {
                         "segment": ev.index + 1,
                         "t": time.perf_counter() - t0,
-                        "tokens": len(ev.caption_ids) + len(ev.codes) + 2,
+                        "tokens": len(written),
                         "kept_tokens": tracker.kept_count(),
                     }
                 )
@@ -68,7 +70,7 @@ def one_request_story(engine, prompt, segments) -> dict:
 def story_prompt(ckpt: str, engine) -> list[int]:
     layout = engine.tokens
     return [layout.bos] + encode_segment(
-        load_text_tokenizer(part_dir(ckpt, "tokenizer")), layout, OPENING, None
+        load_text_tokenizer(part_dir(ckpt, "tokenizer")), layout, OPENING, picture=False
     )
 
 
@@ -123,7 +125,7 @@ def hf_sequential(ckpt, manifest, prompt, segments, window, stories) -> float:
     from actors.mllm.model import load_mllm
 
     model, layout = load_mllm(part_dir(ckpt, "mllm")), manifest.tokens
-    allowed = {c: allowed_ids(layout, c) for c in CHOICES}
+    allowed = {c: allowed_ids(layout, c) for c in choices(layout)}
     rules = StoryRules(manifest.num_queries, 1, manifest.preset.max_caption_tokens)
     started = time.perf_counter()
     for _ in range(stories):

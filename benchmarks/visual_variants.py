@@ -1,20 +1,19 @@
 """Visual tokenizer variants, trained briefly and judged by their own pixel decoder.
 
-Why: the de-tokenizer cannot draw what the codes do not carry, and on the returning world the
-embedded tokenizer's codes lose the friends' looks (``detok_stages.py``;
+Why: the de-tokenizer cannot draw what the features do not carry (``detok_stages.py``;
 docs/results.md#where-the-picture-path-loses-a-character). Training the whole pipeline to try a
 tokenizer is slow; this script trains one variant of the visual stage alone, in one process, with
 the stage's own loss and learning-rate schedule, and judges its decoder's reconstructions of
-held-out pictures with the eval's look judge (every character, colour, shape and pattern).
-Results: docs/results.md#which-tokenizer-would-carry-the-looks.
+held-out pictures from their features (``decode(encode(x))``) with the eval's look judge (every
+character, colour, shape and pattern). Results: docs/results.md#which-tokenizer-would-carry-the-looks.
 
-``--continuous`` skips the codebook (the decoder reads the resampler's unit vectors): the
-architecture's reach without quantisation, so the two rows of one variant say how much the
-codebook itself costs.
+The tokenizer is continuous: Q unit feature rows of D, no codebook. The codebook variants this
+script once compared (codebook size, code dimension, code restarts; rows with ``"continuous":
+false`` in benchmarks/results/visual_variants.jsonl) are history: the model class has none.
 
     python benchmarks/visual_variants.py --name q16 --steps 2400
-    python benchmarks/visual_variants.py --name q16-continuous --steps 2400 --continuous
     python benchmarks/visual_variants.py --name q32 --num-queries 32 --steps 2400
+    python benchmarks/visual_variants.py --name d32 --feature-dim 32 --steps 2400
 
 Each run appends one JSON line to ``--out`` (and one more every ``--judge-every`` steps, with
 ``steps`` of ``of_steps``): the variant, its train time and last loss, and the judge's mean,
@@ -53,8 +52,7 @@ def variant(args: argparse.Namespace):
     return replace(
         TINY.visual,
         num_queries=args.num_queries,
-        codebook_size=args.codebook_size,
-        code_dim=args.code_dim,
+        feature_dim=args.feature_dim,
         width=args.width,
         depth=args.depth,
         resampler_depth=args.resampler_depth,
@@ -62,14 +60,9 @@ def variant(args: argparse.Namespace):
     )
 
 
-def continuous_loss(visual: VisualTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    rec = stage.weighted_mse(visual.decode(visual.latents(images)), images)
-    return rec, {"recon": float(rec)}
-
-
-def reconstruct(visual: VisualTokenizer, images: torch.Tensor, continuous: bool) -> torch.Tensor:
-    z = visual.latents(images)
-    return visual.decode(z if continuous else visual.quantize(z)[1]).clamp(-1, 1)
+def reconstruct(visual: VisualTokenizer, images: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's own decoder from the pictures' features: ``decode(encode(x))``."""
+    return visual.decode(visual.encode(images)).clamp(-1, 1)
 
 
 def train(visual: VisualTokenizer, pictures: torch.Tensor, args: argparse.Namespace, on_judge=None) -> dict:
@@ -84,11 +77,7 @@ def train(visual: VisualTokenizer, pictures: torch.Tensor, args: argparse.Namesp
         for g in opt.param_groups:
             g["lr"] = lr_at(spec, step)
         images = pictures[torch.randint(len(pictures), (args.batch_size,), generator=draw)]
-        loss, metrics = (
-            continuous_loss(visual, images)
-            if args.continuous
-            else stage.loss({"visual": visual}, images, spec, step)
-        )
+        loss, metrics = stage.loss({"visual": visual}, images, spec, step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -106,7 +95,7 @@ def judge(visual: VisualTokenizer, args: argparse.Namespace) -> dict:
     from diffusers.image_processor import VaeImageProcessor
 
     held = read_set(args.heldout, args.stories, args.segments, visual.config.image_size)
-    reconstructions = batched(lambda b: reconstruct(visual, b, args.continuous), to_tensor(held.loaded))
+    reconstructions = batched(lambda b: reconstruct(visual, b), to_tensor(held.loaded))
     return score(held, VaeImageProcessor().postprocess(reconstructions, output_type="pil"), 0.0)
 
 
@@ -133,19 +122,9 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="also judge (and write a row) every N steps: the score against training time",
     )
-    ap.add_argument(
-        "--restart-every",
-        type=int,
-        default=stage.RESTART_EVERY,
-        help="steps between restarts of the codes unused since the last one",
-    )
-    ap.add_argument(
-        "--continuous", action="store_true", help="no codebook: the decoder reads the resampler's output"
-    )
     tiny = TINY.visual
     ap.add_argument("--num-queries", type=int, default=tiny.num_queries)
-    ap.add_argument("--codebook-size", type=int, default=tiny.codebook_size)
-    ap.add_argument("--code-dim", type=int, default=tiny.code_dim)
+    ap.add_argument("--feature-dim", type=int, default=tiny.feature_dim)
     ap.add_argument("--width", type=int, default=tiny.width)
     ap.add_argument("--depth", type=int, default=tiny.depth)
     ap.add_argument("--resampler-depth", type=int, default=tiny.resampler_depth)
@@ -159,7 +138,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = variant(args)
-    stage.RESTART_EVERY = args.restart_every
     visual = VisualTokenizer(config).train()
     pictures = training_pictures(args.data, args.pictures, args.seed)
     started = time.perf_counter()
@@ -171,10 +149,9 @@ def main() -> None:
         visual.train()
         row = {
             "name": args.name,
-            "continuous": args.continuous,
+            "continuous": True,  # the history's codebook rows say false
             "steps": step,
             "of_steps": args.steps,
-            "restart_every": args.restart_every,
             "visual": asdict(config),
             "train_s": round(start - started - spent["judging"]),
             "final": {k: round(v, 4) for k, v in final.items()},

@@ -15,10 +15,10 @@ def _checkpoint(tmp_path: Path) -> Path:
     from actors.tokenizer.text import token_layout, train_text_tokenizer
 
     tok = train_text_tokenizer(
-        ["Once upon a time, Milo the red circle walks in the park."] * 4, 300, TINY.codebook_size
+        ["Once upon a time, Milo the red circle walks in the park."] * 4, 300, TINY.num_queries
     )
     write_manifest(
-        tmp_path, Manifest(preset=TINY, tokens=token_layout(tok, TINY.codebook_size), dtype="float16")
+        tmp_path, Manifest(preset=TINY, tokens=token_layout(tok, TINY.num_queries), dtype="float16")
     )
     world = {
         "stories": 20,
@@ -59,6 +59,7 @@ def test_card_names_the_world_the_windows_and_no_machine_path(tmp_path):
         "--images data/rw/images --out data/rw-stream --window 15`"
     ) in card
     assert str(tmp_path) not in card
+    assert f"Q={TINY.num_queries} query tokens" in card and f"D={TINY.feature_dim}" in card
     assert "| visual | 7 | 64 | 2.0 | loss 0.5 |" in card
 
 

@@ -14,7 +14,14 @@ from PIL import Image
 from actors.mllm.sink import SinkSettings
 from training.evaluation.heldout import read_heldout
 from training.evaluation.judge import ATTRIBUTES, judge_look, judge_truth, returns, shown_look, tally
-from training.evaluation.report import format_table, paired, paired_table, summarise, write_outputs
+from training.evaluation.report import (
+    ceiling_table,
+    format_table,
+    paired,
+    paired_table,
+    summarise,
+    write_outputs,
+)
 from training.evaluation.run import judge_story
 from training.evaluation.settings import EvalSettings
 from training.storyworld import CHARACTERS, COLOURS, WORLDS, Segment, there
@@ -242,3 +249,34 @@ def test_ceiling_tally_per_character_role_and_attribute(returning_heldout):
         )
     )
     assert classic["per_character"] == {"Kip": {"right": 1.0, "n": 1}} and classic["per_attribute"] == {}
+
+
+def test_the_ceilings_render_and_decode_the_real_pictures_features(tiny_ckpt, returning_heldout):
+    """Both ceilings from ``VisualTokenizer.encode`` of the real pictures: the de-tokenizer's render
+    and the tokenizer's own decoder, each judged per character by the look judge; both in the table."""
+    from actors.checkpoint import part_dir
+    from actors.detokenizer.model import Detokenizer
+    from actors.tokenizer.prompts import PromptBuilder
+    from training.evaluation.run import ceiling, decode_all
+
+    held = read_heldout(returning_heldout, 2, 2)
+    builder = PromptBuilder(str(tiny_ckpt))
+    features = builder.image_features(held.pictures[0])
+    decoded, _ = decode_all(builder.visual, features)
+    assert [(p.shape, p.dtype) for p in decoded] == [((SIZE, SIZE, 3), np.uint8)] * 2
+    detok = Detokenizer.from_pretrained(part_dir(tiny_ckpt, "detokenizer"))
+    s = EvalSettings(stories=2, segments=2, steps=1, guidance=1.0)
+    c = ceiling(held, builder, detok, s)
+    there_count = sum(len(there(seg)) for t in held.truth for seg in t)
+    assert c["world"] == "returning" and c["pictures"] == 4 and c["judged"] == there_count
+    assert c["decoder"]["judged"] == there_count and set(c["decoder"]["per_character"]) == set(
+        c["per_character"]
+    )
+    assert set(c["decoder"]["per_attribute"]) == {"colour", "shape", "pattern"}
+    lines = ceiling_table(c)
+    assert any(line.startswith("De-tokenizer ceiling") and "made features" in line for line in lines)
+    assert any(line.startswith("Visual tokenizer's own decoder") for line in lines)
+    assert sum(line.startswith("| look (all three) |") for line in lines) == 2
+    # A results file written before the decoder's ceiling still formats: its one table.
+    old = {k: v for k, v in c.items() if k != "decoder"}
+    assert sum(line.startswith("| look (all three) |") for line in ceiling_table(old)) == 1

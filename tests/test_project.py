@@ -1,11 +1,13 @@
 """The layout rules of docs/architecture.md, the Serve config, and the main job (the demo)."""
 
 import ast
+import base64
 import io
 import json
 import tomllib
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,7 +212,10 @@ def test_the_demo_serves_and_writes_a_story_a_person_can_open(tmp_path):
     segments = json.loads((out / "story.json").read_text())["segments"]
     assert len(segments) == 2 and segments[0]["caption"] == opening and segments[1]["caption"]
     for seg in segments:
-        assert len(seg["visual_codes"]) == 16 and all(0 <= c < 256 for c in seg["visual_codes"])
+        # The picture's features, as the service sent them: 16 x 64 little-endian float32, base64.
+        features = np.frombuffer(base64.b64decode(seg["features"]), dtype="<f4")
+        assert features.shape == (16 * 64,) and np.isfinite(features).all()
+        assert "visual_codes" not in seg
         png = (out / seg["image"]).read_bytes()
         assert Image.open(io.BytesIO(png)).size == (64, 64)
         assert seg["image"] in page.read_text()

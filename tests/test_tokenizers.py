@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -5,7 +6,15 @@ from actors.checkpoint import part_dir, read_manifest
 from actors.config import TINY
 from actors.imageio import to_tensor
 from actors.tokenizer.model import VisualTokenizer
-from actors.tokenizer.text import encode_segment, load_text_tokenizer, split_segments
+from actors.tokenizer.text import (
+    encode_segment,
+    load_text_tokenizer,
+    query_token,
+    segment_ids,
+    split_segments,
+    token_layout,
+    written_captions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,67 +31,102 @@ def test_layout_matches_the_trained_vocabulary(text):
         "</s>",
         "<pad>",
     ]
-    assert tok.convert_ids_to_tokens(t.visual_id(0)) == "<v00000>"
-    assert tok.convert_ids_to_tokens(t.visual_id(255)) == "<v00255>"
-    assert t.vocab_size == len(tok) and t.num_codes == TINY.codebook_size
+    # The Q query tokens, SEED-Story's <img_00000> .., are contiguous ids after the specials.
+    assert t.num_queries == TINY.num_queries == 16
+    assert t.query_ids == list(range(t.query_base, t.query_base + 16))
+    assert tok.convert_ids_to_tokens(t.query_ids) == [f"<img_{i:05d}>" for i in range(16)]
+    assert query_token(0) == "<img_00000>" and query_token(15) == "<img_00015>"
+    assert t.picture_ids == [t.boi, *t.query_ids, t.eoi]
+    assert t.vocab_size == len(tok) and t.text_range == (t.query_base + 16, len(tok))
 
 
-def test_visual_code_maps_to_and_from_its_token_id(text):
+def test_is_query_holds_exactly_the_query_ids(text):
     _, t = text
-    for code in (0, 1, 128, 255):
-        assert t.visual_code(t.visual_id(code)) == code
-    with pytest.raises(ValueError):
-        t.visual_id(256)
-    with pytest.raises(ValueError):
-        t.visual_code(t.boi)
+    assert all(t.is_query(i) for i in t.query_ids)
+    assert not any(t.is_query(i) for i in (t.query_base - 1, t.query_base + t.num_queries, t.boi, t.eoi))
 
 
-def test_mixed_text_and_visual_tokens_round_trip(text):
+def test_a_layout_asked_for_more_queries_than_the_vocabulary_holds_is_refused(text):
+    tok, t = text
+    with pytest.raises(ValueError, match="not contiguous"):
+        token_layout(tok, t.num_queries + 1)
+
+
+def test_mixed_text_and_pictures_round_trip(text):
     tok, t = text
     story = [
-        ("Once upon a time, Milo the red circle walks in the park.", [3, 0, 255, 17]),
-        ("Then Milo the red circle and Bea jump in the snowfield.", [9, 9, 1, 200]),
+        ("Once upon a time, Milo the red circle walks in the park.", True),
+        ("Then Milo the red circle and Bea jump in the snowfield.", True),
+        ("Suddenly Bea runs in the city.", False),  # its picture not written yet
     ]
-    ids = [t.bos] + sum((encode_segment(tok, t, c, codes) for c, codes in story), []) + [t.eos]
-    # The visual tokens sit between <img> and </img>, as their own ids.
-    assert ids.count(t.boi) == 2 and sum(t.is_visual(i) for i in ids) == 8
+    ids = [t.bos] + sum((encode_segment(tok, t, c, picture) for c, picture in story), []) + [t.eos]
+    # Every picture is the same ids: <img>, the Q query ids, </img>.
+    assert ids.count(t.boi) == 2 and sum(t.is_query(i) for i in ids) == 2 * t.num_queries
+    first = ids.index(t.boi)
+    assert ids[first : first + t.num_queries + 2] == t.picture_ids
     parsed = split_segments(t, ids)
-    assert [codes for _, codes in parsed] == [codes for _, codes in story]
+    assert [has_picture for _, has_picture in parsed] == [True, True, False]
     assert [tok.decode(cap).strip() for cap, _ in parsed] == [c for c, _ in story]
+    # ... and back: the segments' ids are the story's, without <s> and </s>.
+    assert sum((segment_ids(t, cap, has) for cap, has in parsed), []) == ids[1:-1]
+    assert written_captions(t, ids) == [cap for cap, _ in parsed[:2]]
     # Decoding the whole sequence keeps the specials in place.
-    assert "<img><v00003><v00000><v00255><v00017></img>" in tok.decode(ids).replace(" ", "")
+    assert "<img>" + "".join(query_token(i) for i in range(16)) + "</img>" in tok.decode(ids).replace(" ", "")
 
 
-def test_captions_do_not_produce_visual_or_unknown_tokens(text):
+def test_a_segment_without_its_picture_is_its_caption_alone(text):
+    _, t = text
+    lo = t.text_range[0]
+    assert segment_ids(t, [lo, lo + 1], picture=False) == [lo, lo + 1]
+    assert segment_ids(t, [lo], picture=True) == [lo, *t.picture_ids]
+    assert split_segments(t, [t.bos, lo, *t.picture_ids, lo + 1, *t.picture_ids]) == [
+        ([lo], True),
+        ([lo + 1], True),
+    ]
+
+
+def test_captions_do_not_produce_query_or_unknown_tokens(text):
     tok, t = text
     ids = tok.encode(
         "Suddenly Zara the yellow diamond takes a rest in the night garden.", add_special_tokens=False
     )
-    assert not any(t.is_visual(i) or i in (t.unk, t.boi, t.eoi) for i in ids)
+    assert not any(t.is_query(i) or i in (t.unk, t.boi, t.eoi) for i in ids)
 
 
-def test_visual_tokenizer_encode_embed_decode(storyworld):
+def test_visual_tokenizer_encodes_unit_features_and_decodes_them(storyworld):
     from PIL import Image
 
     torch.manual_seed(0)
     vt = VisualTokenizer(TINY.visual).eval()
     files = sorted((storyworld / "images" / "000000").glob("*.jpg"))[:3]
     images = to_tensor([Image.open(f).convert("RGB") for f in files])
-    codes = vt.encode(images)
-    assert codes.shape == (3, 16) and codes.dtype == torch.long
-    assert 0 <= int(codes.min()) and int(codes.max()) < TINY.codebook_size
-    emb = vt.embed(codes)
-    assert emb.shape == (3, 16, 64)
-    # The quantised latents are exactly the codebook vectors of the chosen codes.
-    _, zq = vt.quantize(vt.latents(images))
-    assert torch.allclose(zq, emb, atol=1e-6)
-    assert vt.decode(zq).shape == images.shape
+    features = vt.encode(images)
+    assert features.shape == (3, TINY.num_queries, TINY.feature_dim) and features.dtype == torch.float32
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3, TINY.num_queries))  # unit rows
+    assert not features.requires_grad  # encode is for serving: no graph
+    torch.testing.assert_close(vt.encode(images[1:2]), features[1:2], atol=1e-5, rtol=1e-5)  # batch-free
+    assert not torch.equal(features[0], features[1])  # different pictures, different features
+    assert vt.decode(features).shape == images.shape
+    assert vt.mean_patch(images).shape == (3, TINY.visual.width)
+    assert not any(hasattr(vt, name) for name in ("codebook", "quantize", "embed"))  # no codes left
 
 
-def test_visual_tokenizer_trains_through_the_straight_through_quantiser():
+def test_visual_tokenizer_trains_through_its_features():
     torch.manual_seed(0)
     vt = VisualTokenizer(TINY.visual)
     images = torch.rand(2, 3, 64, 64) * 2 - 1
-    _, zq = vt.quantize(vt.latents(images))
-    torch.nn.functional.mse_loss(vt.decode(zq), images).backward()
+    torch.nn.functional.mse_loss(vt.decode(vt.latents(images)), images).backward()
     assert vt.patch_embed.weight.grad is not None and vt.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_features_cross_the_wire_as_little_endian_float32():
+    from actors.features import from_bytes, to_bytes
+
+    rows = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    data = to_bytes(rows)
+    assert len(data) == 16 * 64 * 4 and data[:4] == rows[0, 0].astype("<f4").tobytes()
+    np.testing.assert_array_equal(from_bytes(data, 16, 64), rows)
+    with pytest.raises(ValueError, match="bytes"):
+        from_bytes(data[:-4], 16, 64)
+    with pytest.raises(ValueError, match="not finite"):
+        from_bytes(to_bytes(np.full((16, 64), np.nan, dtype=np.float32)), 16, 64)

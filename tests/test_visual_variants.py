@@ -22,8 +22,7 @@ def world(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("continuous", [False, True])
-def test_a_variant_is_judged_along_the_way(world, tmp_path, continuous):
+def test_a_variant_is_judged_along_the_way(world, tmp_path):
     out = tmp_path / "rows.jsonl"
     cmd = [
         sys.executable,
@@ -50,14 +49,28 @@ def test_a_variant_is_judged_along_the_way(world, tmp_path, continuous):
         "1",
         "--num-queries",
         "4",
+        "--feature-dim",
+        "8",
         "--out",
         str(out),
     ]
-    subprocess.run(cmd + (["--continuous"] if continuous else []), cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["steps"], r["of_steps"]) for r in rows] == [(2, 3), (3, 3)]
     for r in rows:
-        assert r["continuous"] is continuous and r["visual"]["num_queries"] == 4
+        assert r["continuous"] is True and (r["visual"]["num_queries"], r["visual"]["feature_dim"]) == (4, 8)
+        assert "codebook_size" not in r["visual"] and set(r["final"]) == {"recon"}  # the stage's own loss
         assert 0.0 <= r["mean"] <= 1.0 and 0.0 <= r["place"] <= 1.0
         assert set(r["per_attribute"]) == {"colour", "shape", "pattern"}
-        assert ("codes_used" in r["final"]) is not continuous  # the stage's own loss ran only with codes
+
+
+def test_the_codebook_options_are_gone(world, tmp_path):
+    """The model class has no codebook: asking for one is an argument error, not a silent no-op."""
+    for option in (["--codebook-size", "64"], ["--continuous"]):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/visual_variants.py", "--name", "t", *option],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2 and "unrecognized arguments" in done.stderr

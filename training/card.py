@@ -21,9 +21,9 @@ def write_card(ckpt: str | Path) -> Path:
     lines = [
         f"# seedstory `{manifest.preset.name}` checkpoint",
         "",
-        f"Q={manifest.num_queries} visual tokens per {manifest.image_size}x{manifest.image_size} picture, "
-        f"K={manifest.codebook_size} codes, vocabulary {manifest.tokens.vocab_size}, "
-        f"weights in {manifest.dtype}, {size / 1e6:.1f} MB on disk.",
+        f"A {manifest.image_size}x{manifest.image_size} picture is Q={manifest.num_queries} query tokens, "
+        f"whose hidden rows the picture heads map to Q continuous features of D={manifest.feature_dim}; "
+        f"vocabulary {manifest.tokens.vocab_size}, weights in {manifest.dtype}, {size / 1e6:.1f} MB on disk.",
         "",
     ]
     lines += _training_lines(training)
@@ -93,10 +93,17 @@ def _training_lines(training: dict) -> list[str]:
         "| stage | steps | batch/worker | time (min) | final losses |",
         "| --- | --- | --- | --- | --- |",
     ]
+    notes = []
     for name, stage in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0])):
         losses = ", ".join(f"{k} {v:.4g}" for k, v in stage["metrics"].items() if k != "step")
         out.append(
             f"| {name} | {stage['steps']} | {stage['spec']['batch_size']} | {stage['seconds'] / 60:.1f} "
             f"| {losses} |"
         )
-    return out + [""]
+        if stage.get("extended_from"):
+            notes.append(
+                f"- {name}: trained to {stage['extended_from']} steps, then resumed to {stage['steps']}."
+            )
+        if stage.get("carried_from"):
+            notes.append(f"- {name}: carried over from {stage['carried_from']}.")
+    return out + [""] + (notes + [""] if notes else [])

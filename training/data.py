@@ -1,5 +1,6 @@
 """Ray Data inputs of the training stages: pictures from StoryStream windows, and the MLLM's
-pre-tokenized windows (text ids + visual codes), made with ``map_batches``.
+pre-tokenized windows (ids, and each picture's features: the regression targets), made with
+``map_batches``.
 
 Both readers go through Ray Data ``read_parquet``, so each Ray Train worker streams its own
 shard (``get_dataset_shard``) instead of the driver loading the set.
@@ -21,8 +22,11 @@ TOKENS_SCHEMA = pa.schema(
         pa.field("window", pa.int32()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("loss_from", pa.int32()),  # first position whose token carries the loss
+        # The window's pictures' features, in order: float16 (pictures, Q, D), row-major bytes.
+        pa.field("features", pa.binary()),
     ]
 )
+FEATURE_DTYPE = np.float16  # half the Parquet; the targets are unit vectors, far coarser than fp16
 
 
 def image_dataset(data: str | Path):
@@ -60,13 +64,22 @@ def image_batches(shard, batch_size: int, seed: int):
         yield to_tensor([decode_image(png) for png in batch["png"]])
 
 
-def token_batches(shard, batch_size: int, seed: int, pad_id: int):
+def token_batches(shard, batch_size: int, seed: int, pad_id: int, picture_shape: tuple[int, int]):
     """Endless shuffled batches of windows: {"input_ids", "attention_mask", "loss_mask"} (B, T),
-    right-padded."""
+    right-padded, and "features": per window its pictures' features (pictures, Q, D) float32."""
     import torch
 
     for batch in endless_batches(shard, batch_size, seed):
-        yield pad_windows(list(batch["input_ids"]), list(batch["loss_from"]), pad_id, torch)
+        windows = pad_windows(list(batch["input_ids"]), list(batch["loss_from"]), pad_id, torch)
+        windows["features"] = [
+            torch.from_numpy(window_features(data, picture_shape)) for data in batch["features"]
+        ]
+        yield windows
+
+
+def window_features(data: bytes, picture_shape: tuple[int, int]) -> np.ndarray:
+    """A window's ``features`` bytes -> float32 (pictures, Q, D)."""
+    return np.frombuffer(data, dtype=FEATURE_DTYPE).reshape(-1, *picture_shape).astype(np.float32)
 
 
 def pad_windows(rows: list, loss_from: list, pad_id: int, torch) -> dict:
@@ -95,7 +108,13 @@ class Pretokenize:
         self.builder = PromptBuilder(ckpt)
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"story_id": [], "window": [], "input_ids": [], "loss_from": []}
+        out: dict[str, list] = {
+            "story_id": [],
+            "window": [],
+            "input_ids": [],
+            "loss_from": [],
+            "features": [],
+        }
         for sid, window, captions, pngs in zip(
             batch["story_id"], batch["window"], batch["captions"], batch["images"]
         ):
@@ -105,22 +124,28 @@ class Pretokenize:
                 out["window"].append(window)
                 out["input_ids"].append(np.asarray(row[0], dtype=np.int32))
                 out["loss_from"].append(row[1])
-        return {k: v if k == "input_ids" else np.asarray(v) for k, v in out.items()}
+                out["features"].append(row[2])
+        features = np.empty(len(out["features"]), dtype=object)  # np.asarray would strip trailing zero bytes
+        features[:] = out.pop("features")
+        return {**{k: v if k == "input_ids" else np.asarray(v) for k, v in out.items()}, "features": features}
 
-    def window(self, captions: list[str], pngs: list[bytes]) -> tuple[list[int], int] | None:
-        """``<s> cap0 <img>..</img> cap1 <img>..</img> ...`` and the position where the loss starts."""
+    def window(self, captions: list[str], pngs: list[bytes]) -> tuple[list[int], int, bytes] | None:
+        """``<s> cap0 <img> q.. </img> cap1 <img> q.. </img> ...``, the position where the loss
+        starts, and the pictures' features."""
         from actors.tokenizer.text import segment_ids
 
         layout, limit = self.builder.manifest.tokens, self.builder.manifest.preset.max_caption_tokens
         caption_ids = self.builder.caption_ids(captions)
-        codes = self.builder.image_codes(pngs)
-        if any(isinstance(c, Exception) for c in codes) or any(not 0 < len(c) <= limit for c in caption_ids):
+        features = self.builder.image_features(pngs)
+        if any(isinstance(f, Exception) for f in features) or any(
+            not 0 < len(c) <= limit for c in caption_ids
+        ):
             return None
         ids = [layout.bos]
-        for cap, picture_codes in zip(caption_ids, codes):
-            ids += segment_ids(layout, cap, picture_codes)
+        for cap in caption_ids:
+            ids += segment_ids(layout, cap, picture=True)
         # The opening caption is the user's: the loss starts at the first picture's <img>.
-        return ids, 1 + len(caption_ids[0])
+        return ids, 1 + len(caption_ids[0]), np.stack(features).astype(FEATURE_DTYPE).tobytes()
 
 
 def pretokenize(data: str | Path, ckpt: str | Path, out: str | Path, batch_size: int = 32) -> Path:
@@ -146,19 +171,28 @@ def pretokenize(data: str | Path, ckpt: str | Path, out: str | Path, batch_size:
 
 def whole_stories(tokens):
     """Token windows (a Ray dataset) -> one row per story: its windows joined in order, the ``<s>``
-    of every window after the first dropped. Windows are consecutive and never overlap
-    (``storystream.chunk_windows``); a story is cut at its first missing window."""
+    of every window after the first dropped, and their pictures' ``features`` joined in the same
+    order. Windows are consecutive and never overlap (``storystream.chunk_windows``); a story is
+    cut at its first missing window."""
     return tokens.groupby("story_id").map_groups(join_windows, batch_format="numpy")
 
 
 def join_windows(group: dict) -> dict:
     order = np.argsort(group["window"])
     ids: list[int] = []
+    features: list[bytes] = []
     for k, i in enumerate(order):
         if group["window"][i] != k:
             break
         ids += list(group["input_ids"][i][1:] if k else group["input_ids"][i])
-    return {"story_id": group["story_id"][:1], "input_ids": [np.asarray(ids, dtype=np.int32)]}
+        features.append(bytes(group["features"][i]))
+    joined = np.empty(1, dtype=object)  # np.asarray would strip trailing zero bytes
+    joined[0] = b"".join(features)
+    return {
+        "story_id": group["story_id"][:1],
+        "input_ids": [np.asarray(ids, dtype=np.int32)],
+        "features": joined,
+    }
 
 
 def token_dataset(tokens: str | Path):

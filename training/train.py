@@ -30,13 +30,15 @@ from training.loop import DEFAULT_STAGES, STAGES, StageSpec, load_parts, stage_m
 # docs/results.md#measured-2-cores-no-gpu.
 PLANS = {
     "tiny": {
-        # The returning world (four characters with random looks) needs more steps than the classic
-        # world before the codes' own decoder draws the cast (docs/results.md#measured-2-cores-no-gpu).
+        # Continuous features: the decoder's look score rises to ~0.95 by 4000-6000 steps on the
+        # returning world (docs/results.md#which-tokenizer-would-carry-the-looks).
         "visual": dict(steps=5000, batch_size=64, lr=1e-3, warmup=50),
         # Enough steps to draw the returning world's small friends, not only its heroes
         # (docs/results.md#where-the-picture-path-loses-a-character).
         "vae": dict(steps=1350, batch_size=16, lr=1e-3, warmup=25),
-        "detokenizer": dict(steps=2000, batch_size=16, lr=5e-4, warmup=50),
+        # Conditioned on features, the de-tokenizer drew 0.576 of the characters right from true
+        # features after 2000 steps (service sampler), short of the 0.6 goal: extended to 4000.
+        "detokenizer": dict(steps=4000, batch_size=16, lr=5e-4, warmup=50),
         "mllm": dict(steps=500, batch_size=16, lr=2e-3, warmup=30, weight_decay=0.01),
         "sink": dict(steps=200, batch_size=8, lr=5e-4, warmup=20, weight_decay=0.01),
     },

@@ -4,7 +4,8 @@ For each mode (dense, window, streaming, multimodal) the same held-out openings 
 ``segments`` pictures by the vLLM story engine, with the same sampling seeds, and every picture is
 rendered by the de-tokenizer with the same seed. Each segment is judged against what StoryWorld
 says it shows; the Fréchet distance compares the generated pictures with the real held-out ones;
-the de-tokenizer's ceiling judges the real pictures' own codes, rendered as the eval renders.
+the ceilings judge the real pictures' own features (``VisualTokenizer.encode``), rendered by the
+de-tokenizer as the eval renders and drawn by the visual tokenizer's own decoder.
 Outputs: ``results.json``, ``table.md`` (the shape of the paper's Table 2), ``metrics.png`` (each
 metric against the segment index, per mode) and ``stories.jsonl`` (every caption written).
 

@@ -30,6 +30,8 @@ def add_command(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, help="denoising steps per picture")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance of the renders")
+    parser.add_argument("--sampler", help="the renders' sampler: euler, dpm++ or unipc")
+    parser.add_argument("--guidance-until", type=float, help="the fraction of the steps that run guidance")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--card", action="store_true", help="also write the table into the checkpoint's model card"
@@ -39,7 +41,7 @@ def add_command(commands) -> argparse.ArgumentParser:
         dest="ceiling",
         action="store_false",
         default=None,
-        help="skip the de-tokenizer's ceiling (a render of every real held-out picture's codes)",
+        help="skip the ceilings (a render of every real held-out picture's features)",
     )
     return parser
 
@@ -51,7 +53,16 @@ def eval_settings(
     """The eval's settings: what the command line gives, else EvalSettings' own defaults (one place)."""
     given = {
         key: getattr(args, key)
-        for key in ("stories", "segments", "steps", "guidance", "seed", "ceiling")
+        for key in (
+            "stories",
+            "segments",
+            "steps",
+            "guidance",
+            "sampler",
+            "guidance_until",
+            "seed",
+            "ceiling",
+        )
         if getattr(args, key) is not None
     }
     if args.modes is not None:

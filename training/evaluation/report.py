@@ -1,7 +1,7 @@
 """The eval's numbers and what it writes: the Fréchet distance and its bootstrap, per-mode
 summaries with standard errors over stories, the story-paired differences between modes, the
-Markdown table (the shape of the paper's Table 2) with the de-tokenizer's ceiling, the per-segment
-plot, and the files ``results.json``, ``table.md``, ``metrics.png`` and ``stories.jsonl``."""
+Markdown table (the shape of the paper's Table 2) with the ceilings from ground-truth features,
+the per-segment plot, and the files ``results.json``, ``table.md``, ``metrics.png`` and ``stories.jsonl``."""
 
 from __future__ import annotations
 
@@ -188,11 +188,12 @@ def format_table(
     results: list[dict], settings: EvalSettings, source: str = "", ceiling: dict | None = None
 ) -> str:
     """The table of every mode's metrics (the paper's Table 2), then the sink settings, the
-    story-paired differences and the de-tokenizer's ceiling."""
+    story-paired differences and the ceilings (de-tokenizer and the tokenizer's own decoder)."""
     cast_columns = "look" in results[0]["per_story"]  # the returning world's columns
     head = (
-        f"{settings.stories} held-out openings x {settings.segments} segments, {settings.steps} denoising "
-        f"steps at guidance {settings.guidance:g}; quality metrics averaged over all segments, ± one "
+        f"{settings.stories} held-out openings x {settings.segments} segments, {settings.steps} "
+        f"{settings.sampler} steps at guidance {settings.guidance:g} (on the first "
+        f"{settings.guidance_until:g} of them); quality metrics averaged over all segments, ± one "
         "standard error over stories\n\n"
         "| attention | FD (visual features) ↓ | caption validity ↑ | hero consistency ↑ | place agreement ↑ "
         + ("| look fidelity ↑ | returning fidelity ↑ (returns) " if cast_columns else "")
@@ -302,14 +303,11 @@ def paired_table(results: list[dict]) -> list[str]:
 
 
 def ceiling_table(ceiling: dict | None) -> list[str]:
-    """The de-tokenizer's ceiling, per character and role: what the real pictures' codes render to."""
+    """The ceilings from ground-truth features, per character and role: what the real pictures'
+    features render to through the de-tokenizer, then what the visual tokenizer's own decoder
+    draws from them (``ceiling["decoder"]``; absent from results written before features)."""
     if not ceiling:
         return []
-    names, roles = list(ceiling["per_character"]), list(ceiling["per_role"])
-    rows = [
-        ("right", "hero drawn right" if ceiling["world"] == "classic" else "look (all three)"),
-        *((attribute, attribute) for attribute in ceiling["per_attribute"]),
-    ]
     judge_by = (
         "the classic judge, the nearest of every character drawn as the hero"
         if ceiling["world"] == "classic"
@@ -318,8 +316,29 @@ def ceiling_table(ceiling: dict | None) -> list[str]:
     lines = [
         "",
         f"De-tokenizer ceiling: the {ceiling['pictures']} real pictures of these stories and segments, "
-        f"made codes by the visual tokenizer and rendered at the same steps, guidance and seeds, judged "
+        f"made features by the visual tokenizer and rendered at the same steps, guidance and seeds, judged "
         f"against their ground truth by {judge_by} (fraction right, count):",
+        *_tally_rows(ceiling, ceiling["world"]),
+    ]
+    if ceiling.get("decoder"):
+        lines += [
+            "",
+            "Visual tokenizer's own decoder from the same features (`decode(encode(x))`, the auxiliary "
+            "pixel decoder: what the features carry, whatever the de-tokenizer makes of them), judged "
+            "alike:",
+            *_tally_rows(ceiling["decoder"], ceiling["world"]),
+        ]
+    return lines
+
+
+def _tally_rows(tallied: dict, world: str) -> list[str]:
+    """One ``judge.tally`` as a Markdown table: a column per character and role, a row per verdict."""
+    names, roles = list(tallied["per_character"]), list(tallied["per_role"])
+    rows = [
+        ("right", "hero drawn right" if world == "classic" else "look (all three)"),
+        *((attribute, attribute) for attribute in tallied["per_attribute"]),
+    ]
+    lines = [
         "",
         "| | " + " | ".join([*names, *roles]) + " | all | min over characters |",
         "| --- |" + " --- |" * (len(names) + len(roles) + 2),
@@ -328,12 +347,12 @@ def ceiling_table(ceiling: dict | None) -> list[str]:
         cells = [
             f"{group[key]:.2f} ({group['n']})"
             for group in [
-                *(ceiling["per_character"][name] for name in names),
-                *(ceiling["per_role"][role] for role in roles),
+                *(tallied["per_character"][name] for name in names),
+                *(tallied["per_role"][role] for role in roles),
             ]
         ]
-        total = ceiling["mean"] if key == "right" else ceiling["per_attribute"][key]
-        low = min(ceiling["per_character"][name][key] for name in names)
+        total = tallied["mean"] if key == "right" else tallied["per_attribute"][key]
+        low = min(tallied["per_character"][name][key] for name in names)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total:.3f} | {low:.2f} |")
     return lines
 

@@ -1,7 +1,8 @@
 """Running the eval: every held-out opening written on under each sink mode by the vLLM story
 engine, the pictures rendered by the de-tokenizer, every story judged (``judge_story``), the
-Fréchet distance against the real pictures, and the de-tokenizer's ceiling; ``run_eval`` does it
-all and writes the results. Each mode uses the same sampling seeds and picture seeds, so the modes
+Fréchet distance against the real pictures, and the ceilings (the de-tokenizer and the visual
+tokenizer's own decoder, from the real pictures' features); ``run_eval`` does it all and writes
+the results. Each mode uses the same sampling seeds and picture seeds, so the modes
 differ only in their attention."""
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from training.storyworld import parse_caption, there
 
 
 def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], settings: EvalSettings) -> dict:
-    """All stories under one sink mode, batched in one engine: codes, caption ids, time, peak KV."""
+    """All stories under one sink mode, batched in one engine: each picture's features and caption
+    ids (``PictureWritten``), time, peak KV."""
     from actors.mllm.driver import StoryDriver
     from actors.mllm.engine import EngineConfig, Sampling, StoryEngine
 
@@ -70,15 +72,35 @@ def picture_seed(settings: EvalSettings, story: int, segment: int) -> int:
 
 
 def render_all(
-    detok, codes: list[list[int]], seeds: list[int], settings: EvalSettings, batch: int = 16
+    detok, features: list[np.ndarray], seeds: list[int], settings: EvalSettings, batch: int = 16
 ) -> tuple[list, float]:
-    """Every picture's codes rendered at the eval's steps and guidance, ``batch`` at a time; the
-    pictures and the seconds it took."""
+    """Every picture's features (Q, D) rendered at the eval's steps and guidance, ``batch`` at a
+    time; the pictures and the seconds it took."""
     start, pictures = time.perf_counter(), []
-    for at in range(0, len(codes), batch):
+    for at in range(0, len(features), batch):
         pictures += detok.render_seeded(
-            codes[at : at + batch], seeds[at : at + batch], steps=settings.steps, guidance=settings.guidance
+            features[at : at + batch],
+            seeds[at : at + batch],
+            steps=settings.steps,
+            guidance=settings.guidance,
+            guidance_until=settings.guidance_until,
         )
+    return pictures, time.perf_counter() - start
+
+
+def decode_all(visual, features: list[np.ndarray], batch: int = 64) -> tuple[list[np.ndarray], float]:
+    """Every picture's features drawn by the visual tokenizer's own pixel decoder (H, W, 3) uint8,
+    ``batch`` at a time; the pictures and the seconds it took."""
+    import torch
+
+    start, pictures = time.perf_counter(), []
+    with torch.no_grad():
+        for at in range(0, len(features), batch):
+            rows = torch.as_tensor(np.stack(features[at : at + batch]), dtype=torch.float32)
+            dtype = next(visual.parameters()).dtype
+            images = visual.decode(rows.to(dtype)).float()  # (B, 3, H, W) in [-1, 1]
+            pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+            pictures += list(pixels.numpy())
     return pictures, time.perf_counter() - start
 
 
@@ -92,7 +114,7 @@ def image_features(visual, pictures: list) -> np.ndarray:
     features = []
     with torch.no_grad():
         for at in range(0, len(pictures), 64):
-            features.append(visual.features(to_tensor(pictures[at : at + 64])).numpy())
+            features.append(visual.mean_patch(to_tensor(pictures[at : at + 64])).numpy())
     return np.concatenate(features)
 
 
@@ -134,12 +156,12 @@ def judge_story(
 def evaluate_mode(ckpt: Path, mode: str, held: HeldOut, builder, detok, settings: EvalSettings) -> dict:
     """One sink mode's outcome: every story written and rendered, each verdict per segment and per
     story, the captions, the pictures (for the Fréchet distance) and what the mode cost."""
-    prompts = [builder.prompt(ids, None) for ids in builder.caption_ids(held.openings)]
+    prompts = [builder.prompt(ids, None).ids for ids in builder.caption_ids(held.openings)]
     generated = write_stories(ckpt, mode, prompts, settings)
     keys = [(story, event.index) for story, events in generated["segments"].items() for event in events]
-    codes = [event.codes for events in generated["segments"].values() for event in events]
+    features = [event.features for events in generated["segments"].values() for event in events]
     pictures, render_seconds = render_all(
-        detok, codes, [picture_seed(settings, story, index) for story, index in keys], settings
+        detok, features, [picture_seed(settings, story, index) for story, index in keys], settings
     )
     by_story: dict[int, list] = {}
     for (story, index), picture in zip(keys, pictures):
@@ -193,28 +215,43 @@ def fd_scores(
 
 
 def ceiling(held: HeldOut, builder, detok, settings: EvalSettings) -> dict:
-    """The de-tokenizer's ceiling: the real held-out pictures of the eval's stories and segments,
-    made codes as the TokenizerPool makes a start picture's, rendered as the eval renders (steps,
-    guidance, seeds), judged against their ground-truth segments. A mode cannot do better than
-    this with codes the visual tokenizer would give."""
+    """The ceilings from ground-truth features: the real held-out pictures of the eval's stories
+    and segments, made features by the visual tokenizer (``VisualTokenizer.encode``, as the
+    TokenizerPool makes a start picture's), then
+
+    - rendered by the de-tokenizer as the eval renders (steps, guidance, seeds): a mode cannot do
+      better than this with features as good as the visual tokenizer's;
+    - drawn by the visual tokenizer's own pixel decoder (``decode(encode(x))``, under
+      ``"decoder"``): what the features themselves carry, whatever the de-tokenizer makes of them;
+
+    each judged against its ground-truth segment by the same judge."""
     keys = [(story, index) for story, pictures in enumerate(held.pictures) for index in range(len(pictures))]
-    codes = [
-        code for pictures in held.pictures for code in builder.image_codes(pictures)
+    features = [
+        row for pictures in held.pictures for row in builder.image_features(pictures)
     ]  # one batch a story
+    bad = [f for f in features if not isinstance(f, np.ndarray)]
+    if bad:
+        raise ValueError(f"a held-out picture does not encode: {bad[0]}")
     pictures, seconds = render_all(
-        detok, codes, [picture_seed(settings, story, index) for story, index in keys], settings
+        detok, features, [picture_seed(settings, story, index) for story, index in keys], settings
     )
-    rows = [
+    decoded, decode_seconds = decode_all(builder.visual, features)
+    return {
+        "world": held.world,
+        **tally(judge_pictures(held, keys, pictures)),
+        "pictures": len(pictures),
+        "render_seconds": round(seconds, 1),
+        "decoder": {**tally(judge_pictures(held, keys, decoded)), "seconds": round(decode_seconds, 1)},
+    }
+
+
+def judge_pictures(held: HeldOut, keys: list[tuple[int, int]], pictures: list) -> list[tuple]:
+    """``judge_truth`` rows of the real segments at ``keys`` (story, segment), drawn as ``pictures``."""
+    return [
         row
         for (story, index), picture in zip(keys, pictures)
         for row in judge_truth(held.worlds[story], held.casts[story], held.truth[story][index], picture)
     ]
-    return {
-        "world": held.world,
-        **tally(rows),
-        "pictures": len(pictures),
-        "render_seconds": round(seconds, 1),
-    }
 
 
 # -- the whole eval --------------------------------------------------------------------------------
@@ -245,6 +282,7 @@ def run_eval(
     held = read_heldout(heldout, settings.stories, settings.segments)
     builder = PromptBuilder(str(ckpt))
     detok = Detokenizer.from_pretrained(part_dir(ckpt, "detokenizer"))
+    detok.use_sampler(settings.sampler)
     real = [[resize_square(decode_image(data), size) for data in pictures] for pictures in held.pictures]
     real_feats = image_features(
         builder.visual, [picture for pictures in real for picture in pictures]
@@ -262,11 +300,16 @@ def run_eval(
     ceiling_tally = None
     if settings.ceiling:
         print(
-            f"[eval] de-tokenizer ceiling: {settings.stories * settings.segments} real pictures' codes",
+            f"[eval] ceilings: {settings.stories * settings.segments} real pictures' features",
             flush=True,
         )
         ceiling_tally = ceiling(held, builder, detok, settings)
-        print(f"[eval] ceiling: mean {ceiling_tally['mean']:.3f}, min {ceiling_tally['min']:.3f}", flush=True)
+        decoder = ceiling_tally["decoder"]
+        print(
+            f"[eval] ceiling: de-tokenizer mean {ceiling_tally['mean']:.3f}, min {ceiling_tally['min']:.3f}; "
+            f"tokenizer's decoder mean {decoder['mean']:.3f}, min {decoder['min']:.3f}",
+            flush=True,
+        )
     table = write_outputs(
         out,
         results,

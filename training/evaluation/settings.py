@@ -17,8 +17,12 @@ class EvalSettings:
     stories: int = 50
     segments: int = 25
     modes: tuple[str, ...] = MODES
-    steps: int = 10  # denoising steps per picture
+    # Rendered as the service renders by default (ray_config.yaml: default_steps, default_guidance,
+    # sampler, guidance_until), so the eval judges the pictures a user gets.
+    steps: int = 6  # denoising steps per picture
     guidance: float = 5.0  # classifier-free guidance: the tiny de-tokenizer draws its characters with it
+    sampler: str = "dpm++"
+    guidance_until: float = 0.5  # the fraction of the steps that run guidance
     seed: int = 0
     temperature: float = 0.7
     top_p: float = 0.9
@@ -27,7 +31,8 @@ class EvalSettings:
     # Serve config, as serve does); its mode is unused: the eval runs each of ``modes``. Its
     # window also says when a character counts as returning.
     sink: SinkSettings = field(default_factory=SinkSettings)
-    ceiling: bool = True  # also judge the de-tokenizer on the real pictures' codes (one more render pass)
+    # Also judge the real pictures' features: rendered (one more render pass) and by the tokenizer's decoder.
+    ceiling: bool = True
 
     def __post_init__(self) -> None:
         bad = [mode for mode in self.modes if mode not in MODES]

@@ -9,12 +9,17 @@ shows the model, and on which the eval's long multimodal-sink stories fail
 (docs/results.md#the-four-mode-eval).
 
 This stage trains on whole stories under exactly those rules, so every token of a story is a
-target with the context generation gives it. ``attention_groups`` (plain data) cuts a story at
-its ``</img>`` marks, the only tokens at which the kept set changes shape: a group's queries all
-read one kept context and then each other, causally. ``sink_forward`` runs the model layer by
-layer; at each layer every group attends over its kept keys rotated to their ranks, and the
-next layer's keys come from those outputs, as the KV cache's do. ``tests/test_sink_stage.py``
-checks the log-probabilities against the plain-torch sink reference, token by token.
+target with the context generation gives it, with the mllm stage's two losses: caption
+cross-entropy (``token_loss``) and the cosine regression of the heads' features, read off the
+final-norm hidden rows at each picture's query positions, against the story's features (every
+picture is written here: the mllm stage teaches given ones).
+
+``attention_groups`` (plain data) cuts a story at its ``</img>`` marks, the only tokens at which
+the kept set changes shape: a group's queries all read one kept context and then each other,
+causally. ``sink_forward`` runs the model layer by layer; at each layer every group attends over
+its kept keys rotated to their ranks, and the next layer's keys come from those outputs, as the
+KV cache's do. ``tests/test_sink_stage.py`` checks the final-norm hidden states (the query rows
+among them) and the log-probabilities against the plain-torch sink reference, token by token.
 
 The policy is the one the service runs (``seedstory train`` passes ``ray_config.yaml``'s sink,
 ``--config`` and the sink flags override it), resolved against the checkpoint's pictures.
@@ -26,8 +31,8 @@ from functools import cache
 
 from actors.checkpoint import read_manifest
 from actors.mllm.sink import SinkParams, SinkSettings, SinkTracker, positions
-from training.data import endless_batches
-from training.stages.mllm import export, init, token_loss  # noqa: F401  (the mllm stage's model and export)
+from training.data import endless_batches, window_features
+from training.stages.mllm import REGRESSION_WEIGHT, export, init, picture_rows, token_loss  # noqa: F401
 
 Group = tuple[list[int], int, int]  # (kept positions read before the queries, first query, end of queries)
 
@@ -63,8 +68,9 @@ def attention_groups(ids: list[int], sink: SinkParams) -> list[Group]:
 
 
 def sink_forward(model, ids: list[int], sink: SinkParams):
-    """Logits (n, vocab) of a whole story read under the sink, every token as generation reads it.
-    Each layer runs every group at once: the groups' kept keys gathered and padded side by side."""
+    """Final-norm hidden states (n, hidden) of a whole story read under the sink, every token as
+    generation reads it (its logits: ``model.lm_head`` of them). Each layer runs every group at
+    once: the groups' kept keys gathered and padded side by side."""
     import torch
 
     llama, config = model.model, model.config
@@ -81,7 +87,7 @@ def sink_forward(model, ids: list[int], sink: SinkParams):
         out = group_attention(q, k, v, groups, cos, sin, attn.scaling, repeats)  # (n, heads * hd)
         hidden = hidden + attn.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return model.lm_head(llama.norm(hidden))
+    return llama.norm(hidden)
 
 
 def padded_groups(groups: list[Group], device) -> dict:
@@ -139,22 +145,45 @@ def gather(x, idx):
 
 
 def batches(shard, spec):
-    """Batches of whole stories: their ids and where each one's loss starts (its first ``<img>``:
-    the opening caption is the user's)."""
-    boi = read_manifest(spec.ckpt).tokens.boi
+    """Batches of whole stories: their ids, where each one's loss starts (its first ``<img>``: the
+    opening caption is the user's), and each one's pictures' features (pictures, Q, D) float32."""
+    import torch
+
+    manifest = read_manifest(spec.ckpt)
+    boi, shape = manifest.tokens.boi, (manifest.num_queries, manifest.feature_dim)
     for batch in endless_batches(shard, spec.batch_size, spec.seed):
         stories = [[int(x) for x in ids] for ids in batch["input_ids"]]
-        yield {"stories": stories, "loss_from": [s.index(boi) for s in stories]}
+        yield {
+            "stories": stories,
+            "loss_from": [s.index(boi) for s in stories],
+            "features": [torch.from_numpy(window_features(data, shape)) for data in batch["features"]],
+        }
 
 
 def loss(models: dict, batch: dict, spec, step: int):
     import torch
+    import torch.nn.functional as F
 
-    sink, model = policy(spec), models["mllm"]
-    logits = [sink_forward(model, ids, sink)[:-1] for ids in batch["stories"]]
+    sink, model, heads = policy(spec), models["mllm"], models["heads"]
+    layout = read_manifest(spec.ckpt).tokens
+    hidden = [sink_forward(model, ids, sink) for ids in batch["stories"]]
     targets = [torch.tensor(ids[1:], device=model.device) for ids in batch["stories"]]
     in_loss = [
         torch.arange(len(ids) - 1, device=model.device) >= start - 1
         for ids, start in zip(batch["stories"], batch["loss_from"])
     ]
-    return token_loss(torch.cat(logits), torch.cat(targets), torch.cat(in_loss), spec)
+    logits = model.lm_head(torch.cat([h[:-1] for h in hidden]))
+    caption_loss = token_loss(logits, torch.cat(targets), torch.cat(in_loss), layout)
+    rows, features = [], []
+    for h, ids, story_features in zip(hidden, batch["stories"], batch["features"]):
+        _, at = picture_rows(torch.tensor([ids], device=model.device), layout.boi, layout.num_queries)
+        if len(at) != len(story_features):
+            raise ValueError(
+                f"a story has {len(at)} pictures in its ids but {len(story_features)} in its features"
+            )
+        rows.append(h[at])  # (P, Q, hidden): every picture of the story, in order
+        features.append(story_features.to(model.device))
+    rows, features = torch.cat(rows), torch.cat(features)
+    cosine = F.cosine_similarity(heads.features(rows), features, dim=-1).mean()
+    total = caption_loss + REGRESSION_WEIGHT * (1 - cosine)
+    return total, {"caption_ce": float(caption_loss.detach()), "cosine": float(cosine.detach())}
