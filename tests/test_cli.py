@@ -78,6 +78,8 @@ OPTIONS = {
         "--modes",
         "--steps",
         "--guidance",
+        "--sampler",
+        "--guidance-until",
         "--seed",
         "--card",
         "--no-ceiling",
