@@ -241,10 +241,11 @@ class Render:
         seeds = [_seed(f"{batch['story_id'].iloc[row]}/{k}") for row, k, _ in jobs]
         features = [from_bytes(f, *self.shape) for _, _, f in jobs]
         images = self.model.render_seeded(features, seeds, self.steps, self.guidance) if jobs else []
-        pngs = [[] for _ in range(len(batch))]
-        for (row, _, _), img in zip(jobs, images):
+        pngs, rows = [[] for _ in range(len(batch))], [[] for _ in range(len(batch))]
+        for (row, _, _), img, picture in zip(jobs, images, features):
             pngs[row].append(to_png(img))
-        batch["pngs"] = pngs
+            rows[row].append(picture.tolist())  # Q rows of D: the table's column, decoded once
+        batch["pngs"], batch["features"] = pngs, rows
         return commit(batch, self.out, self.segments)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.features import WIRE_DTYPE
+from actors.features import to_bytes
 
 SEGMENTS = pa.schema(
     [
@@ -26,9 +26,9 @@ SEGMENTS = pa.schema(
         ("segment", pa.int32()),
         ("caption", pa.string()),
         ("png", pa.binary()),
-        # The picture's features: Q * D float32 values, row-major (Q rows of D), as the MLLM wrote
-        # them and the de-tokenizer drew them; they render the picture again without the MLLM.
-        ("features", pa.list_(pa.float32())),
+        # The picture's features: Q rows of D float32 values, as the MLLM wrote them and the
+        # de-tokenizer drew them; they render the picture again without the MLLM.
+        ("features", pa.list_(pa.list_(pa.float32()))),
         ("opening", pa.string()),
     ]
 )
@@ -78,7 +78,7 @@ def commit(batch, out: str, segments: int):
             "segment": k,
             "caption": cap,
             "png": png,
-            "features": np.frombuffer(features, WIRE_DTYPE).tolist(),  # actors.features' bytes
+            "features": features,
             "opening": opening,
         }
         for sid, opening, caps, pngs, all_features in zip(
@@ -130,9 +130,17 @@ def write_gallery(out: Path, limit: int = 50) -> Path:
     stories: dict[str, Story] = {}
     for row in read_stories(out).to_pylist():
         story = stories.setdefault(row["story_id"], Story(story_id=row["story_id"]))
+        features = np.asarray(row["features"], dtype=np.float32)  # (Q, D)
         story.segments.append(
-            StorySegment(row["segment"], row["caption"], row["png"])
-        )  # features: the table's
+            StorySegment(
+                row["segment"],
+                row["caption"],
+                row["png"],
+                features=to_bytes(features),
+                feature_rows=features.shape[0],
+                feature_dim=features.shape[1],
+            )
+        )
     links = []
     for sid, story in list(stories.items())[:limit]:
         write_story(out / "gallery" / sid, story)

@@ -3,7 +3,9 @@ once, bad rows in the errors table, and a job killed midway that a rerun complet
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -72,12 +74,12 @@ def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(
     assert (summary["stories"], summary["errors"], summary["skipped"]) == (GOOD, 2, 0)
     assert_exactly_once(out)
     assert_bad_rows(out)
-    assert read_stories(out).schema.field("features").type == pa.list_(pa.float32())
+    assert read_stories(out).schema.field("features").type == pa.list_(pa.list_(pa.float32()))
     rows = read_stories(out).to_pylist()
     for row in rows:
         assert row["caption"] and Image.open(io.BytesIO(row["png"])).size == (64, 64)
-        features = np.asarray(row["features"], np.float32)  # Q x D, row-major: it renders again
-        assert features.shape == (16 * 64,) and np.isfinite(features).all()
+        features = np.asarray(row["features"], np.float32)  # Q rows of D: it renders again
+        assert features.shape == (16, 64) and np.isfinite(features).all()
     for row in (r for r in rows if r["segment"] == 0):
         if row["opening"].endswith("day 0."):  # its picture was given: every caption is the model's
             assert row["caption"] != row["opening"]
@@ -89,6 +91,10 @@ def test_bulk_writes_every_story_once_and_bad_rows_to_the_errors_table(
     assert read_stories(out).num_rows == GOOD * SEGMENTS
     page = write_gallery(out)
     assert page.read_text().count("<li>") == GOOD
+    saved = json.loads(next((out / "gallery").glob("*/story.json")).read_text())
+    for seg in saved["segments"]:  # the gallery's stories carry their pictures' features too
+        assert (seg["feature_rows"], seg["feature_dim"]) == (16, 64)
+        assert len(base64.b64decode(seg["features"])) == 16 * 64 * 4
 
 
 def test_a_killed_bulk_job_rerun_ends_with_every_story_exactly_once(

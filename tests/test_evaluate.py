@@ -263,7 +263,7 @@ def test_the_ceilings_render_and_decode_the_real_pictures_features(tiny_ckpt, re
     builder = PromptBuilder(str(tiny_ckpt))
     features = builder.image_features(held.pictures[0])
     decoded, _ = decode_all(builder.visual, features)
-    assert [(p.shape, p.dtype) for p in decoded] == [((SIZE, SIZE, 3), np.uint8)] * 2
+    assert [(np.asarray(p).shape, np.asarray(p).dtype) for p in decoded] == [((SIZE, SIZE, 3), np.uint8)] * 2
     detok = Detokenizer.from_pretrained(part_dir(tiny_ckpt, "detokenizer"))
     s = EvalSettings(stories=2, segments=2, steps=1, guidance=1.0)
     c = ceiling(held, builder, detok, s)

@@ -77,6 +77,14 @@ def token_batches(shard, batch_size: int, seed: int, pad_id: int, picture_shape:
         yield windows
 
 
+def bytes_column(values: list[bytes]) -> np.ndarray:
+    """A batch column of byte strings as an object array: ``np.asarray`` would make fixed-width
+    bytes, which strip trailing zero bytes (a float16 0.0 ends in them)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
 def window_features(data: bytes, picture_shape: tuple[int, int]) -> np.ndarray:
     """A window's ``features`` bytes -> float32 (pictures, Q, D)."""
     return np.frombuffer(data, dtype=FEATURE_DTYPE).reshape(-1, *picture_shape).astype(np.float32)
@@ -125,8 +133,7 @@ class Pretokenize:
                 out["input_ids"].append(np.asarray(row[0], dtype=np.int32))
                 out["loss_from"].append(row[1])
                 out["features"].append(row[2])
-        features = np.empty(len(out["features"]), dtype=object)  # np.asarray would strip trailing zero bytes
-        features[:] = out.pop("features")
+        features = bytes_column(out.pop("features"))
         return {**{k: v if k == "input_ids" else np.asarray(v) for k, v in out.items()}, "features": features}
 
     def window(self, captions: list[str], pngs: list[bytes]) -> tuple[list[int], int, bytes] | None:
@@ -186,8 +193,7 @@ def join_windows(group: dict) -> dict:
             break
         ids += list(group["input_ids"][i][1:] if k else group["input_ids"][i])
         features.append(bytes(group["features"][i]))
-    joined = np.empty(1, dtype=object)  # np.asarray would strip trailing zero bytes
-    joined[0] = b"".join(features)
+    joined = bytes_column([b"".join(features)])
     return {
         "story_id": group["story_id"][:1],
         "input_ids": [np.asarray(ids, dtype=np.int32)],

@@ -28,6 +28,7 @@ blocks the story no longer holds.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass, field, fields
 
@@ -389,6 +390,9 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
         table = layer_meta.block_table
         block_size = ctx.no_compile_layers[self.layer_names[0]].kv_cache.shape[2]
         ids = input_ids.tolist()
+        # The step's query-token rows, found in one tensor pass (most steps have none).
+        is_query = (input_ids >= self.query_ids.start) & (input_ids < self.query_ids.stop)
+        query_rows = is_query.nonzero().flatten().tolist()
         plans, blocks, captures = [], [], []
         for req in range(len(seq_lens)):
             q0, q1, end = query_starts[req], query_starts[req + 1], seq_lens[req]
@@ -396,7 +400,7 @@ class SeedStoryForCausalLM(LlamaForCausalLM):
             state = self._request(int(table[req, 0]), first, block_size)
             plans.append(plan_request(state, first, ids[q0:q1], q0))
             blocks.append(storage_blocks(table[req], plans[-1].entries))
-            rows = [row for row in range(q0, q1) if ids[row] in self.query_ids]
+            rows = query_rows[bisect.bisect_left(query_rows, q0) : bisect.bisect_left(query_rows, q1)]
             if rows:
                 captures.append((state, [first + row - q0 for row in rows], rows))
         cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin_cache.to(self.lm_head.weight.dtype)

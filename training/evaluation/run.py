@@ -88,19 +88,18 @@ def render_all(
     return pictures, time.perf_counter() - start
 
 
-def decode_all(visual, features: list[np.ndarray], batch: int = 64) -> tuple[list[np.ndarray], float]:
-    """Every picture's features drawn by the visual tokenizer's own pixel decoder (H, W, 3) uint8,
-    ``batch`` at a time; the pictures and the seconds it took."""
+def decode_all(visual, features: list[np.ndarray], batch: int = 64) -> tuple[list, float]:
+    """Every picture's features drawn by the visual tokenizer's own pixel decoder, as PIL images
+    (as ``render_all`` gives them), ``batch`` at a time; the pictures and the seconds it took."""
     import torch
+    from diffusers.image_processor import VaeImageProcessor
 
-    start, pictures = time.perf_counter(), []
+    start, pictures, dtype = time.perf_counter(), [], next(visual.parameters()).dtype
     with torch.no_grad():
         for at in range(0, len(features), batch):
-            rows = torch.as_tensor(np.stack(features[at : at + batch]), dtype=torch.float32)
-            dtype = next(visual.parameters()).dtype
-            images = visual.decode(rows.to(dtype)).float()  # (B, 3, H, W) in [-1, 1]
-            pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-            pictures += list(pixels.numpy())
+            rows = torch.as_tensor(np.stack(features[at : at + batch])).to(dtype)
+            images = visual.decode(rows).float().clamp(-1, 1)  # (B, 3, H, W) in [-1, 1]
+            pictures += VaeImageProcessor().postprocess(images, output_type="pil")
     return pictures, time.perf_counter() - start
 
 

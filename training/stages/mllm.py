@@ -23,6 +23,8 @@ so a window gives a picture's worth of signal per segment.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,7 @@ def batches(shard, spec):
 
 
 def loss(models: dict, batch: dict, spec, step: int) -> tuple[torch.Tensor, dict]:
-    mllm, heads, layout = models["mllm"], models["heads"], read_manifest(spec.ckpt).tokens
+    mllm, heads, layout = models["mllm"], models["heads"], token_layout(spec.ckpt)
     ids = batch["input_ids"]
     pictures = picture_rows(ids, layout.boi, layout.num_queries)  # (P, Q) window and position indices
     features = torch.cat(batch["features"]).to(ids.device)  # (P, Q, D), the same order
@@ -72,6 +74,12 @@ def loss(models: dict, batch: dict, spec, step: int) -> tuple[torch.Tensor, dict
         "cosine": float(cosine.detach()),
         "given": float(given.float().mean()),
     }
+
+
+@cache
+def token_layout(ckpt: str):
+    """The checkpoint's token layout, read once per process (``loss`` asks every step)."""
+    return read_manifest(ckpt).tokens
 
 
 def picture_rows(ids: torch.Tensor, boi: int, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:

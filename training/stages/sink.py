@@ -32,7 +32,14 @@ from functools import cache
 from actors.checkpoint import read_manifest
 from actors.mllm.sink import SinkParams, SinkSettings, SinkTracker, positions
 from training.data import endless_batches, window_features
-from training.stages.mllm import REGRESSION_WEIGHT, export, init, picture_rows, token_loss  # noqa: F401
+from training.stages.mllm import (  # noqa: F401  (the mllm stage's model, losses and export)
+    REGRESSION_WEIGHT,
+    export,
+    init,
+    picture_rows,
+    token_layout,
+    token_loss,
+)
 
 Group = tuple[list[int], int, int]  # (kept positions read before the queries, first query, end of queries)
 
@@ -165,7 +172,7 @@ def loss(models: dict, batch: dict, spec, step: int):
     import torch.nn.functional as F
 
     sink, model, heads = policy(spec), models["mllm"], models["heads"]
-    layout = read_manifest(spec.ckpt).tokens
+    layout = token_layout(spec.ckpt)
     hidden = [sink_forward(model, ids, sink) for ids in batch["stories"]]
     targets = [torch.tensor(ids[1:], device=model.device) for ids in batch["stories"]]
     in_loss = [
