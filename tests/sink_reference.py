@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from actors.mllm.grammar import StoryRules, start_state
 from actors.mllm.sink import SinkParams
-from actors.mllm.vllm_logits import choice_masks
+from actors.mllm.vllm_logits import choice_masks, mask_for
 
 
 def kept_mask(ids: list[int], p: SinkParams) -> list[bool]:
@@ -108,7 +108,7 @@ class SinkReference:
         while True:
             choice = state.allowed()
             logits = self.m.lm_head(rows[-1])[0]
-            nxt = int(logits.masked_fill(~self.masks[choice], float("-inf")).argmax())
+            nxt = int(logits.masked_fill(~mask_for(self.masks, choice), float("-inf")).argmax())
             out.append(nxt)
             if nxt == self.layout.eos:
                 return out, torch.cat(rows)

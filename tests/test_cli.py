@@ -81,6 +81,7 @@ OPTIONS = {
         "--sampler",
         "--guidance-until",
         "--seed",
+        "--captions",
         "--card",
         "--no-ceiling",
         *SINK_FLAGS,

@@ -88,12 +88,13 @@ def heads(tiny_ckpt):
     return PictureHeads.from_pretrained(part_dir(tiny_ckpt, "heads"))
 
 
-def check_story(engine, model, heads, prompt, segments, events, embeds=None) -> None:
+def check_story(engine, model, heads, prompt, segments, events, embeds=None, script=()) -> None:
     """The engine's story equals the transformers reference's under the same policy, token for
     token, and each picture's features are the output head's map of the reference's final-norm
-    hidden rows at its Q query positions (``embeds``: given rows of the prompt, by position)."""
+    hidden rows at its Q query positions (``embeds``: given rows of the prompt, by position;
+    ``script``: the captions given for the later pictures)."""
     t, q = engine.tokens, engine.manifest.num_queries
-    rules = StoryRules(q, segments, engine.manifest.preset.max_caption_tokens)
+    rules = StoryRules(q, segments, engine.manifest.preset.max_caption_tokens, tuple(script))
     reference = SinkReference(model, engine.config.sink.with_ids(t.boi, t.eoi), t)
     out, want = reference.generate_rows(prompt, rules, embeds)
     story = prompt + out[:-1]  # the closing </s> is never run
@@ -160,6 +161,24 @@ def test_greedy_output_equals_the_transformers_reference(engine, reference_model
         assert events[0].caption_ids == []  # the opening caption is the client's: its picture comes first
         assert all(1 <= len(ev.caption_ids) <= max_caption for ev in events[1:])
         check_story(engine, reference_model, heads, prompt, SEGMENTS[sid], events)
+
+
+def test_a_script_gives_the_captions_and_the_model_draws_them(engine, reference_model, heads):
+    """Captions given in advance (``StoryRules.script``) are written exactly, even under sampling,
+    and the model writes the rest: the pictures, and the captions after the script's."""
+    if engine.config.sink.mode != "multimodal":
+        pytest.skip("one mode is enough")
+    prompt, lo = prompts(engine)["s6"], engine.tokens.text_range[0]
+    script = [[lo + 5, lo + 9, lo + 2], [lo + 30], [lo + 7] * engine.manifest.preset.max_caption_tokens]
+    engine.submit("scripted", prompt, 5, Sampling(temperature=1.0, top_p=0.9, seed=3), script=script)
+    events = StoryDriver(engine).drain().pictures["scripted"]
+    assert [ev.caption_ids for ev in events[1:4]] == script and events[4].caption_ids
+    engine.submit("scripted-greedy", prompt, 5, script=script)
+    greedy = StoryDriver(engine).drain().pictures["scripted-greedy"]
+    check_story(engine, reference_model, heads, prompt, 5, greedy, script=script)
+    with pytest.raises(ValueError, match="a script of 3 captions for 3 pictures"):
+        engine.submit("too-long", prompt, 3, script=script)
+    assert engine.free_blocks() == engine.total_blocks() and not engine.has_work()
 
 
 def test_the_policy_changes_the_output(engine, reference_model):

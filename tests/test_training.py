@@ -41,9 +41,10 @@ WEIGHTS = {
     "visual": "visual_tokenizer/model.safetensors",
     "vae": "detokenizer/vae/diffusion_pytorch_model.safetensors",
     "detokenizer": "detokenizer/unet/diffusion_pytorch_model.safetensors",
+    "opening": "mllm/model.safetensors",
     "mllm": "mllm/model.safetensors",
     "sink": "mllm/model.safetensors",
-}  # the sink stage fine-tunes the mllm stage's export
+}  # the mllm stage goes on from the opening stage's export, the sink stage from the mllm stage's
 HEADS = "heads/model.safetensors"  # the mllm and sink stages export the picture heads beside the Llama
 
 
@@ -58,12 +59,13 @@ def stream(storyworld, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def returning_storyworld(tmp_path_factory):
-    """Two 12-segment returning-world stories at 64 px: a held-out set for the eval (as cheap as
-    ``storyworld``; the trained fixture checkpoint reads its captions with its own BPE)."""
+    """Two 16-segment returning-world stories at 64 px: a held-out set for the eval (as cheap as
+    ``storyworld``; the trained fixture checkpoint reads its captions with its own BPE). The
+    second has two returns (friends back after 10+ segments away)."""
     from training.storyworld_writer import write_storyworld
 
     out = tmp_path_factory.mktemp("returning")
-    write_storyworld(out, stories=2, segments=12, seed=7, size=64, world="returning")
+    write_storyworld(out, stories=2, segments=16, seed=7, size=64, world="returning")
     return out
 
 
@@ -85,9 +87,50 @@ def trained(ray_cluster, stream, tmp_path_factory):
     return out, before, summary
 
 
+def test_the_opening_stage_learns_from_each_windows_opening_alone(tmp_path):
+    """Its loss changes with the opening caption and not with anything after each window's first
+    ``</img>``, whatever the windows' lengths (one cut serves a batch of different openings)."""
+    import torch
+
+    from actors.tokenizer.text import segment_ids
+    from training.data import pad_windows
+    from training.init_checkpoint import init_checkpoint
+    from training.stages import opening
+
+    ckpt = tmp_path / "ckpt"
+    init_checkpoint(TINY, ckpt, seed=0)
+    spec = StageSpec(stage="opening", ckpt=str(ckpt), steps=1, batch_size=2, lr=1e-3)
+    models = {name: model.eval() for name, model in opening.init(spec).items()}
+    layout, rng = read_manifest(ckpt).tokens, random.Random(0)
+    lo, hi = layout.text_range
+
+    def window(captions: list[int]) -> list[int]:
+        return [layout.bos] + [
+            i for length in captions for i in segment_ids(layout, rng.choices(range(lo, hi), k=length), True)
+        ]
+
+    def batch(windows: list[list[int]]) -> dict:
+        padded = pad_windows([np.asarray(w) for w in windows], [0] * len(windows), layout.pad, torch)
+        shape = (len(windows), 3, TINY.heads.num_queries, TINY.heads.feature_dim)
+        torch.manual_seed(1)
+        return padded | {"features": list(torch.nn.functional.normalize(torch.randn(shape), dim=-1))}
+
+    def loss(windows: list[list[int]]) -> float:
+        with torch.no_grad():
+            return float(opening.loss(models, batch(windows), spec, 0)[0])
+
+    first, second = window([5, 7, 6]), window([9, 4, 4])  # openings of different lengths
+    opening_end = [w.index(layout.eoi) + 1 for w in (first, second)]
+    later_changed = [w[:end] + window([3, 8])[1:] for w, end in zip((first, second), opening_end)]
+    caption_changed = [[first[0], (first[1] - lo + 1) % (hi - lo) + lo, *first[2:]], second]
+    base = loss([first, second])
+    assert loss(later_changed) == pytest.approx(base, abs=1e-6)
+    assert abs(loss(caption_changed) - base) > 1e-6
+
+
 def test_every_stage_trains_with_two_workers_and_exports(trained):
     out, before, summary = trained
-    assert list(summary["stages"]) == ["visual", "vae", "detokenizer", "mllm", "sink"]
+    assert list(summary["stages"]) == ["visual", "vae", "detokenizer", "opening", "mllm", "sink"]
     assert summary["stages"]["sink"]["spec"]["sink"] == asdict(SinkSettings())  # train()'s default policy
     for stage, s in summary["stages"].items():
         assert s["steps"] == 2 and s["metrics"]["step"] == 2
@@ -99,6 +142,7 @@ def test_every_stage_trains_with_two_workers_and_exports(trained):
     for stage in ("mllm", "sink"):  # both losses ran
         metrics = summary["stages"][stage]["metrics"]
         assert np.isfinite(metrics["caption_ce"]) and -1 <= metrics["cosine"] <= 1, stage
+    assert -1 <= summary["stages"]["opening"]["metrics"]["cosine"] <= 1  # the opening stage: regression only
     # Each of the two exported the heads beside the Llama: mllm over init's, sink over mllm's.
     assert before["mllm heads"] != before["sink heads"] != digest(out / HEADS)
     from actors.mllm.heads import PictureHeads
@@ -423,6 +467,34 @@ def test_eval_judges_looks_and_returns_on_the_returning_world(trained, returning
         assert tallied["per_role"]["hero"]["n"] == 6 and tallied["per_role"]["friend"]["n"] == len(there) - 6
         assert set(tallied["per_attribute"]) == {"colour", "shape", "pattern"}
     assert table.count("| look (all three) |") == 2 and table.count("| pattern |") == 2
+
+
+def test_eval_with_captions_given_draws_the_held_out_stories_own_returns(
+    trained, returning_storyworld, tmp_path
+):
+    """``--captions given``: every caption is the held-out story's own (the engine's script), so the
+    returns judged are exactly the held-out stories' returns, whatever the mode's memory."""
+    from training.evaluation.judge import returns
+    from training.evaluation.run import run_eval
+
+    out, _, _ = trained
+    s = EvalSettings(stories=2, segments=16, modes=("streaming",), steps=2, ceiling=False, captions="given")
+    table = run_eval(out, returning_storyworld, tmp_path / "eval", s)
+    assert "every caption given" in table
+    stories = [json.loads(x) for x in (returning_storyworld / "storyworld.jsonl").read_text().splitlines()]
+    written = [json.loads(x) for x in (tmp_path / "eval" / "stories.jsonl").read_text().splitlines()]
+    assert [w["captions"] for w in written] == [story["captions"][:16] for story in stories[:2]]
+    assert all(all(w["valid"]) for w in written)
+    truth = [json.loads(x) for x in (returning_storyworld / "truth.jsonl").read_text().splitlines()[:2]]
+    expected = sum(
+        len(names)
+        for t in truth
+        for names in returns(
+            [seg["present"] for seg in t["segments"][:16]], t["looks"], s.sink.window_segments
+        )
+    )
+    summary = json.loads((tmp_path / "eval" / "results.json").read_text())["modes"][0]["summary"]
+    assert summary["returns"] == expected > 0
 
 
 @pytest.mark.skipif(not (EMBEDDED / "manifest.json").is_file(), reason="no embedded checkpoint")

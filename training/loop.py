@@ -22,8 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STAGES = ("visual", "vae", "detokenizer", "mllm", "sink")
-DEFAULT_STAGES = STAGES[:4]  # the sink stage is asked for by name (docs/training.md#the-sink-stage)
+STAGES = ("visual", "vae", "detokenizer", "opening", "mllm", "sink")
+DEFAULT_STAGES = STAGES[:5]  # the sink stage is asked for by name (docs/training.md#the-sink-stage)
 STATE_FILE = "state.pt"
 
 

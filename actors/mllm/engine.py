@@ -107,14 +107,18 @@ class StoryEngine:
         segments: int,
         sampling: Sampling = Sampling(),
         given: dict[int, np.ndarray] | None = None,
+        script: list[list[int]] = (),
     ) -> None:
         """Start a story. ``given``: the prompt's given pictures, by the position of their first
-        query row -> their features (Q, D); they enter as the input head's embedding rows."""
+        query row -> their features (Q, D); they enter as the input head's embedding rows.
+        ``script``: captions given for this request's later pictures (``StoryRules.script``)."""
         from vllm import SamplingParams
 
         if story_id in self.stories:
             raise ValueError(f"story {story_id!r} is already running")
-        rules = StoryRules(self.manifest.num_queries, segments, self.manifest.preset.max_caption_tokens)
+        rules = StoryRules(
+            self.manifest.num_queries, segments, self.manifest.preset.max_caption_tokens, tuple(script)
+        )
         per_segment = rules.max_caption_tokens + rules.num_queries + 2
         params = SamplingParams(
             temperature=sampling.temperature,

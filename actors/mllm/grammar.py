@@ -21,6 +21,7 @@ EOI = "eoi"  # only </img>: the Q query tokens written
 EOS = "eos"  # only </s>: all pictures written
 CHOICES = (CAPTION_FIRST, CAPTION, BOI, EOI, EOS)
 QUERY = "query_"  # + row j: only the query token of row j
+SCRIPTED = "scripted_"  # + a token id: only that token (a caption given in the rules' script)
 
 
 def choices(layout: TokenLayout) -> tuple[str, ...]:
@@ -33,12 +34,21 @@ class StoryRules:
     num_queries: int  # Q
     segments: int  # pictures to write in this request
     max_caption_tokens: int
+    # Captions given in advance: script[k] is the caption of this request's picture k+1 (the
+    # first picture's caption ends the prompt). The model writes the pictures, and the captions
+    # after the script's. An eval uses it to ask every sink mode for the same comings and goings.
+    script: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "script", tuple(tuple(caption) for caption in self.script))
         if self.segments < 1:
             raise ValueError(f"segments must be >= 1, got {self.segments}")
         if self.num_queries < 1 or self.max_caption_tokens < 1:
             raise ValueError("num_queries and max_caption_tokens must be >= 1")
+        if len(self.script) > self.segments - 1:
+            raise ValueError(f"a script of {len(self.script)} captions for {self.segments} pictures")
+        if any(not 0 < len(caption) <= self.max_caption_tokens for caption in self.script):
+            raise ValueError(f"every scripted caption needs 1..{self.max_caption_tokens} tokens")
 
 
 @dataclass
@@ -55,6 +65,9 @@ class GrammarState:
             return EOI if self.run == rules.num_queries else f"{QUERY}{self.run}"
         if self.pictures == rules.segments:
             return EOS
+        if 0 < self.pictures <= len(rules.script):
+            caption = rules.script[self.pictures - 1]
+            return BOI if self.run == len(caption) else f"{SCRIPTED}{caption[self.run]}"
         if self.run == 0:
             return CAPTION_FIRST
         return BOI if self.run >= rules.max_caption_tokens else CAPTION
@@ -75,6 +88,8 @@ class GrammarState:
 def permits(layout: TokenLayout, choice: str, token: int) -> bool:
     if choice.startswith(QUERY):
         return token == layout.query_base + int(choice.removeprefix(QUERY))
+    if choice.startswith(SCRIPTED):
+        return token == int(choice.removeprefix(SCRIPTED))
     lo, hi = layout.text_range
     text = lo <= token < hi
     return {

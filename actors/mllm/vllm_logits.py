@@ -10,7 +10,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from actors.config import from_dict
-from actors.mllm.grammar import GrammarState, StoryRules, allowed_ids, choices, start_state
+from actors.mllm.grammar import CHOICES, SCRIPTED, GrammarState, StoryRules, allowed_ids, choices, start_state
 from actors.tokenizer.text import TokenLayout
 
 EXTRA_KEY = "seedstory"
@@ -23,6 +23,17 @@ def choice_masks(layout: TokenLayout, device=None) -> dict[str, torch.Tensor]:
         masks[choice] = torch.zeros(layout.vocab_size, dtype=torch.bool, device=device)
         masks[choice][allowed_ids(layout, choice)] = True
     return masks
+
+
+def mask_for(masks: dict[str, torch.Tensor], choice: str) -> torch.Tensor:
+    """The mask of ``choice``: one of ``choice_masks``, or made on the spot for a scripted caption's
+    token (one per vocabulary entry would be too many to build ahead)."""
+    if not choice.startswith(SCRIPTED):
+        return masks[choice]
+    any_mask = masks[CHOICES[0]]
+    mask = torch.zeros_like(any_mask)
+    mask[int(choice.removeprefix(SCRIPTED))] = True
+    return mask
 
 
 class Tracked:
@@ -73,7 +84,7 @@ class StoryGrammarProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, tracked in self.tracked.items():
-            mask = self.masks[tracked.catch_up()]
+            mask = mask_for(self.masks, tracked.catch_up())
             logits[index, : mask.shape[0]].masked_fill_(~mask, float("-inf"))
             logits[index, mask.shape[0] :] = float("-inf")  # padded vocabulary rows, if any
         return logits

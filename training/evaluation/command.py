@@ -34,6 +34,12 @@ def add_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--guidance-until", type=float, help="the fraction of the steps that run guidance")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
+        "--captions",
+        choices=("written", "given"),
+        help="written (default): the model writes the captions after the opening; given: each "
+        "held-out story's own captions, so every mode draws the same returns",
+    )
+    parser.add_argument(
         "--card", action="store_true", help="also write the table into the checkpoint's model card"
     )
     parser.add_argument(
@@ -62,6 +68,7 @@ def eval_settings(
             "guidance_until",
             "seed",
             "ceiling",
+            "captions",
         )
         if getattr(args, key) is not None
     }

@@ -17,6 +17,7 @@ class HeldOut:
     """The held-out stories the eval writes from (their openings) and judges against (the rest)."""
 
     openings: list[str]
+    captions: list[list[str]]  # per story, every caption (the opening first), cut to the segments asked
     heroes: list[str]
     pictures: list[list[bytes]]  # real pictures per story, per segment (PNG/JPEG bytes)
     worlds: list[str]  # per story: "classic" or "returning" (one world a set)
@@ -64,6 +65,7 @@ def read_heldout(folder: Path, stories: int, segments: int) -> HeldOut:
         )
     return HeldOut(
         openings=[story_record["captions"][0] for story_record in story_records],
+        captions=[story_record["captions"][:segments] for story_record in story_records],
         heroes=[truth_record["hero"] for truth_record in truth_records],
         pictures=[
             [(folder / "images" / image).read_bytes() for image in story_record["images"][:segments]]

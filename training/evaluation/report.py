@@ -190,8 +190,13 @@ def format_table(
     """The table of every mode's metrics (the paper's Table 2), then the sink settings, the
     story-paired differences and the ceilings (de-tokenizer and the tokenizer's own decoder)."""
     cast_columns = "look" in results[0]["per_story"]  # the returning world's columns
+    captions = (
+        "every caption given (the held-out story's own), the pictures drawn by the model"
+        if settings.captions == "given"
+        else "the captions after the opening written by the model"
+    )
     head = (
-        f"{settings.stories} held-out openings x {settings.segments} segments, {settings.steps} "
+        f"{settings.stories} held-out openings x {settings.segments} segments ({captions}), {settings.steps} "
         f"{settings.sampler} steps at guidance {settings.guidance:g} (on the first "
         f"{settings.guidance_until:g} of them); quality metrics averaged over all segments, ± one "
         "standard error over stories\n\n"

@@ -31,9 +31,12 @@ from training.storyworld import parse_caption, there
 # -- generating and rendering ------------------------------------------------------------------------
 
 
-def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], settings: EvalSettings) -> dict:
+def write_stories(
+    ckpt: Path, mode: str, prompts: list[list[int]], settings: EvalSettings, scripts: list[list[list[int]]]
+) -> dict:
     """All stories under one sink mode, batched in one engine: each picture's features and caption
-    ids (``PictureWritten``), time, peak KV."""
+    ids (``PictureWritten``), time, peak KV. ``scripts``: per story, the captions given for its
+    later pictures (empty lists: the model writes them)."""
     from actors.mllm.driver import StoryDriver
     from actors.mllm.engine import EngineConfig, Sampling, StoryEngine
 
@@ -53,6 +56,7 @@ def write_stories(ckpt: Path, mode: str, prompts: list[list[int]], settings: Eva
                 prompt,
                 settings.segments,
                 Sampling(settings.temperature, settings.top_p, seed=settings.seed + story),
+                script=scripts[story],
             )
         drained = StoryDriver(engine).drain()
         return {
@@ -156,7 +160,11 @@ def evaluate_mode(ckpt: Path, mode: str, held: HeldOut, builder, detok, settings
     """One sink mode's outcome: every story written and rendered, each verdict per segment and per
     story, the captions, the pictures (for the Fréchet distance) and what the mode cost."""
     prompts = [builder.prompt(ids, None).ids for ids in builder.caption_ids(held.openings)]
-    generated = write_stories(ckpt, mode, prompts, settings)
+    scripts = [
+        builder.caption_ids(captions[1:]) if settings.captions == "given" and len(captions) > 1 else []
+        for captions in held.captions
+    ]
+    generated = write_stories(ckpt, mode, prompts, settings, scripts)
     keys = [(story, event.index) for story, events in generated["segments"].items() for event in events]
     features = [event.features for events in generated["segments"].values() for event in events]
     pictures, render_seconds = render_all(

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from actors.mllm.sink import MODES, SinkSettings
 
+CAPTIONS = ("written", "given")
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -33,8 +35,14 @@ class EvalSettings:
     sink: SinkSettings = field(default_factory=SinkSettings)
     # Also judge the real pictures' features: rendered (one more render pass) and by the tokenizer's decoder.
     ceiling: bool = True
+    # "written": the model writes every caption after the opening. "given": each held-out story's
+    # own captions are given (the engine's script) and the model draws them, so every mode draws
+    # the same comings and goings, and every return of the held-out stories is judged in every mode.
+    captions: str = "written"
 
     def __post_init__(self) -> None:
         bad = [mode for mode in self.modes if mode not in MODES]
         if bad or self.stories < 2 or self.segments < 1:
             raise ValueError(f"eval: modes must be among {MODES}, stories >= 2, segments >= 1 (got {bad})")
+        if self.captions not in CAPTIONS:
+            raise ValueError(f"eval: captions must be one of {CAPTIONS}, got {self.captions!r}")
