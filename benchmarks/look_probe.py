@@ -13,7 +13,10 @@ probe isolates the second, cheaply enough to run on a training run's checkpoints
 - per segment range: the opening (its caption says every look), segments 1-4 and 5+ (names only).
 
 The same pictures' true features, decoded alike, give the ceiling. A model that writes the mean
-picture scores near 0 on looks (``benchmarks/results/eval_continuous/``).
+picture scores near 0 on looks (``benchmarks/results/eval_continuous/``). ``--look-share`` also
+measures how much of a picture's features the looks are: the cosine between the features of a
+segment drawn with its cast and drawn with another story's looks (the same scene), beside the
+cosine with the same cast in another place.
 
     python benchmarks/look_probe.py --ckpt data/tiny-cont --heldout data/rw-heldout \
         [--state RUN/checkpoint_.../] --out benchmarks/results/look_probe/NAME.json
@@ -120,6 +123,44 @@ def summary(tallied: dict) -> dict:
     }
 
 
+def look_share(held, visual, pictures: int = 64) -> dict:
+    """Mean cosine of a segment's features against the same scene with another cast's looks, and
+    against the same cast in another place (segment 3 of each story, drawn at the data's size)."""
+    from dataclasses import replace
+
+    from actors.imageio import to_tensor
+    from training.storyworld import PLACES
+    from training.storyworld_pictures import draw_segment
+
+    size, other_looks, other_place = visual.config.image_size, [], []
+    for story in range(min(pictures, len(held.casts))):
+        cast, other_cast, segment = held.casts[story], held.casts[story - 1], held.truth[story][3]
+        elsewhere = next(place.name for place in PLACES if place.name != segment.place)
+        redressed = tuple(
+            replace(
+                mine,
+                colour=theirs.colour,
+                colour_name=theirs.colour_name,
+                shape=theirs.shape,
+                pattern=theirs.pattern,
+            )
+            for mine, theirs in zip(cast, other_cast)
+        )
+        drawn = [
+            draw_segment(segment, size, cast),
+            draw_segment(segment, size, redressed),
+            draw_segment(replace(segment, place=elsewhere), size, cast),
+        ]
+        with torch.no_grad():
+            rows = visual.encode(to_tensor(drawn))
+        other_looks.append(float(F.cosine_similarity(rows[0], rows[1], dim=-1).mean()))
+        other_place.append(float(F.cosine_similarity(rows[0], rows[2], dim=-1).mean()))
+    return {
+        "other_looks": round(float(np.mean(other_looks)), 4),
+        "other_place": round(float(np.mean(other_place)), 4),
+    }
+
+
 def cosine(predicted: list[np.ndarray], true: list[np.ndarray]) -> float:
     p, t = torch.as_tensor(np.concatenate(predicted)), torch.as_tensor(np.concatenate(true))
     return float(F.cosine_similarity(p, t, dim=-1).mean())
@@ -135,6 +176,9 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=64)
     parser.add_argument("--segments", type=int, default=15)
     parser.add_argument("--ceiling", action="store_true", help="also judge the true features, decoded alike")
+    parser.add_argument(
+        "--look-share", action="store_true", help="also: how much of the features the looks are"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -159,6 +203,8 @@ def main() -> None:
     }
     if args.ceiling:
         result["ceiling"] = judged(held, visual, true)
+    if args.look_share:
+        result["look_share"] = look_share(held, visual)
     result["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(result, indent=1)
     print(text)

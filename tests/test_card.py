@@ -63,6 +63,15 @@ def test_card_names_the_world_the_windows_and_no_machine_path(tmp_path):
     assert "| visual | 7 | 64 | 2.0 | loss 0.5 |" in card
 
 
+def test_card_says_where_a_stage_was_carried_over_from_and_how_it_started(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    record = json.loads((ckpt / "training.json").read_text())
+    record["stages"]["visual"] |= {"carried_from": "an earlier run", "note": "from random weights"}
+    (ckpt / "training.json").write_text(json.dumps(record))
+    card = write_card(ckpt).read_text()
+    assert "- visual: carried over from an earlier run." in card and "- visual: from random weights." in card
+
+
 def test_evaluations_of_different_lengths_stay_side_by_side(tmp_path):
     ckpt = _checkpoint(tmp_path)
     (ckpt / "eval.md").write_text("an older card's single table\n")

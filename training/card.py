@@ -106,4 +106,6 @@ def _training_lines(training: dict) -> list[str]:
             )
         if stage.get("carried_from"):
             notes.append(f"- {name}: carried over from {stage['carried_from']}.")
+        if stage.get("note"):  # how the stage started, where a card reader would not guess it
+            notes.append(f"- {name}: {stage['note']}.")
     return out + [""] + (notes + [""] if notes else [])
