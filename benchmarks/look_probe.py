@@ -60,16 +60,12 @@ def load_models(ckpt: str, state: str | None) -> tuple[dict, int | None]:
     return {name: model.eval() for name, model in models.items()}, step
 
 
-def windows(ckpt: str, heldout: Path, stories: int, segments: int) -> tuple[list, object]:
+def windows(tokenize: Pretokenize, heldout: Path, stories: int, segments: int) -> tuple[list, object]:
     """Each held-out story's first ``segments`` segments as a training window: (ids, features)."""
     held = read_heldout(heldout, stories, segments)
-    captions = [
-        json.loads(line)["captions"][:segments]
-        for line in (heldout / "storyworld.jsonl").read_text().splitlines()[:stories]
-    ]
-    tokenize, shape = Pretokenize(ckpt), read_manifest(ckpt)
+    shape = tokenize.builder.manifest
     rows = []
-    for story_captions, pngs in zip(captions, held.pictures):
+    for story_captions, pngs in zip(held.captions, held.pictures):
         row = tokenize.window(story_captions, pngs)
         if row is None:
             raise ValueError("a held-out window does not tokenize; the probe needs every story")
@@ -185,12 +181,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     manifest = read_manifest(args.ckpt)
-    rows, held = windows(args.ckpt, args.heldout, args.stories, args.segments)
+    tokenize = Pretokenize(args.ckpt)  # the training windows' own tokenizers, and the visual tokenizer
+    rows, held = windows(tokenize, args.heldout, args.stories, args.segments)
     models, step = load_models(args.ckpt, args.state)
     predicted = predicted_features(models, rows, manifest.tokens, manifest.tokens.pad)
     true = [features for _, features in rows]
     mean = np.concatenate(true).mean(0)  # the mean picture (Q, D): what a model blind to looks writes
-    visual = Pretokenize(args.ckpt).builder.visual
+    visual = tokenize.builder.visual
     result = {
         "ckpt": args.ckpt,
         "state": args.state,

@@ -16,13 +16,17 @@ from training.storyworld import CHARACTERS, Character, Segment, cast_from_looks,
 class HeldOut:
     """The held-out stories the eval writes from (their openings) and judges against (the rest)."""
 
-    openings: list[str]
     captions: list[list[str]]  # per story, every caption (the opening first), cut to the segments asked
     heroes: list[str]
     pictures: list[list[bytes]]  # real pictures per story, per segment (PNG/JPEG bytes)
     worlds: list[str]  # per story: "classic" or "returning" (one world a set)
     casts: list[tuple[Character, ...]]  # per story, hero first (classic: CHARACTERS)
     truth: list[list[Segment]]  # per story, per segment: what the real picture shows
+
+    @property
+    def openings(self) -> list[str]:
+        """Each story's opening caption: what the eval writes on from."""
+        return [captions[0] for captions in self.captions]
 
     @property
     def world(self) -> str:
@@ -64,7 +68,6 @@ def read_heldout(folder: Path, stories: int, segments: int) -> HeldOut:
             f"{folder} mixes StoryWorld worlds {sorted(set(worlds))}; the eval judges one at a time"
         )
     return HeldOut(
-        openings=[story_record["captions"][0] for story_record in story_records],
         captions=[story_record["captions"][:segments] for story_record in story_records],
         heroes=[truth_record["hero"] for truth_record in truth_records],
         pictures=[
