@@ -131,11 +131,62 @@ def test_the_stage_loss_trains_captions_and_the_heads_features(tiny_ckpt):
     ]
     batch = {"stories": stories, "loss_from": [s.index(t.boi) for s in stories], "features": features}
     total, metrics = stage.loss(models, batch, spec, 0)
-    assert set(metrics) == {"caption_ce", "cosine"} and -1 <= metrics["cosine"] <= 1
-    assert float(total.detach()) == pytest.approx(metrics["caption_ce"] + 1 - metrics["cosine"], rel=1e-5)
+    assert set(metrics) == {"caption_ce", "cosine", "opening_cosine", "dense"} and metrics["dense"] == 0
+    assert -1 <= metrics["cosine"] <= 1
+    # the two openings weigh as much as the later pictures together (the mllm stage's regression)
+    pictures = sum(len(f) for f in features)
+    later = (metrics["cosine"] * pictures - 2 * metrics["opening_cosine"]) / (pictures - 2)
+    regression = (1 - metrics["opening_cosine"]) + (1 - later)
+    assert float(total.detach()) == pytest.approx(metrics["caption_ce"] + regression, rel=1e-4)
     total.backward()
     assert models["heads"].output.proj_out.weight.grad.abs().sum() > 0
     assert models["mllm"].model.embed_tokens.weight.grad.abs().sum() > 0
     # The features must be the story's pictures', one per picture.
     with pytest.raises(ValueError, match="pictures"):
         stage.loss(models, {**batch, "features": [features[0], features[1][:-1]]}, spec, 0)
+
+
+def test_dense_steps_read_the_story_densely_and_are_spread_evenly(tiny_ckpt):
+    """``dense_share`` of the steps read whole stories as the mllm stage does: such a step's loss is
+    the dense policy's, the others' the sink's."""
+    from dataclasses import replace
+
+    from training.stages import sink as stage
+    from training.train import stage_specs
+
+    assert not any(stage.reads_densely(step, 0.0) for step in range(100))
+    assert all(stage.reads_densely(step, 1.0) for step in range(100))
+    quarter = [stage.reads_densely(step, 0.25) for step in range(100)]
+    assert sum(quarter) == 25 and sum(quarter[:4]) == 1 and sum(quarter[40:48]) == 2
+
+    manifest = read_manifest(tiny_ckpt)
+    t = manifest.tokens
+    sink = SinkSettings(mode="multimodal", window_segments=WINDOW)
+    mixed = stage_specs("tiny", tiny_ckpt, ["sink"], steps=1, sink=sink, dense_share=0.5)[0]
+    assert mixed.dense_share == 0.5
+    assert stage.policy(mixed, 0).mode == "multimodal" and stage.policy(mixed, 1).mode == "dense"
+    story = a_story(t)
+    features = [
+        torch.nn.functional.normalize(
+            torch.randn(story.count(t.boi), t.num_queries, manifest.feature_dim), dim=-1
+        )
+    ]
+    models = stage.init(mixed)
+    with torch.no_grad():
+        losses = {
+            name: float(
+                stage.loss(
+                    models,
+                    {"stories": [story], "loss_from": [story.index(t.boi)], "features": features},
+                    spec,
+                    step,
+                )[0]
+            )
+            for name, spec, step in [
+                ("mixed dense step", mixed, 1),
+                ("dense", replace(mixed, sink={**mixed.sink, "mode": "dense"}, dense_share=0.0), 0),
+                ("sink", mixed, 0),
+            ]
+        }
+    assert losses["mixed dense step"] == pytest.approx(losses["dense"], rel=1e-6)
+    assert losses["sink"] != pytest.approx(losses["dense"], rel=1e-4)  # the sink evicts: the loss differs

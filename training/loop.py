@@ -43,10 +43,15 @@ class StageSpec:
     seed: int = 0
     threads: int = 1  # torch intra-op threads per worker
     sink: dict | None = None  # the sink stage: the SinkSettings (as a dict) whose contexts it trains on
+    # The sink stage: the share of its steps that read whole stories densely, as the mllm stage
+    # reads its windows (mixed in so that the contexts the sink adds do not erase the dense ones).
+    dense_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose from {STAGES}")
+        if not 0.0 <= self.dense_share <= 1.0:
+            raise ValueError(f"dense_share must be in [0, 1], got {self.dense_share}")
         if min(self.steps, self.batch_size, self.checkpoint_every, self.log_every, self.threads) < 1:
             raise ValueError(
                 f"{self.stage}: steps, batch_size, checkpoint_every, log_every, threads must be >= 1"

@@ -104,6 +104,8 @@ def stage_specs(
     threads: int = 1,
     seed: int = 0,
     sink: SinkSettings | None = None,
+    lr: float | None = None,
+    dense_share: float = 0.0,
 ) -> list[StageSpec]:
     specs = []
     for stage in stages:
@@ -113,8 +115,11 @@ def stage_specs(
             threads=threads,
             seed=seed,
             sink=asdict(sink or SinkSettings()) if stage == "sink" else None,
+            dense_share=dense_share if stage == "sink" else 0.0,
             **PLANS[preset][stage],
         )
+        if lr is not None:  # a search over the learning rate (the sink stage's, docs/training.md)
+            spec = replace(spec, lr=lr)
         if steps is not None:  # a short run (tests, smoke checks): checkpoint and log more often
             spec = replace(
                 spec,
@@ -143,9 +148,12 @@ def train(
     seed: int = 0,
     command: str = "",
     sink: SinkSettings | None = None,
+    lr: float | None = None,
+    dense_share: float = 0.0,
 ) -> dict:
     """Run the stages in order; returns the summary (also in CKPT.runs/summary.json). ``sink``: the
-    policy whose contexts the sink stage trains on (the CLI passes the served one)."""
+    policy whose contexts the sink stage trains on (the CLI passes the served one); ``lr``
+    overrides the plan's; ``dense_share``: the sink stage's share of steps read densely."""
     for stage in stages:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
@@ -163,7 +171,16 @@ def train(
     threads = threads or max(1, int(cpus_per_worker))
     made_tokens: set[Path] = set()  # token windows pre-tokenized by this call, shared by its stages
     for spec in stage_specs(
-        preset, out, [s for s in STAGES if s in stages], steps, batch_size, threads, seed, sink
+        preset,
+        out,
+        [s for s in STAGES if s in stages],
+        steps,
+        batch_size,
+        threads,
+        seed,
+        sink,
+        lr,
+        dense_share,
     ):
         done = summary["stages"].get(spec.stage)
         if done and done["steps"] == spec.steps:
@@ -308,6 +325,13 @@ def add_command(commands) -> argparse.ArgumentParser:
     )
     train_parser.add_argument("--steps", type=int, help="override every stage's steps (short runs)")
     train_parser.add_argument("--batch-size", type=int, help="override every stage's per-worker batch size")
+    train_parser.add_argument("--lr", type=float, help="override every stage's peak learning rate")
+    train_parser.add_argument(
+        "--dense-share",
+        type=float,
+        default=0.0,
+        help="the sink stage: share of its steps that read whole stories densely (0 to 1)",
+    )
     train_parser.add_argument("--seed", type=int, default=0)
     train_parser.add_argument(
         "--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a new local one)"
@@ -338,6 +362,8 @@ def run_command(args: argparse.Namespace, sink: SinkSettings | None = None) -> N
         seed=args.seed,
         command=shlex.join(["seedstory", *sys.argv[1:]]),
         sink=sink,
+        lr=args.lr,
+        dense_share=args.dense_share,
     )
     print(
         f"trained {args.out} in {time.time() - started:.0f}s; per stage: "

@@ -35,8 +35,10 @@ from training.data import endless_batches, window_features
 from training.stages.mllm import (  # noqa: F401  (the mllm stage's model, losses and export)
     REGRESSION_WEIGHT,
     export,
+    first_pictures,
     init,
     picture_rows,
+    regression_loss,
     token_layout,
     token_loss,
 )
@@ -44,10 +46,19 @@ from training.stages.mllm import (  # noqa: F401  (the mllm stage's model, losse
 Group = tuple[list[int], int, int]  # (kept positions read before the queries, first query, end of queries)
 
 
-def policy(spec) -> SinkParams:
-    """The stage's sink settings, resolved against the checkpoint's pictures and marker ids (once:
-    ``loss`` asks every step)."""
-    return _policy(spec.ckpt, tuple(sorted((spec.sink or {}).items())))
+def policy(spec, step: int = 0) -> SinkParams:
+    """The sink settings a step reads its stories under, resolved against the checkpoint's pictures
+    and marker ids (once: ``loss`` asks every step): the stage's sink, or dense on the steps that
+    ``reads_densely`` picks."""
+    sink = dict(spec.sink or {})
+    if reads_densely(step, spec.dense_share):
+        sink["mode"] = "dense"
+    return _policy(spec.ckpt, tuple(sorted(sink.items())))
+
+
+def reads_densely(step: int, share: float) -> bool:
+    """Whether ``step`` is one of the dense ones: spread evenly, ``share`` of any run of steps."""
+    return int((step + 1) * share) > int(step * share)
 
 
 @cache
@@ -171,7 +182,7 @@ def loss(models: dict, batch: dict, spec, step: int):
     import torch
     import torch.nn.functional as F
 
-    sink, model, heads = policy(spec), models["mllm"], models["heads"]
+    sink, model, heads = policy(spec, step), models["mllm"], models["heads"]
     layout = token_layout(spec.ckpt)
     hidden = [sink_forward(model, ids, sink) for ids in batch["stories"]]
     targets = [torch.tensor(ids[1:], device=model.device) for ids in batch["stories"]]
@@ -181,8 +192,8 @@ def loss(models: dict, batch: dict, spec, step: int):
     ]
     logits = model.lm_head(torch.cat([h[:-1] for h in hidden]))
     caption_loss = token_loss(logits, torch.cat(targets), torch.cat(in_loss), layout)
-    rows, features = [], []
-    for h, ids, story_features in zip(hidden, batch["stories"], batch["features"]):
+    rows, features, story_of = [], [], []
+    for story, (h, ids, story_features) in enumerate(zip(hidden, batch["stories"], batch["features"])):
         _, at = picture_rows(torch.tensor([ids], device=model.device), layout.boi, layout.num_queries)
         if len(at) != len(story_features):
             raise ValueError(
@@ -190,7 +201,16 @@ def loss(models: dict, batch: dict, spec, step: int):
             )
         rows.append(h[at])  # (P, Q, hidden): every picture of the story, in order
         features.append(story_features.to(model.device))
+        story_of += [story] * len(at)
     rows, features = torch.cat(rows), torch.cat(features)
-    cosine = F.cosine_similarity(heads.features(rows), features, dim=-1).mean()
-    total = caption_loss + REGRESSION_WEIGHT * (1 - cosine)
-    return total, {"caption_ce": float(caption_loss.detach()), "cosine": float(cosine.detach())}
+    per_picture = F.cosine_similarity(heads.features(rows), features, dim=-1).mean(-1)  # (P,)
+    # as in the mllm stage, the opening weighs as much as all later pictures together: it is the
+    # one picture drawn from a caption that names every look
+    openings = first_pictures(torch.tensor(story_of, device=model.device))
+    total = caption_loss + REGRESSION_WEIGHT * regression_loss(per_picture, openings)
+    return total, {
+        "caption_ce": float(caption_loss.detach()),
+        "cosine": float(per_picture.detach().mean()),
+        "opening_cosine": float(per_picture.detach()[openings].mean()),
+        "dense": float(sink.mode == "dense"),
+    }
