@@ -47,6 +47,7 @@ import torch
 from returning_probe import SinkForcer  # its sibling: run as python benchmarks/outsider_probe.py
 
 from actors.mllm.sink import neighbourhood_ranges, segment_marks
+from training.card import portable
 from training.storyworld import NAMES
 
 CLASSES = ("outsider", "cast")
@@ -422,7 +423,7 @@ def main() -> None:
     result = run(args)
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(portable(json.dumps(result, indent=1)) + "\n")  # no machine's own paths
     print(markdown(result["classes"]))
     print("agreement:", json.dumps(result["agreement"]))
     print("re-encoding:", json.dumps(result["settings"]["reencoding"]), f"{result['seconds']}s")
