@@ -130,15 +130,18 @@ def diff_cell(d: dict) -> str:
 def table(result: dict) -> str:
     ranges = " / ".join(f"{lo}–{hi}" for lo, hi in RANGES)
     lines = [
-        f"| kept of each old segment | B/A/B/A | validity | validity, segments {ranges} | place | looks "
+        "| kept of each old segment | B/A/B/A | tokens per old segment | validity "
+        f"| validity, segments {ranges} | place | looks "
         "| returning (returns) | returning − window | returning − streaming | looks − streaming "
         "| peak KV (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         counts = "/".join(map(str, r["neighbourhoods"])) if r["neighbourhoods"] else "–"
+        # the counts plus the <img> and </img> themselves (the neighbourhoods never overlap at Q=16)
+        per_segment = sum(r["neighbourhoods"]) + 2 if r["neighbourhoods"] else "–"
         lines.append(
-            f"| {r['arm']} | {counts} | {fmt(r['validity'])} | "
+            f"| {r['arm']} | {counts} | {per_segment} | {fmt(r['validity'])} | "
             + " / ".join(fmt(v) for v in r["validity_by_range"])
             + f" | {fmt(r['place'])} | {fmt(r['look'])} | {fmt(r['returning'])} ± {fmt(r['returning_se'])} "
             f"({r['returns']}) | {diff_cell(r['returning_minus_window'])} | "
