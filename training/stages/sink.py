@@ -12,7 +12,9 @@ This stage trains on whole stories under exactly those rules, so every token of 
 target with the context generation gives it, with the mllm stage's two losses: caption
 cross-entropy (``token_loss``) and the cosine regression of the heads' features, read off the
 final-norm hidden rows at each picture's query positions, against the story's features (every
-picture is written here: the mllm stage teaches given ones).
+picture is written here: the mllm stage teaches given ones; the opening weighs as much as the
+later pictures together, as there). ``dense_share`` of the steps read their stories densely
+instead, the mllm stage's context, so that the new contexts need not erase the old.
 
 ``attention_groups`` (plain data) cuts a story at its ``</img>`` marks, the only tokens at which
 the kept set changes shape: a group's queries all read one kept context and then each other,
