@@ -164,13 +164,18 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def write_results(out: Path, result: dict, markdown: str) -> None:
+    """``results.json`` and ``table.md`` into ``out``; the table printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "table.md").write_text(markdown)
+    print(markdown)
+
+
 def main() -> None:
     args = parse_args()
     result = collect(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "table.md").write_text(table(result))
-    print(table(result))
+    write_results(args.out, result, table(result))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from sink_ablation import by_range, difference, fmt, mode_result  # its sibling: same eval, same pairing
+from sink_ablation import by_range, difference, fmt, mode_result, write_results  # same eval, same pairing
 
 ARMS = {  # name: learning rate, steps, share of the steps read densely
     "A": (5e-4, 100, 0.0),
@@ -145,10 +145,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     result = collect(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "table.md").write_text(table(result))
-    print(table(result))
+    write_results(args.out, result, table(result))
 
 
 if __name__ == "__main__":
