@@ -63,6 +63,8 @@ OPTIONS = {
         "--threads",
         "--steps",
         "--batch-size",
+        "--lr",
+        "--dense-share",
         "--seed",
         "--address",
         "--config",
