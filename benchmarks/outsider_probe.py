@@ -73,7 +73,6 @@ _NAME = re.compile(rf"\b(?:{'|'.join(NAMES)})\b")
 class Written:
     """One story as the eval wrote it, in ids, with the names of its captions located."""
 
-    story: int  # the held-out story's index (the eval's ``story``)
     ids: list[int]  # <s> first, every segment with its picture
     spans: list[tuple[int, int]]  # per segment: [first token, one past its </img>)
     valid: list[bool]  # per caption: the eval's verdict
@@ -118,7 +117,7 @@ def build_story(row: dict, builder, cast: frozenset[str]) -> Written:
         ids += segment_ids(layout, cap, picture=True)
         spans.append((start, len(ids)))
     reencoded = sum(builder.text.decode(cap).strip() != text for cap, text in zip(caps, captions))
-    return Written(row["story"], ids, spans, row["valid"], cast, names, reencoded)
+    return Written(ids, spans, row["valid"], cast, names, reencoded)
 
 
 def read_stories(path: Path, heldout: Path, builder, limit: int | None) -> list[Written]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.mllm.sink import NEIGHBOURHOODS
 from training.evaluation.report import paired, standard_error
 
 # B,A,B,A: kept before/after each old <img>, before/after each old </img>
@@ -59,9 +60,9 @@ def run_arm(args: argparse.Namespace, counts: tuple[int, ...], captions: str) ->
     return out
 
 
-def mode_result(path: Path, mode: str) -> dict:
-    results = json.loads((path / "results.json").read_text())
-    return next(m for m in results["modes"] if m["mode"] == mode)
+def modes_of(path: Path) -> dict[str, dict]:
+    """An eval folder's results, by mode."""
+    return {m["mode"]: m for m in json.loads((path / "results.json").read_text())["modes"]}
 
 
 def by_range(per_segment: list[float]) -> list[float]:
@@ -96,26 +97,24 @@ def row(name: str, counts, written: dict, given: dict, bases: dict) -> dict:
 
 
 def collect(args: argparse.Namespace) -> dict:
+    written, given = modes_of(args.base), modes_of(args.base_given)
     bases = {
-        mode: {
-            "returning": mode_result(args.base_given, mode)["per_story"]["returning"],
-            "look": mode_result(args.base, mode)["per_story"]["look"],
-        }
+        mode: {"returning": given[mode]["per_story"]["returning"], "look": written[mode]["per_story"]["look"]}
         for mode in ("window", "streaming")
     }
-    rows = [
-        row(mode, None, mode_result(args.base, mode), mode_result(args.base_given, mode), bases)
-        for mode in ("dense", "window", "streaming", "multimodal")
-    ]
-    rows[-1]["arm"], rows[-1]["neighbourhoods"] = "multimodal, 1/2/2/1 (SEED-Story's, scaled)", [1, 2, 2, 1]
+    rows = [row(mode, None, written[mode], given[mode], bases) for mode in ("dense", "window", "streaming")]
+    counts = [written["multimodal"]["sink"][n] for n in NEIGHBOURHOODS]  # as the eval resolved them
+    rows.append(
+        row("multimodal, SEED-Story's scaled", counts, written["multimodal"], given["multimodal"], bases)
+    )
     for name, counts in ARMS.items():
         if args.read_only and not all(
             (folder(args.work, counts, c) / "results.json").is_file() for c in ("written", "given")
         ):
             continue
-        written = mode_result(run_arm(args, counts, "written"), "multimodal")
-        given = mode_result(run_arm(args, counts, "given"), "multimodal")
-        rows.append(row(name, counts, written, given, bases))
+        arm_written = modes_of(run_arm(args, counts, "written"))["multimodal"]
+        arm_given = modes_of(run_arm(args, counts, "given"))["multimodal"]
+        rows.append(row(name, counts, arm_written, arm_given, bases))
     return {"stories": args.stories, "ranges": RANGES, "rows": rows}
 
 

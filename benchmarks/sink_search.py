@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from sink_ablation import by_range, difference, fmt, mode_result, write_results  # same eval, same pairing
+from sink_ablation import by_range, difference, fmt, modes_of, write_results  # same eval, same pairing
 
 ARMS = {  # name: learning rate, steps, share of the steps read densely
     "A": (5e-4, 100, 0.0),
@@ -89,12 +89,12 @@ def row(name: str, written: dict, given: dict, base: dict, base_given: dict) -> 
 
 
 def collect(args: argparse.Namespace) -> dict:
-    base, base_given = mode_result(args.base, "multimodal"), mode_result(args.base_given, "multimodal")
+    base, base_given = modes_of(args.base)["multimodal"], modes_of(args.base_given)["multimodal"]
     rows = [row("start (the embedded model)", base, base_given, base, base_given)]
     for name, (lr, steps, dense_share) in ARMS.items():
         ckpt = train_arm(args, name)
-        written = mode_result(eval_arm(args, ckpt, name, "written"), "multimodal")
-        given = mode_result(eval_arm(args, ckpt, name, "given"), "multimodal")
+        written = modes_of(eval_arm(args, ckpt, name, "written"))["multimodal"]
+        given = modes_of(eval_arm(args, ckpt, name, "given"))["multimodal"]
         settings = {"lr": lr, "steps": steps, "dense_share": dense_share, **training_record(ckpt)}
         rows.append({**row(name, written, given, base, base_given), "training": settings})
     return {"arms": {k: dict(zip(("lr", "steps", "dense_share"), v)) for k, v in ARMS.items()}, "rows": rows}

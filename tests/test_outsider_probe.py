@@ -37,7 +37,7 @@ def synthetic_story(layout, segments: int = 6, caption: int = 5) -> outsider_pro
         start = len(ids)
         ids += segment_ids(layout, [lo + (7 * k + j) % (hi - lo) for j in range(caption)], picture=True)
         spans.append((start, len(ids)))
-    return outsider_probe.Written(0, ids, spans, [True] * segments, frozenset(), [[]] * segments, 0)
+    return outsider_probe.Written(ids, spans, [True] * segments, frozenset(), [[]] * segments, 0)
 
 
 def expected_region(story, i: int, position: int, window: int, p) -> str:
@@ -127,3 +127,27 @@ def test_a_story_is_probed_at_the_positions_predicting_its_names(tiny_ckpt, one_
     assert agree["names"] == {"outsider": {"valid": 0, "invalid": 1}, "cast": {"valid": 2, "invalid": 1}}
     assert agree["captions"]["with an outsider"] == {"valid": 0, "invalid": 1}
     assert "outsider" in outsider_probe.markdown(summary)
+
+
+def test_like_with_like_compares_later_names_from_segment_15_within_each_story():
+    """Only names that are not their caption's first, from segment ``LATE`` on, are compared; the
+    paired difference is outsider − cast within a story that has both."""
+    regions = len(outsider_probe.REGIONS)
+
+    def name(cls, segment, order, value):
+        return {"class": cls, "segment": segment, "order": order, "share": [value] * regions}
+
+    both = [
+        name("outsider", 16, 1, 0.3),
+        name("cast", 16, 2, 0.1),
+        name("cast", 16, 0, 0.9),  # a caption's first name: left out
+        name("cast", 10, 1, 0.9),  # before segment 15: left out
+    ]
+    cast_only = [name("cast", 20, 1, 0.5)]
+    summary = outsider_probe.summarise([both, cast_only])
+    assert summary["outsider"]["like_with_like"]["positions"] == 1
+    assert summary["cast"]["like_with_like"]["positions"] == 2
+    cast_share = summary["cast"]["like_with_like"]["share"]["window"]["mean"]
+    assert cast_share == pytest.approx((0.1 + 0.5) / 2)  # per story, then over stories
+    paired = summary["outsider_minus_cast_like_with_like"]
+    assert paired["stories"] == 1 and paired["share"]["window"]["mean"] == pytest.approx(0.3 - 0.1)
